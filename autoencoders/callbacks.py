@@ -1,0 +1,79 @@
+"""TensorBoard images: what an autoencoder does to real inputs, to prior samples and between two inputs."""
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid
+
+from autoencoders.models import AE
+
+
+class ImageLogger(L.Callback):
+    """After each validation epoch, log grids from a fixed batch of validation images and fixed prior draws.
+
+    Tags: images/reconstructions (originals above reconstructions), images/samples (decoded z ~ N(0, I)),
+    images/interpolations (one row per pair, a*z1 + (1-a)*z2), and latent/scatter for 2-D codes. At the end of
+    fit, codes of the validation images go to the embedding projector (latent_dim > 2).
+    """
+
+    def __init__(
+        self,
+        num_images: int = 16,
+        num_samples: int = 64,
+        num_pairs: int = 8,
+        steps: int = 10,
+        num_codes: int = 1000,
+        every_n_epochs: int = 1,
+    ):
+        self.num_images, self.num_samples, self.num_pairs, self.steps = num_images, num_samples, num_pairs, steps
+        self.num_codes, self.every_n_epochs = num_codes, every_n_epochs
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        images, labels = trainer.datamodule.val_set.tensors
+        n = min(self.num_codes, len(images))
+        self.images, self.labels = images[:n], labels[:n]
+        generator = torch.Generator().manual_seed(0)
+        self.prior_z = torch.randn(self.num_samples, pl_module.latent_dim, generator=generator)
+
+    def _tensorboard(self, trainer: L.Trainer):
+        if trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+            return trainer.logger.experiment
+        return None
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tb = self._tensorboard(trainer)
+        if tb is None or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        model: AE = pl_module
+        step, device = trainer.global_step, model.device
+        x = self.images[: self.num_images].to(device)
+        tb.add_image("images/reconstructions", make_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x)), step)
+        tb.add_image("images/samples", make_grid(model.decode(self.prior_z.to(device)), nrow=8), step)
+        pairs = self.images[: 2 * self.num_pairs].to(device)
+        rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
+        tb.add_image("images/interpolations", make_grid(rows.flatten(0, 1), nrow=self.steps), step)
+        if model.latent_dim == 2:
+            tb.add_figure("latent/scatter", self._scatter(model.encode(self.images.to(device)).cpu()), step)
+
+    def _scatter(self, codes: torch.Tensor):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 5))
+        points = ax.scatter(codes[:, 0], codes[:, 1], c=self.labels, cmap="tab10", s=4)
+        ax.legend(*points.legend_elements(), title="label", fontsize="small", loc="best")
+        ax.set(xlabel="z[0]", ylabel="z[1]", title="validation codes")
+        return fig
+
+    @torch.no_grad()
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tb = self._tensorboard(trainer)
+        if tb is None or pl_module.latent_dim == 2:
+            return
+        codes = pl_module.encode(self.images.to(pl_module.device)).cpu()
+        tb.add_embedding(
+            codes, metadata=self.labels.tolist(), label_img=self.images, global_step=trainer.global_step, tag="latent"
+        )

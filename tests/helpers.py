@@ -1,0 +1,23 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1", "trainer.accelerator=cpu"]
+
+
+def run_script(script: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py / evaluate.py as a user would, in a subprocess; on failure show its output."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{script} {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_train(*overrides: str, cwd: Path, check: bool = True, tiny: bool = True) -> subprocess.CompletedProcess:
+    flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
+    rest = [o for o in overrides if not o.startswith("-")]
+    return run_script("train.py", *flags, *(TINY if tiny else []), *rest, cwd=cwd, check=check)

@@ -1,0 +1,200 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from autoencoders.data import ImageDataModule, ImageFolderSource, MNISTSubset, TorchvisionSource
+from autoencoders.errors import UserError
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def subset_module(cache_dir: Path, **kwargs) -> ImageDataModule:
+    dm = ImageDataModule(MNISTSubset(cache_dir), **kwargs)
+    dm.setup()
+    return dm
+
+
+def hashes(images: torch.Tensor) -> list[bytes]:
+    return [image.numpy().tobytes() for image in images]
+
+
+def test_mnist_subset_splits(cache_dir: Path) -> None:
+    dm = subset_module(cache_dir)
+    assert (cache_dir / "mnist_5k.pt").exists()
+    assert dm.image_shape == (1, 28, 28) and dm.num_classes == 10
+    sets = {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}
+    assert {k: len(s) for k, s in sets.items()} == {"train": 4000, "val": 500, "test": 500}
+    for images, labels in (s.tensors for s in sets.values()):
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert images.min() >= 0 and images.max() <= 1 and images.max() > 0.9
+    assert torch.bincount(dm.val_set.tensors[1]).tolist() == [50] * 10
+    assert torch.bincount(dm.test_set.tensors[1]).tolist() == [50] * 10
+    all_hashes = [h for s in sets.values() for h in hashes(s.tensors[0])]
+    assert len(set(all_hashes)) == 5000  # disjoint, and together the whole subset
+
+    again, other = subset_module(cache_dir), subset_module(cache_dir, seed=1)
+    assert torch.equal(again.val_set.tensors[0], dm.val_set.tensors[0])
+    assert torch.equal(again.train_set.tensors[1], dm.train_set.tensors[1])
+    assert set(hashes(other.val_set.tensors[0])) != set(hashes(dm.val_set.tensors[0]))
+
+
+def test_setup_is_idempotent(cache_dir: Path) -> None:
+    dm = subset_module(cache_dir)
+    train_set = dm.train_set
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.train_set is train_set
+
+
+def test_labels_per_class(cache_dir: Path) -> None:
+    full = subset_module(cache_dir)
+    few, more = subset_module(cache_dir, labels_per_class=5), subset_module(cache_dir, labels_per_class=20)
+    assert torch.bincount(few.train_set.tensors[1]).tolist() == [5] * 10
+    assert set(hashes(few.train_set.tensors[0])) <= set(hashes(more.train_set.tensors[0]))
+    assert torch.equal(few.val_set.tensors[0], full.val_set.tensors[0])
+    assert torch.equal(few.test_set.tensors[0], full.test_set.tensors[0])
+    with pytest.raises(UserError, match="labels_per_class=401"):
+        subset_module(cache_dir, labels_per_class=401)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"val_fraction": 0.0}, {"test_fraction": 1.0},
+                                    {"val_fraction": 0.5, "test_fraction": 0.5}, {"labels_per_class": 0}])
+def test_bad_arguments(cache_dir: Path, kwargs: dict) -> None:
+    with pytest.raises(UserError, match=next(iter(kwargs))):
+        ImageDataModule(MNISTSubset(cache_dir), **kwargs)
+
+
+def test_batches_cover_each_train_image_once(cache_dir: Path) -> None:
+    dm = subset_module(cache_dir, batch_size=128)
+    batches = list(dm.train_dataloader())
+    assert [len(x) for x, _ in batches] == [128] * 31 + [32]
+    x, y = batches[0]
+    assert x.shape == (128, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (128,) and y.dtype == torch.int64
+    seen = [h for x, _ in batches for h in hashes(x)]
+    assert sorted(seen) == sorted(hashes(dm.train_set.tensors[0]))
+    assert seen != hashes(dm.train_set.tensors[0])  # shuffled
+    first_epoch = [h for x, _ in dm.train_dataloader() for h in hashes(x)]
+    assert first_epoch == seen  # the shuffle is seeded
+    val = torch.cat([x for x, _ in dm.val_dataloader()])
+    assert torch.equal(val, dm.val_set.tensors[0])  # val and test keep their order
+    assert sum(len(y) for _, y in dm.test_dataloader()) == 500
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    """An IDX file as MNIST ships it: magic (0, 0, type 0x08 = uint8, ndim), big-endian dims, then the bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def write_mnist_like(root: Path, folder: str, n_train: int = 60, n_test: int = 20) -> None:
+    """torchvision's layout: it reads the uncompressed `<root>/<Class>/raw/*-ubyte` files (the .gz may sit beside)."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28))
+        labels = np.arange(n) % 10
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images, compress=True)
+
+
+@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_from_idx_files(tmp_path: Path, name: str, folder: str) -> None:
+    write_mnist_like(tmp_path, folder)
+    dm = ImageDataModule(TorchvisionSource(name, tmp_path, download=False), batch_size=16)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.image_shape == (1, 28, 28) and dm.num_classes == 10
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50, 10, 20)  # test = the official t10k files
+    assert torch.bincount(dm.val_set.tensors[1]).tolist() == [1] * 10
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32 and x.max() <= 1
+    assert y.tolist() == [i % 10 for i in range(16)]
+
+
+def test_torchvision_missing_data(tmp_path: Path) -> None:
+    dm = ImageDataModule(TorchvisionSource("kmnist", tmp_path / "nowhere", download=False))
+    with pytest.raises(UserError, match=r"download=true") as err:
+        dm.setup()
+    assert str(tmp_path / "nowhere" / "KMNIST" / "raw") in str(err.value)
+
+
+def test_torchvision_unknown_name() -> None:
+    with pytest.raises(UserError, match="fashion_mnist"):
+        TorchvisionSource("svhn", "data")
+
+
+def write_png(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_with_classes(tmp_path: Path, channels: int) -> None:
+    for label, name in enumerate(["cat", "dog"]):
+        for i in range(10):
+            write_png(tmp_path / name / f"{i}.png", (20 + i, 30 - i), seed=10 * label + i)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "dog" / "notes.txt").write_text("ignored: not an image")
+    with pytest.warns(UserWarning, match="broken.png"):
+        data = ImageFolderSource(tmp_path, image_size=[16, 12], channels=channels).load()
+    assert data.images.shape == (20, channels, 16, 12) and data.images.dtype == torch.uint8
+    assert data.labels.tolist() == [0] * 10 + [1] * 10 and data.num_classes == 2
+
+    dm = ImageDataModule(ImageFolderSource(tmp_path, image_size=8, channels=channels), batch_size=4)
+    with pytest.warns(UserWarning, match="broken.png"):
+        dm.setup()
+    assert dm.image_shape == (channels, 8, 8) and dm.num_classes == 2
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (16, 2, 2)
+
+
+def test_image_folder_flat(tmp_path: Path) -> None:
+    for i in range(5):
+        write_png(tmp_path / f"{i}.png", (10 + i, 10), seed=i, mode="L" if i % 2 else "RGB")
+    data = ImageFolderSource(tmp_path, image_size=10, channels=3).load()
+    assert data.images.shape == (5, 3, 10, 10) and data.labels.tolist() == [0] * 5 and data.num_classes == 1
+    with pytest.raises(UserError, match="split of 5 images is empty"):  # 10% of 5 images rounds to none
+        ImageDataModule(ImageFolderSource(tmp_path)).setup()
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        ImageFolderSource(tmp_path / "missing").load()
+    with pytest.raises(UserError, match="no image files"):
+        ImageFolderSource(tmp_path).load()
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="bad.png"), pytest.raises(UserError, match="could be read"):
+        ImageFolderSource(tmp_path).load()
+    with pytest.raises(UserError, match="channels=2"):
+        ImageFolderSource(tmp_path, channels=2)
+    with pytest.raises(UserError, match="image_size"):
+        ImageFolderSource(tmp_path, image_size=[28])
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_configs_instantiate(path: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOENCODERS_CACHE", str(cache_dir))
+    cfg = OmegaConf.create({"seed": 3, "data": OmegaConf.load(path)})
+    if path.stem == "image_folder":
+        cfg.data.source.root = str(tmp_path)
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, ImageDataModule) and dm.hparams.seed == 3 and dm.hparams.batch_size == 128
+    if path.stem == "mnist_subset":
+        assert dm.source.cache_dir == cache_dir
+        dm.setup()
+        assert len(dm.train_set) == 4000

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from autoencoders.errors import UserError
+from autoencoders.losses import kl_divergence, reconstruction_nll
+from autoencoders.models import AE, VAE
+
+MODELS = {"ae": (AE, "mlp"), "conv_ae": (AE, "conv"), "vae": (VAE, "mlp"), "conv_vae": (VAE, "conv")}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_public_interface_shapes(name, shape):
+    cls, arch = MODELS[name]
+    model = cls(shape, latent_dim=4, arch=arch)
+    x = torch.rand(5, *shape)
+    assert model.encode(x).shape == (5, 4)
+    for out in (model.reconstruct(x), model.sample(5), model.decode(torch.randn(5, 4))):
+        assert out.shape == (5, *shape) and 0 <= out.min() and out.max() <= 1
+    assert model.interpolate(x[:2], x[2:4], steps=8).shape == (2, 8, *shape)
+    assert model.loss_terms(x)["loss"].shape == ()
+
+
+def test_interpolation_ends_at_the_two_inputs():
+    model = AE((1, 28, 28), latent_dim=3)
+    x1, x2 = torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
+    rows = model.interpolate(x1, x2, steps=9)
+    torch.testing.assert_close(rows[:, 0], model.reconstruct(x1))
+    torch.testing.assert_close(rows[:, -1], model.reconstruct(x2))
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(3, 4), torch.randn(3, 4) * 0.5
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(200_000, 3, 4)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(0.0, 1.0)
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    torch.testing.assert_close(kl_divergence(mu, logvar), monte_carlo, atol=0.02, rtol=0.01)
+    assert torch.all(kl_divergence(torch.zeros(2, 3), torch.zeros(2, 3)) == 0)
+
+
+def test_gradients_flow_through_the_reparameterization():
+    model = VAE((1, 28, 28), latent_dim=4)
+    model.loss_terms(torch.rand(8, 1, 28, 28))["loss"].backward()
+    for p in model.encoder.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_elbo_is_negative_nats_per_image_and_sums_over_pixels():
+    torch.manual_seed(0)
+    model = VAE((1, 28, 28), latent_dim=4)
+    x = torch.rand(6, 1, 28, 28)
+    elbo = model.elbo(x)
+    assert elbo.shape == (6,) and torch.all(elbo < 0)
+    # an untrained decoder outputs ~0.5 everywhere: about 784 * log 2 nats of Bernoulli NLL per image
+    assert 0.8 * 784 * math.log(2) < -elbo.mean() < 1.5 * 784 * math.log(2)
+    logits = torch.zeros(2, 1, 28, 28)
+    torch.testing.assert_close(reconstruction_nll(logits, torch.ones_like(logits)), torch.full((2,), 784 * math.log(2)))
+
+
+def test_iwae_bound_is_at_least_the_elbo():
+    torch.manual_seed(0)
+    model = VAE((1, 28, 28), latent_dim=4)
+    x = torch.rand(4, 1, 28, 28)
+    elbo = torch.stack([model.elbo(x) for _ in range(200)]).mean(0)
+    assert torch.all(model.log_likelihood(x, k=200) >= elbo)
+
+
+def test_kl_weight_and_warmup():
+    model = VAE((1, 28, 28), latent_dim=2, kl_weight=4.0)
+    assert model.kl_beta() == 4.0  # no trainer attached: the full weight
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"latent_dim": 0}, "latent_dim=0"),
+        ({"latent_dim": -3}, "latent_dim=-3"),
+        ({"kl_weight": -1.0}, "kl_weight=-1.0"),
+        ({"recon_loss": "l1"}, "recon_loss='l1'"),
+    ],
+)
+def test_bad_hyperparameters_are_clear_errors(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        VAE((1, 28, 28), **kwargs)

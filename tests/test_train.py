@@ -1,0 +1,77 @@
+"""train.py end to end, as subprocesses on tiny configs."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import autoencoders
+from autoencoders.models import VAE
+from tests.helpers import run_train
+
+
+def event_tags(run_dir) -> dict:
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    return {**acc.Tags(), "hparams": acc.PluginTagToContent("hparams")}
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("vae") / "run"
+    run_train("model=vae", "latent_dim=2", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    return run_dir
+
+
+def test_run_dir_holds_config_checkpoints_and_metrics(vae_run):
+    assert (vae_run / ".hydra" / "config.yaml").is_file()
+    assert (vae_run / "checkpoints" / "last.ckpt").is_file()
+    assert list((vae_run / "checkpoints").glob("best-epoch*.ckpt"))
+    metrics = json.loads((vae_run / "metrics.json").read_text())
+    for key in ("val/loss", "val/elbo", "val/kl", "val/recon", "test/loss", "test/elbo"):
+        assert key in metrics
+    assert metrics["test/elbo"] < 0  # a log-likelihood bound, in nats per image
+
+
+def test_tensorboard_holds_the_image_summaries_and_hparams(vae_run):
+    tags = event_tags(vae_run)
+    assert {"images/reconstructions", "images/samples", "images/interpolations", "latent/scatter"} <= set(tags["images"])
+    assert {"train/loss_epoch", "val/loss", "val/elbo"} <= set(tags["scalars"])
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(tags["hparams"])
+
+
+def test_load_returns_the_trained_model(vae_run):
+    model = autoencoders.load(vae_run / "checkpoints" / "last.ckpt")
+    assert isinstance(model, VAE) and model.latent_dim == 2
+    assert model.sample(3).shape == (3, 1, 28, 28)
+    with torch.no_grad():
+        assert model.elbo(torch.rand(2, 1, 28, 28)).shape == (2,)
+
+
+def test_conv_ae_with_larger_latent_uses_the_embedding_projector(tmp_path):
+    run_train("model=conv_ae", "latent_dim=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert (tmp_path / "run" / "projector_config.pbtxt").is_file()
+    assert "latent/scatter" not in event_tags(tmp_path / "run")["images"]
+
+
+def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
+    run_train("-m", "model=ae,vae", "latent_dim=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file())
+    assert len(runs) == 2
+    assert runs[0].startswith("0_") and "latent_dim=2,model=ae" in runs[0]
+    assert runs[1].startswith("1_") and "latent_dim=2,model=vae" in runs[1]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("latent_dim=0", "latent_dim=0"),
+    ("latent_dim=-4", "latent_dim=-4"),
+    ("kl_weight=-1", "kl_weight=-1"),
+    ("model=nope", "model"),
+    ("data=nope", "data"),
+])
+def test_bad_input_is_a_clear_error_with_nonzero_exit(tmp_path, override, message):
+    proc = run_train(override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
