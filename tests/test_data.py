@@ -69,8 +69,16 @@ def test_labels_per_class(cache_dir: Path) -> None:
         subset_module(cache_dir, labels_per_class=401)
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"val_fraction": 0.0}, {"test_fraction": 1.0},
-                                    {"val_fraction": 0.5, "test_fraction": 0.5}, {"labels_per_class": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 0},
+        {"val_fraction": 0.0},
+        {"test_fraction": 1.0},
+        {"val_fraction": 0.5, "test_fraction": 0.5},
+        {"labels_per_class": 0},
+    ],
+)
 def test_bad_arguments(cache_dir: Path, kwargs: dict) -> None:
     with pytest.raises(UserError, match=next(iter(kwargs))):
         ImageDataModule(MNISTSubset(cache_dir), **kwargs)

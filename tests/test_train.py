@@ -36,7 +36,9 @@ def test_run_dir_holds_config_checkpoints_and_metrics(vae_run):
 
 def test_tensorboard_holds_the_image_summaries_and_hparams(vae_run):
     tags = event_tags(vae_run)
-    assert {"images/reconstructions", "images/samples", "images/interpolations", "latent/scatter"} <= set(tags["images"])
+    assert {"images/reconstructions", "images/samples", "images/interpolations", "latent/scatter"} <= set(
+        tags["images"]
+    )
     assert {"train/loss_epoch", "val/loss", "val/elbo"} <= set(tags["scalars"])
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(tags["hparams"])
 
@@ -63,13 +65,16 @@ def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
     assert runs[1].startswith("1_") and "latent_dim=2,model=vae" in runs[1]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("latent_dim=0", "latent_dim=0"),
-    ("latent_dim=-4", "latent_dim=-4"),
-    ("kl_weight=-1", "kl_weight=-1"),
-    ("model=nope", "model"),
-    ("data=nope", "data"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("latent_dim=0", "latent_dim=0"),
+        ("latent_dim=-4", "latent_dim=-4"),
+        ("kl_weight=-1", "kl_weight=-1"),
+        ("model=nope", "model"),
+        ("data=nope", "data"),
+    ],
+)
 def test_bad_input_is_a_clear_error_with_nonzero_exit(tmp_path, override, message):
     proc = run_train(override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
