@@ -7,10 +7,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from autoencoders.classifier import Classifier
 from autoencoders.errors import UserError
 from autoencoders.models import AE, VAE
 
-MODEL_CLASSES: dict[str, type[L.LightningModule]] = {"AE": AE, "VAE": VAE}
+MODEL_CLASSES: dict[str, type[L.LightningModule]] = {"AE": AE, "VAE": VAE, "Classifier": Classifier}
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -34,6 +35,23 @@ def read_checkpoint(path: str | Path) -> dict:
             f"Use a checkpoint of one of: {', '.join(MODEL_CLASSES)}."
         )
     return ckpt
+
+
+def check_fits(ckpt: dict, model: L.LightningModule, path: str | Path) -> None:
+    """Raise a UserError unless `ckpt` (from read_checkpoint) holds weights of `model`'s class and shapes."""
+    kind = ckpt["autoencoders_class"]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if kind == type(model).__name__ and shapes == {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}:
+        return
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in ckpt["hyper_parameters"].items()}
+    ours = {k: list(v) if isinstance(v, tuple) else v for k, v in model.hparams.items()}
+    differ = [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in ours.items() if saved.get(k, v) != v]
+    raise UserError(
+        f"{str(path)!r} holds a {kind} whose weights do not fit this run's {type(model).__name__}"
+        + (f": it was trained with {', '.join(differ)}" if differ else "")
+        + ". Use the model and data settings it was trained with (its run's .hydra/config.yaml), or ckpt_path=null "
+        "to start from scratch."
+    )
 
 
 def load(path: str | Path) -> L.LightningModule:

@@ -222,7 +222,7 @@ class _BatchedTensorDataset(TensorDataset):
     """A TensorDataset that DataLoader indexes with a whole batch of indices at once (via `__getitems__`)."""
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, device=self.tensors[0].device)
         return tuple(t[index] for t in self.tensors)
 
 
@@ -275,6 +275,18 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
         self.save_hyperparameters(ignore=["source"], logger=False)
         self.source = source
+        # Each new training loader shuffles from this state: the seed's, or a checkpoint's (load_state_dict).
+        self.shuffle_state = torch.Generator().manual_seed(seed).get_state()
+        self.shuffle_generator: torch.Generator | None = None  # the latest training loader's
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The shuffle's random state travels in checkpoints, so a resumed run draws the batches that a run which never
+        stopped would draw."""
+        live = self.shuffle_generator
+        return {"shuffle_state": live.get_state() if live is not None else self.shuffle_state}
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        self.shuffle_state = state_dict["shuffle_state"]
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -316,16 +328,25 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if device is not None and device.type != "cpu" and self.hparams.num_workers == 0:
+            # The whole split moves to the accelerator once; batches are then cut there, with no copy per step.
+            dataset.tensors = tuple(t.to(device) for t in dataset.tensors)
         # A plain DataLoader (not a custom sampler), so Lightning can still swap in its DistributedSampler for DDP.
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            generator=self._new_shuffle_generator() if shuffle else None,
             collate_fn=_already_collated,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _new_shuffle_generator(self) -> torch.Generator:
+        self.shuffle_generator = torch.Generator()
+        self.shuffle_generator.set_state(self.shuffle_state)
+        return self.shuffle_generator
 
 
 def _to_unit_float(images: Tensor) -> Tensor:

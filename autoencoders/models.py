@@ -12,7 +12,46 @@ from autoencoders.losses import RECONSTRUCTION_LOSSES, gaussian_log_prob, kl_div
 from autoencoders.nets import build_nets
 
 
-class AE(L.LightningModule):
+class EpochMeanLogging(L.LightningModule):
+    """Logs batch-size-weighted epoch means of loss terms at a fixed, small cost per step.
+
+    Each `self.log` call costs about a millisecond on a CPU (Lightning walks its result state every time), so a few
+    per step add 10-30% to a small model's step. `track` only adds detached tensors (no `.item()`, so no GPU sync);
+    each split's means are logged once per epoch: `train/<k>_epoch`, `val/<k>`, `test/<k>`. Training terms also go
+    straight to the loggers every `trainer.log_every_n_steps` steps as `train/<k>_step`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sums: dict[str, dict[str, Tensor]] = {}
+        self._counts: dict[str, int] = {}
+
+    def track(self, split: str, terms: dict[str, Tensor], batch_size: int) -> None:
+        sums = self._sums.setdefault(split, {})
+        for k, v in terms.items():
+            weighted = v.detach() * batch_size
+            sums[k] = sums[k] + weighted if k in sums else weighted
+        self._counts[split] = self._counts.get(split, 0) + batch_size
+        every = self.trainer.log_every_n_steps  # 0: never, as in Lightning
+        if split == "train" and every and self.global_step % every == 0:
+            for logger in self.loggers:
+                logger.log_metrics({f"train/{k}_step": v.item() for k, v in terms.items()}, step=self.global_step)
+
+    def _log_means(self, split: str, suffix: str = "") -> None:
+        sums, n = self._sums.pop(split, {}), self._counts.pop(split, 0)
+        self.log_dict({f"{split}/{k}{suffix}": v / n for k, v in sums.items()}, sync_dist=True)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_means("train", "_epoch")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_means("test")
+
+
+class AE(EpochMeanLogging):
     """Deterministic autoencoder trained on reconstruction_nll (nats per image)."""
 
     code_multiplier = 1  # encoder outputs per latent dim
@@ -71,10 +110,7 @@ class AE(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         terms = self.loss_terms(batch[0])
-        on_step = split == "train"
-        self.log_dict(
-            {f"{split}/{k}": v for k, v in terms.items()}, on_step=on_step, on_epoch=True, batch_size=len(batch[0])
-        )
+        self.track(split, terms, len(batch[0]))
         return terms["loss"]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -1,23 +1,35 @@
 """What `python train.py` does once Hydra has composed the config: data -> model -> Trainer -> metrics.json."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.callbacks import ImageLogger
+from autoencoders.callbacks import ImageLogger, ProgressBar
 from autoencoders.errors import UserError
+from autoencoders.faults import EpochSeeds, NanGuard, SafeCheckpointIO
 from autoencoders.models import AE
+from autoencoders.rundirs import check_run_dir, resume_checkpoint
+from autoencoders.sweeps import check_launchable
 
 
 def check_config(cfg: DictConfig) -> None:
     """Reject bad top-level values before anything is built or written."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(
+            f"Required setting(s) {', '.join(missing)} have no value (??? in the config). "
+            f"Pass them on the command line, e.g. {missing[0]}=<value>."
+        )
+    if not isinstance(cfg.seed, int):
+        raise UserError(f"seed={cfg.seed} is not an integer. Set e.g. seed=0; the splits and the run depend on it.")
     if not isinstance(cfg.latent_dim, int) or cfg.latent_dim <= 0:
         raise UserError(f"latent_dim={cfg.latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
     if not isinstance(cfg.kl_weight, int | float) or cfg.kl_weight < 0:
@@ -33,15 +45,20 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, float]:
+    """Train, test and write metrics.json; `extra_callbacks` (e.g. a benchmark's timer) join the standard ones."""
     check_config(cfg)
+    logging.getLogger("lightning").handlers.clear()  # Hydra's handlers already print and log to <run>/train.log
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.seed is not None:
-        L.seed_everything(cfg.seed, workers=True)
+    check_run_dir(run_dir, cfg.ckpt_path)
+    L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    # Every model gets the data's image shape; one whose config declares num_classes (the classifier) gets that too.
+    needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
+    model = instantiate(cfg.model, image_shape=datamodule.image_shape, **needs, _convert_="all")
+    ckpt_path = resume_checkpoint(cfg.ckpt_path, run_dir, model)
 
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
     callbacks = [
@@ -52,16 +69,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
             monitor="val/loss",
             save_last=True,
         ),
-        RichProgressBar(),
+        ProgressBar(),
+        NanGuard(),
+        EpochSeeds(cfg.seed),
     ]
     if isinstance(model, AE):
         callbacks.append(ImageLogger())
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    callbacks += extra_callbacks or []
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[SafeCheckpointIO()])
+    check_launchable(trainer)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     val = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     test_ckpt = "best" if callbacks[0].best_model_path else None
-    test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)[0]
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True)[0]
     metrics = {**val, **test}
     if trainer.is_global_zero:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics=val, step=trainer.global_step)

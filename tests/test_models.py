@@ -1,7 +1,9 @@
 import math
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from autoencoders.errors import UserError
 from autoencoders.losses import kl_divergence, reconstruction_nll
@@ -69,9 +71,28 @@ def test_iwae_bound_is_at_least_the_elbo():
     assert torch.all(model.log_likelihood(x, k=200) >= elbo)
 
 
-def test_kl_weight_and_warmup():
-    model = VAE((1, 28, 28), latent_dim=2, kl_weight=4.0)
-    assert model.kl_beta() == 4.0  # no trainer attached: the full weight
+def test_kl_warmup_ramps_the_weight_linearly_over_training_steps():
+    x = torch.rand(32, 1, 28, 28)
+    loader = DataLoader(TensorDataset(x, torch.zeros(32)), batch_size=8)  # 4 steps per epoch
+    model = VAE((1, 28, 28), latent_dim=2, kl_weight=4.0, kl_warmup_epochs=2)
+    betas = []
+
+    class RecordBeta(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            betas.append(pl_module.kl_beta())
+
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[RecordBeta()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(model, loader)
+    assert betas == pytest.approx([4.0 * min(1, step / 8) for step in range(12)])
+    assert VAE((1, 28, 28), kl_weight=4.0).kl_beta() == 4.0  # no warm-up: the full weight from the start
 
 
 @pytest.mark.parametrize(

@@ -80,3 +80,11 @@ def test_bad_input_is_a_clear_error_with_nonzero_exit(tmp_path, override, messag
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_seed_makes_runs_reproducible_including_seed_zero(tmp_path):
+    run_train("-m", "model=ae", "latent_dim=2", "seed=0,0,1", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    runs = sorted(tmp_path.glob("*_*seed=*"))
+    first, again, other = (json.loads((run / "metrics.json").read_text()) for run in runs)
+    assert first == again
+    assert first["test/loss"] != other["test/loss"]

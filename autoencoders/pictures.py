@@ -1,0 +1,60 @@
+"""Picture grids of what a trained autoencoder does, at a fixed seed: reconstructions, samples, interpolations and a
+latent traversal. Saved as PNG and to TensorBoard."""
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid, save_image
+
+from autoencoders.models import AE
+
+Sampler = Callable[[int, torch.Generator], Tensor]  # (n, generator) -> n decoded images
+
+
+@torch.no_grad()
+def picture_grids(
+    model: AE,
+    test_images: Tensor,
+    samplers: dict[str, Sampler],
+    seed: int,
+    num_images: int = 16,
+    num_samples: int = 64,
+    num_pairs: int = 8,
+    steps: int = 11,
+    traversal_dims: int = 32,
+) -> dict[str, Tensor]:
+    """Grids named `reconstructions` (test images above their reconstructions), `samples_<sampler>`,
+    `interpolations` (one row per pair of test images) and `traversal` (see `latent_traversal`).
+
+    The test images are drawn at random with `seed`: a split may be ordered by class."""
+    order = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(seed))
+    x = test_images[order[:num_images]].to(model.device)
+    grids = {"reconstructions": make_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
+    for name, sample in samplers.items():
+        images = sample(num_samples, torch.Generator().manual_seed(seed))
+        grids[f"samples_{name}"] = make_grid(images, nrow=math.ceil(math.sqrt(num_samples)))
+    pairs = test_images[order[: 2 * num_pairs]].to(model.device)
+    rows = model.interpolate(pairs[0::2], pairs[1::2], steps)
+    grids["interpolations"] = make_grid(rows.flatten(0, 1), nrow=steps)
+    grids["traversal"] = make_grid(latent_traversal(model, x[:1], steps, traversal_dims), nrow=steps)
+    return grids
+
+
+def latent_traversal(model: AE, x: Tensor, steps: int, max_dims: int) -> Tensor:
+    """Row u decodes the code of the single image `x` with dim u set to `steps` values from -3 to 3, the other dims
+    held; one row for each of the first `max_dims` dims."""
+    dims = min(model.latent_dim, max_dims)
+    z = model.encode(x).repeat(dims, steps, 1)  # (dims, steps, latent_dim)
+    index = torch.arange(dims)
+    z[index, :, index] = torch.linspace(-3, 3, steps, device=z.device)
+    return model.decode(z.flatten(0, 1))
+
+
+def save_pictures(grids: dict[str, Tensor], out_dir: Path, writer: SummaryWriter) -> None:
+    for name, grid in grids.items():
+        save_image(grid, out_dir / f"{name}.png")
+        writer.add_image(f"eval/{name}", grid)

@@ -1,0 +1,148 @@
+"""The sweep report: one table of every job (overrides, status, metrics) sorted by a chosen metric, written as
+summary.csv and summary.md, and the plots a researcher expects: rate-distortion across kl_weight, and metrics
+against latent_dim per model."""
+
+import csv
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from autoencoders.metrics import METRICS, metric_key
+
+log = logging.getLogger(__name__)
+
+RUN_COLUMNS = ["run", "status", "model", "latent_dim", "kl_weight", "overrides"]
+
+
+def describe(run_dir: Path) -> dict:
+    """A sweep job as its folder name, model choice, latent_dim, kl_weight (None for plain AEs) and overrides."""
+    hydra_dir = run_dir / ".hydra"
+    config = OmegaConf.load(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else None
+    choices = OmegaConf.load(hydra_dir / "hydra.yaml") if (hydra_dir / "hydra.yaml").is_file() else None
+    overrides = OmegaConf.load(hydra_dir / "overrides.yaml") if (hydra_dir / "overrides.yaml").is_file() else []
+    return {
+        "run": run_dir.name,
+        "model": OmegaConf.select(choices, "hydra.runtime.choices.model") if choices else None,
+        "latent_dim": OmegaConf.select(config, "model.latent_dim") if config else None,
+        "kl_weight": OmegaConf.select(config, "model.kl_weight") if config else None,
+        "overrides": " ".join(overrides),
+    }
+
+
+def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
+    """Write summary.csv, summary.md and the plots into `sweep_dir`; returns the rows in table order."""
+    higher_better = METRICS[metric_key(sort_by)][0]
+    sign = -1 if higher_better else 1
+    rows = sorted(rows, key=lambda r: (sort_by not in r, sign * r.get(sort_by, 0)))  # unscored rows last, in job order
+    metrics = sorted({name for row in rows for name in row} - set(RUN_COLUMNS), key=_metric_order)
+    columns = RUN_COLUMNS + metrics
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    plots = {
+        "rate_distortion.png": rate_distortion(rows),
+        "metrics_vs_latent_dim.png": metrics_vs_latent_dim(rows, [sort_by, "test/elbo", "test/fid_prior", "test/bce"]),
+    }
+    for name, figure in plots.items():
+        if figure is not None:
+            figure.savefig(sweep_dir / name, dpi=120, bbox_inches="tight")
+    table = markdown_table(rows, columns)
+    lines = [
+        f"# Sweep {sweep_dir.name}",
+        "",
+        f"Sorted by `{sort_by}` ({'higher' if higher_better else 'lower'} is better). `run` is the job number "
+        f"(folder `<run>_*`); overrides shared by every run: `{' '.join(shared_overrides(rows))}`.",
+        "",
+        table,
+        "",
+        *(f"- `{name}`: {METRICS[metric_key(name)][1]}" for name in metrics),
+        *(f"\n![{name}]({name})" for name, figure in plots.items() if figure is not None),
+    ]
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    log.info("Wrote %s:\n%s", sweep_dir / "summary.md", table)
+    return rows
+
+
+def _metric_order(name: str) -> int:
+    return list(METRICS).index(metric_key(name))
+
+
+def shared_overrides(rows: list[dict]) -> list[str]:
+    return sorted(set.intersection(*(set(row["overrides"].split()) for row in rows)))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """The rows as a Markdown table: runs by job number, overrides without those every run shares."""
+    shared = shared_overrides(rows)
+
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column)
+        if column == "run":
+            value = value.split("_")[0]
+        elif column == "overrides":
+            value = " ".join(o for o in value.split() if o not in shared)
+        text = "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows])
+
+
+def _groups(rows: list[dict], keys: tuple[str, ...], needed: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    """Scored rows that have every `needed` value, grouped by their `keys` values."""
+    groups = defaultdict(list)
+    for row in rows:
+        if all(row.get(name) is not None for name in needed):
+            groups[tuple(row.get(k) for k in keys)].append(row)
+    return groups
+
+
+def rate_distortion(rows: list[dict]) -> Figure | None:
+    """KL (rate) against reconstruction NLL (distortion) of every VAE, one line per model and latent_dim through
+    its kl_weights; None without VAEs."""
+    groups = _groups(rows, ("model", "latent_dim"), ("test/kl", "test/recon", "kl_weight"))
+    if not groups:
+        return None
+    figure = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for (model, latent_dim), group in sorted(groups.items(), key=str):
+        group.sort(key=lambda r: r["kl_weight"])
+        kl, recon = [r["test/kl"] for r in group], [r["test/recon"] for r in group]
+        ax.plot(kl, recon, "o-", label=f"{model}, latent_dim={latent_dim}")
+        for row in group:
+            ax.annotate(f"β={row['kl_weight']:g}", (row["test/kl"], row["test/recon"]), fontsize=8)
+    ax.set(
+        xlabel="rate: KL(q(z|x) || p(z)) [nats/image]",
+        ylabel="distortion: E_q[-log p(x|z)] [nats/image]",
+        title="Rate-distortion across kl_weight (test split)",
+    )
+    ax.legend(fontsize="small")
+    return figure
+
+
+def metrics_vs_latent_dim(rows: list[dict], metrics: list[str]) -> Figure | None:
+    """One panel per metric that some run has, one line per model (and kl_weight) across latent_dim, in the same
+    colour in every panel."""
+    metrics = [m for m in dict.fromkeys(metrics) if any(row.get(m) is not None for row in rows)]
+    if not metrics:
+        return None
+    series = sorted(_groups(rows, ("model", "kl_weight"), ("latent_dim",)), key=str)
+    colours = {key: f"C{i % 10}" for i, key in enumerate(series)}
+    figure = Figure(figsize=(4 * len(metrics) + 2, 3.8), layout="constrained")
+    for ax, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
+        for key, group in _groups(rows, ("model", "kl_weight"), (metric, "latent_dim")).items():
+            group.sort(key=lambda r: r["latent_dim"])
+            model, kl_weight = key
+            label = model if kl_weight is None else f"{model} (kl_weight={kl_weight:g})"
+            x, y = [r["latent_dim"] for r in group], [r[metric] for r in group]
+            ax.plot(x, y, "o-", color=colours[key], label=label)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="latent_dim", title=f"{metric} (test split)")
+    handles = {h.get_label(): h for ax in figure.axes for h in ax.get_lines()}
+    figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
+    return figure

@@ -1,0 +1,139 @@
+"""How train.py jobs end and share a machine under Hydra: error exits, failed sweep jobs, parallel jobs' threads.
+
+Imported before torch (Hydra instantiates the callbacks here at start-up), so torch is imported only inside functions.
+"""
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from autoencoders.errors import UserError
+
+if TYPE_CHECKING:
+    import lightning as L
+
+log = logging.getLogger(__name__)
+
+FAILURE_FILE = "failure.json"  # in a failed sweep job's dir
+STARTED_FILE = ".sweep_started"  # in the sweep dir: failures older than it belong to an earlier invocation
+
+
+def exit_with(error: UserError) -> NoReturn:
+    """How a single run ends on bad input: the message as one paragraph on stderr, exit code 2."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def user_error(error: BaseException | None) -> UserError | None:
+    """The UserError behind `error`, also when Hydra's instantiate wrapped it (InstantiationException from it)."""
+    while error is not None and not isinstance(error, UserError):
+        error = error.__cause__
+    return error
+
+
+@contextmanager
+def reported_failures() -> Iterator[None]:
+    """Wrap one train.py job.
+
+    A single run ends on a UserError with `exit_with`; other errors keep their traceback. A sweep job must not end the
+    process (Hydra would stop the whole sweep), so it logs any error, records it in <job dir>/failure.json and returns
+    normally; the job then has no result, which Optuna records as a failed trial, and FailureSummary lists it at the
+    end.
+    """
+    try:
+        yield
+    except Exception as e:
+        hydra, bad_input = HydraConfig.get(), user_error(e)
+        if hydra.mode != RunMode.MULTIRUN:
+            if bad_input is not None:
+                exit_with(bad_input)
+            raise
+        reason = str(bad_input) if bad_input is not None else f"{type(e).__name__}: {e}"
+        log.error("Job %s failed: %s", hydra.job.num, reason, exc_info=bad_input is None)
+        record = {"job": hydra.job.num, "dir": hydra.runtime.output_dir, "error": reason}
+        (Path(hydra.runtime.output_dir) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
+
+
+def objective(metrics: dict[str, float], name: str) -> float:
+    """The metric that train.py returns to a sweeper (the config's `objective`)."""
+    if name not in metrics:
+        raise UserError(
+            f"objective={name} is not among this run's metrics ({', '.join(sorted(metrics))}); its results are saved, "
+            "but a sweeper gets no value. Set objective to one of them (hparams_search=vae_optuna needs a VAE model, "
+            "whose metrics include val/elbo)."
+        )
+    return metrics[name]
+
+
+class FailureSummary(Callback):
+    """Hydra callback: when a sweep ends, list this invocation's failed jobs with their reasons and exit 1 if any."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        marker = Path(config.hydra.sweep.dir) / STARTED_FILE
+        marker.parent.mkdir(parents=True, exist_ok=True)  # before the sweeper starts: Optuna keeps its study there
+        marker.touch()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        started = (sweep_dir / STARTED_FILE).stat().st_mtime
+        records = [json.loads(p.read_text()) for p in sweep_dir.rglob(FAILURE_FILE) if p.stat().st_mtime >= started]
+        if not records:
+            return
+        records.sort(key=lambda r: r["job"])
+        lines = [f"  {Path(r['dir']).relative_to(sweep_dir.resolve())}: {r['error']}" for r in records]
+        print(
+            f"error: {len(records)} job(s) of the sweep in {sweep_dir} failed (each job's train.log has the details); "
+            "the other jobs ran to the end and their results are in place:\n" + "\n".join(lines),
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+class ThreadSplit(Callback):
+    """Hydra callback: under a launcher that runs `n_jobs` jobs at once on this machine (joblib), each job's torch gets
+    cores // n_jobs threads, so that jobs x threads <= cores instead of every job using every core."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs")
+        if n_jobs is None:
+            return
+        import joblib
+        import torch
+
+        cores = joblib.cpu_count()  # respects CPU affinity and cgroup quotas
+        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+        torch.set_num_threads(max(1, cores // parallel))
+        log.info(
+            "%d parallel jobs on %d cores: torch uses %d thread(s) in this job (process %d)",
+            *(parallel, cores, torch.get_num_threads(), os.getpid()),
+        )
+
+
+def check_launchable(trainer: "L.Trainer") -> None:
+    """Refuse DDP that would start its processes by re-running train.py inside a sweep.
+
+    Outside a cluster, Lightning starts ranks 1..N-1 by running `python train.py <same arguments>`; in a sweep those
+    arguments start the whole sweep again. Under SLURM the cluster starts every process itself, which works.
+    """
+    if HydraConfig.get().mode != RunMode.MULTIRUN or trainer.world_size == 1:
+        return
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        return
+    raise UserError(
+        f"A {trainer.world_size}-process DDP run cannot start inside a sweep (-m) on this machine: Lightning "
+        "starts the extra processes by re-running `python train.py` with the sweep's arguments, which would start the "
+        "whole sweep again in each of them. Run each configuration as a single run (without -m), or sweep on SLURM "
+        "(hydra/launcher=slurm with hydra.launcher.tasks_per_node equal to trainer.devices), where SLURM starts the "
+        "processes."
+    )

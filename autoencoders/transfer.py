@@ -1,0 +1,177 @@
+"""The few-label transfer study, `python train.py experiment=transfer` (conf/experiment/transfer.yaml).
+
+The experiment is one Hydra multirun of classifier jobs (method x labels per class x seed). `TransferStudy`, a Hydra
+callback, pretrains the encoder with a train.py run before the jobs start and tabulates their test accuracy after they
+end: transfer.csv, transfer.md and transfer.png in the sweep dir.
+"""
+
+import csv
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+METHODS = ("frozen", "finetune", "scratch")
+CLASSIFIER_TARGET = "autoencoders.classifier.Classifier"
+# Command-line overrides that the pretraining run shares with the classifiers: what must agree between them, and the
+# machine. The rest (model, seed, data.labels_per_class, the trainer's schedule, ...) concerns the classifiers only.
+SHARED = (
+    "data",
+    "latent_dim",
+    "kl_weight",
+    "trainer",
+    *(f"trainer.{k}" for k in ("accelerator", "devices", "precision")),
+)
+
+
+class Result(NamedTuple):
+    method: str
+    labels_per_class: int | None  # None: all training labels
+    test_acc: float
+
+
+class Cell(NamedTuple):
+    method: str
+    labels_per_class: int | None
+    runs: int
+    mean: float  # test accuracy in %
+    std: float  # sample std over the runs in %; nan for a single run
+
+
+class TransferStudy(Callback):
+    """Pretrain before the sweep; tabulate and plot after it.
+
+    The pretraining run gets the command line's `SHARED` overrides, then `pretrain`. So `data=fashion_mnist`,
+    `latent_dim=32` or `trainer=gpu` apply to the whole study, and the autoencoder learns from every training image.
+    """
+
+    def __init__(self, run_dir: str, pretrain: Sequence[str] = ()):
+        self.run_dir, self.pretrain = Path(run_dir), list(pretrain)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        overrides = [*pretraining_overrides(config.hydra.overrides.task), *self.pretrain]
+        command = [sys.executable, sys.argv[0], *overrides, f"hydra.run.dir='{self.run_dir}'"]
+        print(f"transfer study: pretraining the encoder: {' '.join(command[1:])}", flush=True)
+        if subprocess.run(command).returncode != 0:
+            sys.exit(f"error: pretraining the encoder failed (see above), so the study stops. Run dir: {self.run_dir}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        cells = summarize(collect(sweep_dir))
+        write_csv(cells, sweep_dir / "transfer.csv")
+        (sweep_dir / "transfer.md").write_text(markdown(cells))
+        plot(cells, sweep_dir / "transfer.png")
+        print(f"\n{markdown(cells)}\ntransfer study: wrote transfer.csv, transfer.md and transfer.png to {sweep_dir}")
+
+
+def pretraining_overrides(task_overrides: Sequence[str]) -> list[str]:
+    kept = []
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        key = override.key_or_group
+        if key not in SHARED and not (key.startswith("data.") and key != "data.labels_per_class"):
+            continue
+        if override.is_sweep_override():
+            sys.exit(
+                f"error: the transfer study pretrains one autoencoder, so {override.input_line} cannot be swept. "
+                "Run one study per value instead."
+            )
+        kept.append(override.input_line)
+    return kept
+
+
+def method_of(cfg: DictConfig) -> str:
+    if cfg.model.encoder_ckpt is None:
+        return "scratch"
+    return "finetune" if cfg.model.finetune else "frozen"
+
+
+def collect(sweep_dir: Path) -> list[Result]:
+    """The test accuracy of every classifier run directly under `sweep_dir`, read from its saved config and metrics."""
+    results = []
+    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
+        cfg = OmegaConf.load(metrics_file.parent / ".hydra" / "config.yaml")
+        if cfg.model._target_ != CLASSIFIER_TARGET:
+            continue  # the pretraining run
+        test_acc = OmegaConf.load(metrics_file)["test/acc"]
+        results.append(Result(method_of(cfg), cfg.data.labels_per_class, test_acc))
+    return results
+
+
+def summarize(results: Sequence[Result]) -> list[Cell]:
+    """Mean and std over seeds of the test accuracy (%), per method and number of labels (ordered, `all` last)."""
+    groups: dict[tuple[str, int | None], list[float]] = defaultdict(list)
+    for r in results:
+        groups[r.method, r.labels_per_class].append(100 * r.test_acc)
+    cells = [
+        Cell(method, n, len(accs), statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else float("nan"))
+        for (method, n), accs in groups.items()
+    ]
+    return sorted(cells, key=lambda c: (METHODS.index(c.method), _label_order(c.labels_per_class)))
+
+
+def _label_order(n: int | None) -> float:
+    return float("inf") if n is None else n
+
+
+def _label_name(n: int | None) -> str:
+    return "all" if n is None else str(n)
+
+
+def write_csv(cells: Sequence[Cell], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "labels_per_class", "runs", "test_acc_mean_pct", "test_acc_std_pct"])
+        for c in cells:
+            writer.writerow([c.method, _label_name(c.labels_per_class), c.runs, f"{c.mean:.2f}", f"{c.std:.2f}"])
+
+
+def markdown(cells: Sequence[Cell]) -> str:
+    """Methods as rows, labels per class as columns, `mean ± std` test accuracy (%) in each cell."""
+    labels = sorted({c.labels_per_class for c in cells}, key=_label_order)
+    by_key = {(c.method, c.labels_per_class): c for c in cells}
+    runs = sorted({c.runs for c in cells})
+    lines = [
+        f"Test accuracy (%), mean ± std over {'/'.join(map(str, runs))} seeds, by labelled images per class.",
+        "",
+        "| method | " + " | ".join(_label_name(n) for n in labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for method in dict.fromkeys(c.method for c in cells):
+        row = [_format(by_key.get((method, n))) for n in labels]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format(cell: Cell | None) -> str:
+    if cell is None:
+        return ""
+    return f"{cell.mean:.1f}" if cell.runs < 2 else f"{cell.mean:.1f} ± {cell.std:.1f}"
+
+
+def plot(cells: Sequence[Cell], path: Path) -> None:
+    """Accuracy vs labels per class, one line per method, error bars of one std (categorical x: `all` is last)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({c.labels_per_class for c in cells}, key=_label_order)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(c.method for c in cells):
+        mine = [c for c in cells if c.method == method]
+        x = [labels.index(c.labels_per_class) for c in mine]
+        ax.errorbar(x, [c.mean for c in mine], yerr=[c.std for c in mine], marker="o", capsize=3, label=method)
+    ax.set_xticks(range(len(labels)), [_label_name(n) for n in labels])
+    ax.set(xlabel="labelled training images per class", ylabel="test accuracy (%)", title="Few-label transfer")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

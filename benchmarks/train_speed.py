@@ -1,0 +1,206 @@
+"""Seconds per epoch of one model, data set and batch size through three pipelines, taking turns in one process.
+
+  a  train.py's path: ImageDataModule + our LightningModule + Trainer, with train.py's checkpoints, logging and images;
+  b  the bar: a minimal hand-written PyTorch loop slicing the same in-memory tensors, with the same net and loss, and
+     the validation loss a hand-written loop needs to pick its best epoch (b_train: its training part alone);
+  c  a per-sample PIL + ToTensor dataset (how torchvision's MNIST serves images) through the same Trainer path as a.
+
+All three build data and model from one composed train.py config, so they train the same net from the same initial
+weights on the same 4,000 bundled MNIST training images. The pipelines run in a rotated order `--repeats` times, so
+load from other processes hits all of them alike; a run's figure is its mean epoch (so images logged every few epochs
+and checkpoints count in proportion), and the table shows the median over repeats. `--clock cpu` times this process's
+CPU instead of the wall clock: steadier on a busy machine, but blind to waiting on disk. The test loss (nats per image;
+-ELBO for VAEs) shows that the pipelines learn alike; for VAEs b also reports the importance-weighted bound (k=100).
+
+    python benchmarks/train_speed.py [--models ae conv_ae vae conv_vae] [--epochs 5] [--repeats 3] [--threads N]
+                                     [--clock wall|cpu] [--pipelines a b c] [--json FILE] [--quick] [overrides ...]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from itertools import pairwise
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.transforms.functional import to_tensor
+
+from autoencoders.data import ImageDataModule
+from autoencoders.models import AE, VAE
+from autoencoders.training import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PIPELINES = ("a", "b", "c")
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class EpochTimer(L.Callback):
+    """Time of each training epoch, from its start to the next one's, so validation and checkpoints count."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.marks: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.marks.append(self.clock())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.marks.append(self.clock())
+
+    def epochs(self) -> list[float]:
+        return [end - start for start, end in pairwise(self.marks)]
+
+
+class PILImages(Dataset):
+    """One image at a time: uint8 array -> PIL image -> ToTensor, as torchvision.datasets.MNIST does."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images = images.mul(255).round().to(torch.uint8).squeeze(1).numpy()
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return to_tensor(Image.fromarray(self.images[i])), self.labels[i]
+
+
+class PILDataModule(ImageDataModule):
+    """ImageDataModule's splits, served per sample through PIL and the default collate (pipeline c)."""
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return DataLoader(
+            PILImages(*dataset.tensors), batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator
+        )
+
+
+def compose_config(overrides: list[str], run_dir: Path) -> DictConfig:
+    """What `python train.py <overrides>` composes, registered as Hydra's current run writing to `run_dir`."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", [*overrides, f"hydra.runtime.output_dir={run_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+def run_framework(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Pipelines a and c: train.py's own `train`. Epoch times, and the test loss of the best checkpoint."""
+    timer = EpochTimer(clock)
+    metrics = train(cfg, extra_callbacks=[timer])
+    return {"": timer.epochs()}, {"test": metrics["test/loss"]}
+
+
+def run_plain_loop(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Pipeline b: shuffled index slices of the training tensor, the model's own loss and optimizer, nothing else."""
+    datamodule: ImageDataModule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    L.seed_everything(cfg.seed, verbose=False)
+    model: AE = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    optimizer = model.configure_optimizers()
+    x, x_val, x_test = (split.tensors[0] for split in (datamodule.train_set, datamodule.val_set, datamodule.test_set))
+    batch_size = cfg.data.batch_size
+    generator = torch.Generator().manual_seed(cfg.seed)
+    times: dict[str, list[float]] = {"": [], "_train": []}
+    for _ in range(cfg.trainer.max_epochs):
+        start = clock()
+        model.train()
+        for index in torch.randperm(len(x), generator=generator).split(batch_size):
+            loss = model.loss_terms(x[index])["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        trained = clock()
+        mean_loss(model, x_val, batch_size)
+        times[""].append(clock() - start)
+        times["_train"].append(trained - start)
+    quality = {"test": mean_loss(model, x_test, batch_size)}
+    if isinstance(model, VAE):
+        bounds = [model.log_likelihood(batch, k=100) for batch in x_test.split(batch_size)]
+        quality["iwae100"] = -torch.cat(bounds).mean().item()
+    return times, quality
+
+
+@torch.no_grad()
+def mean_loss(model: AE, x: Tensor, batch_size: int) -> float:
+    model.eval()
+    return sum(model.loss_terms(batch)["loss"].item() * len(batch) for batch in x.split(batch_size)) / len(x)
+
+
+def run(
+    pipeline: str, model: str, overrides: list[str], out: Path, clock: Callable[[], float]
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    data = [f"data._target_={__name__}.PILDataModule"] if pipeline == "c" else []
+    cfg = compose_config([f"model={model}", *overrides, *data], out / f"{model}_{pipeline}")
+    return run_plain_loop(cfg, clock) if pipeline == "b" else run_framework(cfg, clock)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["ae", "conv_ae", "vae", "conv_vae"])
+    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's choice")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: this process's CPU time (all threads)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--quick", action="store_true", help="smoke run: first model, 1 epoch on 100 images")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides for all pipelines, e.g. data.batch_size=256")
+    args = parser.parse_args()
+    overrides = [f"trainer.max_epochs={1 if args.quick else args.epochs}", "trainer.accelerator=cpu", *args.overrides]
+    if args.quick:
+        args.models, args.repeats = args.models[:1], 1
+        overrides += ["data.labels_per_class=10", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    times: dict[str, dict[str, list[float]]] = {model: {} for model in args.models}
+    quality: dict[str, dict[str, list[float]]] = {model: {} for model in args.models}
+    with tempfile.TemporaryDirectory() as out:
+        for repeat in range(args.repeats):
+            for model in args.models:
+                shift = repeat % len(args.pipelines)
+                for pipeline in args.pipelines[shift:] + args.pipelines[:shift]:
+                    epochs, scores = run(pipeline, model, overrides, Path(out) / str(repeat), CLOCKS[args.clock])
+                    for suffix, values in epochs.items():
+                        times[model].setdefault(pipeline + suffix, []).append(statistics.fmean(values))
+                    for name, value in scores.items():
+                        quality[model].setdefault(f"{pipeline}_{name}", []).append(float(value))
+
+    results = {
+        model: {
+            **{f"{k} s/epoch": statistics.median(v) for k, v in times[model].items()},
+            **{k: statistics.median(v) for k, v in quality[model].items()},
+        }
+        for model in args.models
+    }
+    for figures in results.values():
+        for num, den in (("a", "b"), ("a", "b_train"), ("c", "a")):
+            if f"{num} s/epoch" in figures and f"{den} s/epoch" in figures:
+                figures[f"{num}/{den}"] = figures[f"{num} s/epoch"] / figures[f"{den} s/epoch"]
+    print(f"\n{args.clock} clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(" ".join(overrides))
+    columns = list(dict.fromkeys(k for figures in results.values() for k in figures))
+    print(f"{'model':10}" + "".join(f"{c:>16}" for c in columns))
+    for model, figures in results.items():
+        print(f"{model:10}" + "".join(f"{figures.get(c, float('nan')):16.3f}" for c in columns))
+    if args.json:
+        summary = {"clock": args.clock, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+        args.json.write_text(json.dumps({**summary, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Score trained runs: `python evaluate.py run_dir=outputs/runs/<run>` (or ckpt_path=..., sweep_dir=...).
+
+See conf/evaluate.yaml for every key.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from autoencoders.errors import UserError  # torch and lightning load only after the config is composed
+    from autoencoders.evaluation import evaluate
+    from autoencoders.sweeps import exit_with
+
+    try:
+        evaluate(cfg)
+    except UserError as e:
+        exit_with(e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The benchmark scripts run and report every figure; their timings are never checked."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def run_benchmark(script: str, *args: str, cwd) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=cwd, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_train_speed_reports_each_pipeline_and_ratio(tmp_path):
+    out = tmp_path / "speed.json"
+    args = ["--quick", "--models", "conv_ae", "--threads", "1", "--json", str(out)]
+    stdout = run_benchmark("train_speed.py", *args, cwd=tmp_path)
+    figures = json.loads(out.read_text())["results"]["conv_ae"]
+    expected = ["a s/epoch", "b s/epoch", "b_train s/epoch", "c s/epoch", "a/b", "a/b_train", "c/a"]
+    assert all(figures[key] > 0 for key in expected + ["a_test", "b_test", "c_test"])
+    assert all(key in stdout for key in expected)
+
+
+def test_startup_reports_help_and_config_times(tmp_path):
+    out = tmp_path / "startup.json"
+    run_benchmark("startup.py", "--quick", "--json", str(out), cwd=tmp_path)
+    figures = json.loads(out.read_text())["results"]
+    assert figures["train.py --help s"] > 0 and figures["train.py --cfg job s"] > 0

@@ -1,0 +1,186 @@
+"""The classifier on an autoencoder's encoder, and the few-label transfer study end to end (one tiny study)."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import autoencoders
+from autoencoders.classifier import Classifier, pretrained_encoder_weights
+from autoencoders.data import ImageDataModule, MNISTSubset
+from autoencoders.errors import UserError
+from autoencoders.models import VAE
+from autoencoders.transfer import Result, markdown, pretraining_overrides, summarize
+from tests.helpers import run_train
+
+TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny `experiment=transfer`: 3 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
+    sweep = tmp_path_factory.mktemp("study") / "sweep"
+    run_train(
+        "experiment=transfer",
+        "data.labels_per_class=1",
+        "seed=0,1",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1",
+        f"hydra.callbacks.transfer_study.pretrain={TINY_PRETRAIN}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=sweep.parent,
+    )
+    return sweep
+
+
+def job(study: Path, method: str) -> Path:
+    """The study's seed-0 run of `method`."""
+    (path,) = study.glob(f"*,seed=0,*transfer={method}")
+    return path
+
+
+def encoder_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def datamodule(**kwargs) -> ImageDataModule:
+    dm = ImageDataModule(MNISTSubset(os.environ.get("AUTOENCODERS_CACHE", "~/.cache/autoencoders")), **kwargs)
+    dm.setup()
+    return dm
+
+
+def test_study_writes_its_table_and_plot(study: Path) -> None:
+    jobs = [p for p in study.iterdir() if (p / "metrics.json").is_file() and p.name != "pretrain"]
+    assert len(jobs) == 6
+    assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= json.loads((jobs[0] / "metrics.json").read_text()).keys()
+    with (study / "transfer.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["labels_per_class"], r["runs"]) for r in rows] == [
+        ("frozen", "1", "2"),
+        ("finetune", "1", "2"),
+        ("scratch", "1", "2"),
+    ]
+    table = (study / "transfer.md").read_text()
+    assert "| method | 1 |" in table and f"| frozen | {float(rows[0]['test_acc_mean_pct']):.1f} ± " in table
+    assert (study / "transfer.png").stat().st_size > 0
+
+
+def test_frozen_encoder_is_bit_identical_after_training_and_finetuned_is_not(study: Path) -> None:
+    pretrained = pretrained_encoder_weights(
+        study / "pretrain" / "checkpoints" / "last.ckpt", (1, 28, 28), Classifier((1, 28, 28), 10, arch="mlp").encoder
+    )
+    frozen = encoder_state(job(study, "frozen") / "checkpoints" / "last.ckpt")
+    finetuned = encoder_state(job(study, "finetune") / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(frozen[k], v) for k, v in pretrained.items())
+    assert not all(torch.equal(finetuned[k], v) for k, v in pretrained.items())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_a_vae_encoder_codes_its_posterior_mean(tmp_path: Path, arch: str) -> None:
+    vae = VAE((1, 12, 12), latent_dim=3, arch=arch)
+    ckpt = tmp_path / "vae.ckpt"
+    torch.save(
+        {"autoencoders_class": "VAE", "hyper_parameters": dict(vae.hparams), "state_dict": vae.state_dict()}, ckpt
+    )
+    classifier = Classifier((1, 12, 12), 10, encoder_ckpt=ckpt, latent_dim=3, arch=arch)
+    x = torch.rand(8, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier.encoder(x), vae.encode(x))
+
+
+class Spy(L.Callback):
+    """Records the labels of the first training epoch and whether encoder and head were in training mode."""
+
+    def __init__(self) -> None:
+        self.labels, self.modes = [], set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0:
+            self.labels.append(batch[1])
+        self.modes.add((pl_module.encoder.training, pl_module.head.training))
+
+
+def test_training_sees_exactly_n_labels_per_class_and_a_frozen_encoder_in_eval_mode(study: Path) -> None:
+    dm = datamodule(labels_per_class=3, batch_size=8)
+    model = Classifier((1, 28, 28), 10, encoder_ckpt=study / "pretrain" / "checkpoints" / "last.ckpt", arch="mlp")
+    spy = Spy()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[spy],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert torch.bincount(torch.cat(spy.labels)).tolist() == [3] * 10
+    assert spy.modes == {(False, True)}
+    assert len(dm.val_set) == 500 and len(dm.test_set) == 500
+
+
+def test_a_classifier_checkpoint_is_no_encoder_but_loads_without_its_encoder(study: Path) -> None:
+    ckpt = job(study, "frozen") / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="is a Classifier checkpoint, not an autoencoder's"):
+        Classifier((1, 28, 28), 10, encoder_ckpt=ckpt)
+    assert "encoder_ckpt" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert isinstance(autoencoders.load(ckpt), Classifier)
+
+
+@pytest.mark.parametrize(
+    "image_shape,latent_dim,match",
+    [((1, 32, 32), 16, r"shape \(1, 28, 28\)"), ((3, 28, 28), 16, "shape"), ((1, 28, 28), 8, "latent_dim=16")],
+)
+def test_an_encoder_that_does_not_fit_is_a_clear_error(study: Path, image_shape, latent_dim, match) -> None:
+    ckpt = study / "pretrain" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=match):
+        Classifier(image_shape, 10, encoder_ckpt=ckpt, latent_dim=latent_dim, arch="mlp")
+
+
+def test_unknown_head_is_a_clear_error() -> None:
+    with pytest.raises(UserError, match="model.head='svm'"):
+        Classifier((1, 28, 28), 10, head="svm")
+
+
+def test_pretraining_gets_the_shared_overrides_only() -> None:
+    overrides = [
+        "experiment=transfer",
+        "data=mnist",
+        "data.batch_size=64",
+        "data.labels_per_class=1,5",
+        "seed=0,1",
+        "latent_dim=8",
+        "model.head=mlp",
+        "trainer.max_steps=5",
+        "+trainer.precision=16",
+    ]
+    assert pretraining_overrides(overrides) == [
+        "data=mnist",
+        "data.batch_size=64",
+        "latent_dim=8",
+        "+trainer.precision=16",
+    ]
+    with pytest.raises(SystemExit, match="latent_dim=8,16 cannot be swept"):
+        pretraining_overrides(["latent_dim=8,16"])
+
+
+def test_summary_is_mean_and_sample_std_in_percent_with_all_labels_last() -> None:
+    results = [Result("scratch", None, 0.5), Result("frozen", None, 0.95), Result("frozen", 10, 0.9)]
+    cells = summarize([*results, Result("frozen", 10, 0.8)])
+    assert [(c.method, c.labels_per_class, c.runs) for c in cells] == [
+        ("frozen", 10, 2),
+        ("frozen", None, 1),
+        ("scratch", None, 1),
+    ]
+    assert (cells[0].mean, cells[0].std) == (pytest.approx(85.0), pytest.approx(7.0711, abs=1e-4))
+    assert markdown(cells).splitlines()[2:] == [
+        "| method | 10 | all |",
+        "|---|---:|---:|",
+        "| frozen | 85.0 ± 7.1 | 95.0 |",
+        "| scratch |  | 50.0 |",
+    ]

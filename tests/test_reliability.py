@@ -1,0 +1,247 @@
+"""Faults and bad input: a killed run resumes exactly, NaN stops cleanly, failed sweep jobs are listed, and bad input
+is refused with a clear message while every existing run dir and checkpoint stays as it was."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from autoencoders.errors import UserError
+from autoencoders.faults import SafeCheckpointIO
+from autoencoders.sweeps import user_error
+from autoencoders.training import train
+from tests.faulty_train import Fault
+from tests.helpers import ROOT, TINY, run_train
+
+# 2 epochs of 2 small batches, with deterministic CPU kernels so that two runs can be compared exactly.
+RUN = ["model=vae", "latent_dim=2", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
+       "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.accelerator=cpu",
+       "+trainer.deterministic=true"]  # fmt: skip
+
+
+def start(script: Path, *overrides: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(script), *overrides],
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a hash of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def metrics(run_dir: Path) -> dict[str, float]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One run that was never interrupted, and the same run SIGKILLed in its second epoch (at global step 3)."""
+    root = tmp_path_factory.mktemp("runs")
+    whole, killed = root / "whole", root / "killed"
+    procs = [
+        start(ROOT / "train.py", *RUN, f"hydra.run.dir={whole}", cwd=root, env={}),
+        start(ROOT / "tests" / "faulty_train.py", *RUN, f"hydra.run.dir={killed}", cwd=root, env={"FAULT": "kill@3"}),
+    ]
+    (_, err), _ = procs[0].communicate(), procs[1].communicate()
+    assert procs[0].returncode == 0, err[-3000:]
+    assert procs[1].returncode == -9  # SIGKILL
+    return {"whole": whole, "killed": killed}
+
+
+def test_killed_run_resumes_with_no_epoch_lost_and_ends_like_an_uninterrupted_one(runs):
+    killed = runs["killed"]
+    last = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (0, 2)  # the finished epoch is on disk
+    assert not (killed / "metrics.json").exists()
+
+    run_train(*RUN, f"hydra.run.dir={killed}", "ckpt_path=last", cwd=killed.parent, tiny=False)
+    assert metrics(killed) == pytest.approx(metrics(runs["whole"]), rel=1e-5)
+
+
+def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
+    """What `python train.py <overrides>` composes, registered as Hydra's current run writing to `run_dir`."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", [f"hydra.runtime.output_dir={run_dir}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["whole"], run_dir)
+    before = snapshot(run_dir / "checkpoints")
+    cfg = compose_train(run_dir, *RUN, "trainer.max_epochs=3", "ckpt_path=last")
+    with pytest.raises(UserError, match=r"loss became non-finite \(loss = nan\) at step 4 \(epoch 2\)"):
+        train(cfg, [Fault("nan", 4)])
+    assert snapshot(run_dir / "checkpoints") == before
+
+
+def test_checkpoint_writes_are_atomic_finite_and_read_back_weights_only(tmp_path, monkeypatch):
+    io, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def killed_mid_write(obj, f) -> None:
+        f.write(b"PK\x03\x04 the first bytes of a zip")
+        raise KeyboardInterrupt  # as a kill would, after part of the file is written
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", killed_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+    with pytest.raises(UserError, match="NaN or Inf"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+    torch.save({"state_dict": {}, "hparams": Namespace(lr=1)}, tmp_path / "pickled.ckpt")  # as old Lightning did
+    with pytest.raises(Exception, match="Weights only load failed"):
+        io.load_checkpoint(tmp_path / "pickled.ckpt")
+
+
+def test_failed_sweep_jobs_do_not_stop_the_others_and_are_listed_at_the_end(tmp_path):
+    # latent_dim=0 fails its config check; the 2-process DDP job is refused inside -m (Lightning would re-run the
+    # sweep in each process); the remaining job trains.
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "trainer=ddp", "trainer.devices=2,1", "latent_dim=0,2", f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    summary = proc.stderr[proc.stderr.index("error: 3 job(s) of the sweep") :]
+    assert summary.count("latent_dim=0 is not a positive integer") == 2
+    assert "A 2-process DDP run cannot start inside a sweep (-m)" in summary
+    finished = [p.name for p in sweep.iterdir() if (p / "metrics.json").is_file()]
+    assert len(finished) == 1 and "latent_dim=2" in finished[0] and "devices=1" in finished[0]
+    assert len(list(sweep.glob("*/failure.json"))) == 3
+
+
+def write_images(folder: Path, sizes: list[tuple[int, int]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "text":
+        path.write_text("not a checkpoint")
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.ones(1)}}, path)
+    return path
+
+
+# (overrides, expected message). {ckpt}: the finished run's last.ckpt; {bad:<kind>}: a broken file (bad_checkpoint);
+# {run}: the finished run's dir; {folder:<kind>}: an image folder that is empty, holds only a corrupt image, or a
+# 3x32x32 one for a data-shape mismatch.
+BAD_INPUT = {
+    "empty image folder": (["data=image_folder", "data.source.root={folder:empty}"], "holds no image files"),
+    "only a corrupt image": (["data=image_folder", "data.source.root={folder:corrupt}"], "could be read"),
+    "missing dataset": (["data=mnist", "data.source.root={folder:empty}"], "data.source.download=true"),
+    "missing ckpt_path": (["ckpt_path={bad:missing}"], "does not exist"),
+    "truncated ckpt_path": (["ckpt_path={bad:truncated}"], "is not a readable checkpoint"),
+    "ckpt_path not a checkpoint": (["ckpt_path={bad:text}"], "is not a readable checkpoint"),
+    "ckpt_path not ours": (["ckpt_path={bad:foreign}"], "not a checkpoint written by this project"),
+    "missing encoder_ckpt": (["model=classifier", "encoder_ckpt={bad:missing}"], "does not exist"),
+    "truncated encoder_ckpt": (["model=classifier", "encoder_ckpt={bad:truncated}"], "is not a readable checkpoint"),
+    "encoder_ckpt not a checkpoint": (["model=classifier", "encoder_ckpt={bad:text}"], "is not a readable checkpoint"),
+    "ckpt of another latent_dim": (["latent_dim=3", "ckpt_path={ckpt}"], r"latent_dim=2 \(this run: 3\)"),
+    "ckpt of another model": (["model=ae", "ckpt_path={ckpt}"], "holds a VAE whose weights do not fit this run's AE"),
+    "ckpt of another data shape": (
+        [
+            "data=image_folder",
+            "data.source.root={folder:rgb32}",
+            "data.source.channels=3",
+            "data.source.image_size=32",
+            "ckpt_path={ckpt}",
+        ],
+        r"image_shape=\[1, 28, 28\] \(this run: \[3, 32, 32\]\)",
+    ),  # fmt: skip
+    "ckpt_path=last, nothing to resume": (["ckpt_path=last"], "last.ckpt does not exist"),
+    "new run in a finished run's dir": (["hydra.runtime.output_dir={run}"], "already holds a run"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_refused_and_changes_nothing(case, runs, tmp_path):
+    finished = runs["whole"]
+    folders = {"empty": tmp_path / "empty", "corrupt": tmp_path / "corrupt", "rgb32": tmp_path / "rgb32"}
+    folders["empty"].mkdir()
+    folders["corrupt"].mkdir()
+    (folders["corrupt"] / "broken.png").write_bytes(b"\x89PNG garbage")
+    write_images(folders["rgb32"], [(32, 32)] * 20)
+    good = finished / "checkpoints" / "last.ckpt"
+    fill = {"{ckpt}": str(good), "{run}": str(finished)}
+    fill |= {
+        f"{{bad:{k}}}": str(bad_checkpoint(k, tmp_path, good)) for k in ("missing", "truncated", "text", "foreign")
+    }
+    fill |= {f"{{folder:{k}}}": str(v) for k, v in folders.items()}
+    overrides, message = BAD_INPUT[case]
+    for key, value in fill.items():
+        overrides = [o.replace(key, value) for o in overrides]
+    before = snapshot(finished)
+
+    cfg = compose_train(tmp_path / "run", *TINY, *overrides)
+    with warnings.catch_warnings(record=True), pytest.raises(Exception) as raised:
+        train(cfg)
+    assert re.search(message, str(user_error(raised.value)))  # what train.py prints after "error: "
+    assert snapshot(finished) == before
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_corrupt_and_odd_sized_images_are_skipped_or_resized_and_the_run_goes_on(tmp_path):
+    folder = tmp_path / "images"
+    write_images(folder, [(20 + i % 7, 30 - i % 5) for i in range(20)])  # 20 sizes, all resized to 28x28
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    cfg = compose_train(tmp_path / "run", *TINY, "data=image_folder", f"data.source.root={folder}", "latent_dim=2")
+    with pytest.warns(UserWarning, match="Skipping unreadable image .*broken.png"):
+        train(cfg)
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides,truncate_last,message",
+    [
+        (["trainer.max_epochs=5"], False, "already holds a run"),
+        (["latent_dim=3", "ckpt_path=last"], False, r"other model or data settings .*model.latent_dim: 2 -> 3"),
+        (["ckpt_path=last"], True, "is not a readable checkpoint"),
+    ],
+    ids=["new run in a used dir", "resume with other settings", "resume a truncated last.ckpt"],
+)
+def test_train_py_refuses_before_writing_into_an_existing_run_dir(overrides, truncate_last, message, runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["whole"], run_dir)
+    if truncate_last:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        last.write_bytes(last.read_bytes()[:1000])
+    before = snapshot(run_dir)
+    proc = run_train(*RUN, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False, tiny=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("error: ") == 1 and "Traceback" not in proc.stderr
+    assert re.search(message, proc.stderr)
+    assert snapshot(run_dir) == before  # not even .hydra/ or train.log

@@ -1,0 +1,74 @@
+"""Scaling out on Hydra launchers and sweepers and Lightning strategies: parallel and SLURM sweeps, DDP, Optuna."""
+
+import re
+from datetime import datetime
+from pathlib import Path
+
+import joblib
+import optuna
+from hydra import compose, initialize_config_dir
+from optuna.trial import TrialState
+
+from tests.helpers import ROOT, run_train
+
+THREADS_LINE = re.compile(r"^\[(.{23})\].*torch uses (\d+) thread\(s\) in this job \(process (\d+)\)", re.M)
+
+
+def test_joblib_sweep_runs_jobs_in_parallel_processes_that_share_the_cores(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=ae,vae", "latent_dim=2",
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2 and all((job / "metrics.json").is_file() for job in jobs)
+    logs = [THREADS_LINE.search((job / "train.log").read_text()).groups() for job in jobs]
+    starts, threads, pids = zip(*logs, strict=True)
+    assert len(set(pids)) == 2  # two worker processes
+    assert all(2 * int(n) <= joblib.cpu_count() for n in threads)  # jobs x threads <= cores
+    begun = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f").timestamp() for s in starts]
+    ended = [(job / "metrics.json").stat().st_mtime for job in jobs]
+    assert max(begun) < min(ended)  # each job started before the other one finished
+
+
+def test_slurm_launcher_config_composes_with_its_keys():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+    assert launcher.array_parallelism == 16 and launcher.tasks_per_node == 1
+
+
+def test_submitit_local_launcher_runs_a_sweep_offline(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", "hydra/launcher=submitit_local", "latent_dim=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert len(list(sweep.glob("0_*/metrics.json"))) == 1
+    assert (sweep / ".submitit").is_dir()  # the job ran as a submitit job, in its own process
+
+
+def test_ddp_with_two_cpu_processes_writes_one_run_dir_from_rank_zero(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train("trainer=ddp", "trainer.devices=2", "latent_dim=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # rank 1 made no run dir of its own
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in (run_dir / "train.log").read_text()
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    writers = {p.name.split(".")[-2] for p in run_dir.glob("events.out.tfevents.*")}  # ...<host>.<pid>.<n>
+    assert len(writers) == 1  # TensorBoard scalars and images come from one process, rank 0
+
+
+def test_optuna_search_keeps_its_study_in_the_sweep_dir_resumes_it_and_records_failed_trials(tmp_path):
+    sweep = tmp_path / "study"
+    search = ["-m", "hparams_search=vae_optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+    run_train(*search, cwd=tmp_path)
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    first = optuna.load_study(study_name="vae", storage=storage).trials
+    assert [t.state for t in first] == [TrialState.COMPLETE] * 2
+    assert {"latent_dim", "kl_weight", "model.lr"} == set(first[0].params)
+
+    # Run the same search again (it resumes), this time with a value that makes every trial fail.
+    proc = run_train(*search, "kl_weight=-1", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "error: 2 job(s) of the sweep" in proc.stderr
+    study = optuna.load_study(study_name="vae", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2
+    assert study.best_value == max(t.value for t in first)  # maximised val/elbo
+    assert Path(sweep / "optimization_results.yaml").is_file()
