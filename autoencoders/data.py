@@ -63,11 +63,11 @@ class MNISTSubset(Source):
                 "images": torch.from_numpy(x).to(torch.uint8).view(-1, 1, 28, 28),
                 "labels": torch.from_numpy(y).long(),
             }
-            _save_atomic(cached, path)
+            save_cache(cached, path, "the MNIST subset")
         return SourceData(cached["images"], cached["labels"], num_classes=10)
 
 
-def _save_atomic(obj: object, path: Path) -> None:
+def save_cache(obj: object, path: Path, what: str) -> None:
     """Write via a temp file and rename, so parallel jobs never read a half-written cache. A cache that cannot be
     written only costs time, hence a warning instead of an error."""
     try:
@@ -77,9 +77,9 @@ def _save_atomic(obj: object, path: Path) -> None:
         os.replace(f.name, path)
     except OSError as e:
         warnings.warn(
-            f"Could not cache the MNIST subset in {path.parent} ({e}); it will be parsed again next time. "
-            "Set data.source.cache_dir (or $AUTOENCODERS_CACHE) to a writable folder.",
-            stacklevel=2,
+            f"Could not cache {what} in {path.parent} ({e}); it will be made again next time. "
+            "Set $AUTOENCODERS_CACHE (or the cache_dir setting) to a writable folder.",
+            stacklevel=3,
         )
 
 

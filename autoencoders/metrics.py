@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from autoencoders.data import ImageDataModule
+from autoencoders.data import ImageDataModule, save_cache
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def feature_net(
         if cached is None:
             log.info("Training the FID feature net on %d train images (cached in %s)", len(data.train_set), path)
             accuracy = train_feature_net(net, data, settings, device)
-            _save_atomic({"state_dict": net.state_dict(), "accuracy": accuracy}, path)
+            save_cache({"state_dict": net.state_dict(), "accuracy": accuracy}, path, "the FID feature net")
         else:
             net.load_state_dict(cached["state_dict"])
             accuracy = cached["accuracy"]
@@ -162,21 +161,6 @@ def _read_cache(path: Path) -> dict | None:
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
         warnings.warn(f"Ignoring the unreadable cached FID feature net {path} ({e}); training it again.", stacklevel=3)
         return None
-
-
-def _save_atomic(obj: object, path: Path) -> None:
-    """Write via a temp file and rename, so a parallel evaluation never reads half a file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            torch.save(obj, f)
-        os.replace(f.name, path)
-    except OSError as e:
-        warnings.warn(
-            f"Could not cache the FID feature net in {path.parent} ({e}); it will be trained again next time. "
-            "Set cache_dir (or $AUTOENCODERS_CACHE) to a writable folder.",
-            stacklevel=3,
-        )
 
 
 class FrechetDistance:
