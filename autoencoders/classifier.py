@@ -96,7 +96,7 @@ class Classifier(L.LightningModule):
         if not self.frozen:
             encoder_lr = self.hparams.encoder_lr if self.pretrained else self.hparams.lr
             groups.append({"params": self.encoder.parameters(), "lr": encoder_lr})
-        return torch.optim.Adam(groups)
+        return torch.optim.Adam(groups, fused=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["autoencoders_class"] = type(self).__name__

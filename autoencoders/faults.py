@@ -1,7 +1,7 @@
 """Faults in training: checkpoints that a kill cannot corrupt, a NaN/Inf guard, and seeds that make resumes exact."""
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +16,16 @@ from autoencoders.errors import UserError
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic, finite-only checkpoint files, read back with `weights_only=True`.
 
-    Each save goes to `.<name>.part` beside its target, is flushed to disk and then renamed over the target, so a kill
-    at any moment leaves either the old file or the new one. (Lightning's own save stages the file in the system temp
-    dir and moves it, which becomes a plain copy into the target when /tmp is another filesystem.) A checkpoint whose
+    Each save goes to `.<name>.part` beside its target and is then renamed over it, so a kill at any moment leaves
+    either the old file or the new one. (Lightning's own save stages the file in the system temp dir and moves it,
+    which becomes a plain copy into the target when /tmp is another filesystem.) Files are not fsynced: that would
+    guard against power loss rather than kills, and slows every epoch (Lightning does not either). A checkpoint whose
     weights or optimizer state hold NaN or Inf is refused, so the last good one is never replaced by a broken model.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
-        weights = [checkpoint.get("state_dict"), checkpoint.get("optimizer_states")]
-        if not all(torch.isfinite(t).all() for t in _float_tensors(weights)):
+        if not _all_finite(_float_tensors([checkpoint.get("state_dict"), checkpoint.get("optimizer_states")])):
             raise UserError(
                 f"The model's weights or optimizer state hold NaN or Inf values, so {path} was not written and the "
                 "previous checkpoint is kept. Start again with a lower model.lr."
@@ -34,14 +34,23 @@ class SafeCheckpointIO(TorchCheckpointIO):
         part = path.with_name(f".{path.name}.part")  # one writer per target (rank 0), so a fixed name suffices
         with open(part, "wb") as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(part, path)
-        _fsync_dir(path.parent)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None):
         """Always `weights_only=True`: this project's checkpoints hold only tensors and plain containers."""
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    """No NaN or Inf in any of `tensors`, with one reduction per tensor and one device sync in the usual case.
+
+    A NaN or Inf makes a sum non-finite, so a finite sum proves every element finite; only a sum that overflows needs
+    the element-wise check.
+    """
+    tensors = list(tensors)
+    if not tensors or torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()):
+        return True
+    return all(torch.isfinite(t).all() for t in tensors)
 
 
 def _float_tensors(obj: object) -> Iterator[Tensor]:
@@ -56,41 +65,22 @@ def _float_tensors(obj: object) -> Iterator[Tensor]:
             yield from _float_tensors(value)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable across a power loss, not only a process kill."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class NanGuard(L.Callback):
-    """Stop at the first non-finite training loss or gradient, before that step changes the weights.
+    """Stop at the first non-finite training loss, before its backward pass and optimizer step change the weights.
 
-    The error names the step; nothing is saved after it, so the last checkpoint on disk is the last good state.
-    With fp16 loss scaling (which skips steps with Inf gradients by design) only the loss is checked.
+    The error names the step; nothing is saved after it, so the last checkpoint on disk is the last good state. The
+    gradients are not read: that costs 5% of a small model's step, and a non-finite gradient shows up as a non-finite
+    loss one step later (its weights are then never saved, as SafeCheckpointIO refuses them).
     """
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        self.loss = loss.detach()
-
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        finite = torch.isfinite(self.loss)
-        if getattr(trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if finite.item():  # one device sync per step
+        if torch.isfinite(loss):  # one device sync per step
             return
-        what = "loss" if not torch.isfinite(self.loss) else "gradient"
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         last = Path(dirpath, "last.ckpt") if dirpath else None
         kept = f"the last good checkpoint, {last}, is kept" if last and last.is_file() else "no checkpoint was written"
         raise UserError(
-            f"The training {what} became non-finite (loss = {self.loss.item():.4g}) at step {trainer.global_step} "
+            f"The training loss became non-finite (loss = {loss.item():.4g}) at step {trainer.global_step} "
             f"(epoch {trainer.current_epoch}), so training stopped before that step changed the weights, and {kept}. "
             "Start again with a lower model.lr, or for a VAE a smaller kl_weight or model.kl_warmup_epochs>0."
         )

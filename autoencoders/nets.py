@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from math import prod
 
+import torch
 from torch import nn
 
 from autoencoders.errors import UserError
@@ -89,4 +90,8 @@ def build_nets(
         raise UserError(f"Unknown net architecture arch={arch!r}. Valid choices: {', '.join(NETS)}.")
     encoder_cls, decoder_cls = NETS[arch]
     kwargs = {} if widths is None else {"widths": tuple(widths)}
-    return encoder_cls(image_shape, code_dim, **kwargs), decoder_cls(image_shape, latent_dim, **kwargs)
+    nets = encoder_cls(image_shape, code_dim, **kwargs), decoder_cls(image_shape, latent_dim, **kwargs)
+    if arch == "conv":  # NHWC weights: 6-20% faster conv epochs on a 2-core CPU (benchmarks/levers.py)
+        for net in nets:
+            net.to(memory_format=torch.channels_last)
+    return nets

@@ -77,7 +77,14 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model: "L.LightningM
 
     path = checkpoint_path(ckpt_path, run_dir)
     if path is not None:
-        check_fits(read_checkpoint(path), model, path)
+        checkpoint = read_checkpoint(path)
+        check_fits(checkpoint, model, path)
+        if "optimizer_states" not in checkpoint:
+            raise UserError(
+                f"ckpt_path={path} holds only model weights (best-*.ckpt files are kept for testing and evaluation), "
+                "so training cannot resume from it. Resume from the run's checkpoints/last.ckpt, or load the weights "
+                "with autoencoders.load."
+            )
     return path
 
 

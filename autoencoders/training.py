@@ -32,6 +32,13 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"seed={cfg.seed} is not an integer. Set e.g. seed=0; the splits and the run depend on it.")
     if not isinstance(cfg.latent_dim, int) or cfg.latent_dim <= 0:
         raise UserError(f"latent_dim={cfg.latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
+    if not isinstance(cfg.images_every_n_epochs, int) or cfg.images_every_n_epochs < 1:
+        raise UserError(
+            f"images_every_n_epochs={cfg.images_every_n_epochs} is not a positive integer. Set e.g. "
+            "images_every_n_epochs=1 to log the image grids after every validation epoch."
+        )
+    if not isinstance(cfg.compile, bool):
+        raise UserError(f"compile={cfg.compile} is not a boolean. Set compile=true or compile=false.")
     if not isinstance(cfg.kl_weight, int | float) or cfg.kl_weight < 0:
         raise UserError(
             f"kl_weight={cfg.kl_weight} is not a non-negative number. Set e.g. kl_weight=1 (the standard VAE)."
@@ -59,32 +66,42 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
     model = instantiate(cfg.model, image_shape=datamodule.image_shape, **needs, _convert_="all")
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run_dir, model)
+    if cfg.compile:
+        for net in model.children():  # in place, so parameter names and checkpoints stay as without
+            net.compile()
 
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
+    # last.ckpt has its own callback, because since Lightning 2.6 `save_last=True` rewrites it only in the epochs that
+    # also save a best checkpoint, so a resume would repeat every epoch since val/loss last improved. The best one is
+    # for testing and evaluation, so it skips the optimizer state (2/3 of the bytes of an Adam-trained model).
+    best = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor="val/loss",
+        save_weights_only=True,
+    )
     callbacks = [
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="best-epoch{epoch:03d}",
-            auto_insert_metric_name=False,
-            monitor="val/loss",
-            save_last=True,
-        ),
+        best,
+        # No monitor: every epoch's end state, always to last.ckpt (no last-v1.ckpt when a moved run resumes).
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False),
         ProgressBar(),
         NanGuard(),
         EpochSeeds(cfg.seed),
     ]
     if isinstance(model, AE):
-        callbacks.append(ImageLogger())
+        callbacks.append(ImageLogger(every_n_epochs=cfg.images_every_n_epochs))
     callbacks += extra_callbacks or []
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=[SafeCheckpointIO()])
     check_launchable(trainer)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     val = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    test_ckpt = "best" if callbacks[0].best_model_path else None
+    test_ckpt = best.best_model_path or None  # none without validation (fast_dev_run): test the weights as they are
     test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True)[0]
     metrics = {**val, **test}
     if trainer.is_global_zero:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics=val, step=trainer.global_step)
+        logger.finalize("success")  # flush: the writer's queue is not always written out at interpreter exit
         write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -12,7 +12,7 @@ and checkpoints count in proportion), and the table shows the median over repeat
 CPU instead of the wall clock: steadier on a busy machine, but blind to waiting on disk. The test loss (nats per image;
 -ELBO for VAEs) shows that the pipelines learn alike; for VAEs b also reports the importance-weighted bound (k=100).
 
-    python benchmarks/train_speed.py [--models ae conv_ae vae conv_vae] [--epochs 5] [--repeats 3] [--threads N]
+    python benchmarks/train_speed.py [--models ae conv_ae vae] [--epochs 20] [--repeats 3] [--threads N]
                                      [--clock wall|cpu] [--pipelines a b c] [--json FILE] [--quick] [overrides ...]
 """
 
@@ -148,22 +148,34 @@ def run(
     return run_plain_loop(cfg, clock) if pipeline == "b" else run_framework(cfg, clock)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["ae", "conv_ae", "vae", "conv_vae"])
-    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
-    parser.add_argument("--epochs", type=int, default=5)
+def run_arguments(description: str, epochs: int) -> argparse.ArgumentParser:
+    """The options that train_speed.py and levers.py share: which models, how long, how often, where to."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["ae", "conv_ae", "vae"])
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's choice")
-    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: this process's CPU time (all threads)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--quick", action="store_true", help="smoke run: first model, 1 epoch on 100 images")
-    parser.add_argument("overrides", nargs="*", help="train.py overrides for all pipelines, e.g. data.batch_size=256")
-    args = parser.parse_args()
-    overrides = [f"trainer.max_epochs={1 if args.quick else args.epochs}", "trainer.accelerator=cpu", *args.overrides]
+    return parser
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """train.py overrides for every run; `--quick` also cuts `args` to one model and one repeat."""
+    overrides = [f"trainer.max_epochs={1 if args.quick else args.epochs}", "trainer.accelerator=cpu"]
     if args.quick:
         args.models, args.repeats = args.models[:1], 1
         overrides += ["data.labels_per_class=10", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    return overrides
+
+
+def main() -> None:
+    parser = run_arguments(__doc__, epochs=20)
+    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's choice")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: this process's CPU time (all threads)")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides for all pipelines, e.g. data.batch_size=256")
+    args = parser.parse_args()
+    overrides = [*run_overrides(args), *args.overrides]
     if args.threads:
         torch.set_num_threads(args.threads)
 

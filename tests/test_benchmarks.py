@@ -33,3 +33,13 @@ def test_startup_reports_help_and_config_times(tmp_path):
     run_benchmark("startup.py", "--quick", "--json", str(out), cwd=tmp_path)
     figures = json.loads(out.read_text())["results"]
     assert figures["train.py --help s"] > 0 and figures["train.py --cfg job s"] > 0
+
+
+def test_levers_report_each_variant_against_the_baseline(tmp_path):
+    out = tmp_path / "levers.json"
+    variants = ["baseline", "NCHW", "1 thread", "batch 256, lr x2"]
+    args = ["--quick", "--models", "conv_ae", "--variants", *variants, "--json", str(out)]
+    run_benchmark("levers.py", *args, cwd=tmp_path)
+    figures = json.loads(out.read_text())["results"]["conv_ae"]
+    assert figures["baseline"]["vs baseline"] == 1
+    assert all(figures[v]["s/epoch"] > 0 and figures[v]["test loss"] > 0 for v in variants)

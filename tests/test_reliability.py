@@ -90,6 +90,14 @@ def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
+def test_last_ckpt_is_the_latest_epoch_even_when_val_loss_stops_improving(tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_train(run_dir, *TINY, "model=ae", "model.lr=0", "trainer.max_epochs=3"))  # val/loss never improves
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs["whole"], run_dir)
@@ -156,9 +164,9 @@ def bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
     return path
 
 
-# (overrides, expected message). {ckpt}: the finished run's last.ckpt; {bad:<kind>}: a broken file (bad_checkpoint);
-# {run}: the finished run's dir; {folder:<kind>}: an image folder that is empty, holds only a corrupt image, or a
-# 3x32x32 one for a data-shape mismatch.
+# (overrides, expected message). {ckpt}, {best}: the finished run's last.ckpt and best-*.ckpt; {bad:<kind>}: a broken
+# file (bad_checkpoint); {run}: the finished run's dir; {folder:<kind>}: an image folder that is empty, holds only a
+# corrupt image, or a 3x32x32 one for a data-shape mismatch.
 BAD_INPUT = {
     "empty image folder": (["data=image_folder", "data.source.root={folder:empty}"], "holds no image files"),
     "only a corrupt image": (["data=image_folder", "data.source.root={folder:corrupt}"], "could be read"),
@@ -182,6 +190,7 @@ BAD_INPUT = {
         ],
         r"image_shape=\[1, 28, 28\] \(this run: \[3, 32, 32\]\)",
     ),  # fmt: skip
+    "ckpt_path a best (weights-only) ckpt": (["latent_dim=2", "ckpt_path={best}"], "holds only model weights"),
     "ckpt_path=last, nothing to resume": (["ckpt_path=last"], "last.ckpt does not exist"),
     "new run in a finished run's dir": (["hydra.runtime.output_dir={run}"], "already holds a run"),
 }
@@ -196,7 +205,8 @@ def test_bad_input_is_refused_and_changes_nothing(case, runs, tmp_path):
     (folders["corrupt"] / "broken.png").write_bytes(b"\x89PNG garbage")
     write_images(folders["rgb32"], [(32, 32)] * 20)
     good = finished / "checkpoints" / "last.ckpt"
-    fill = {"{ckpt}": str(good), "{run}": str(finished)}
+    best = next((finished / "checkpoints").glob("best-*.ckpt"))
+    fill = {"{ckpt}": str(good), "{best}": str(best), "{run}": str(finished)}
     fill |= {
         f"{{bad:{k}}}": str(bad_checkpoint(k, tmp_path, good)) for k in ("missing", "truncated", "text", "foreign")
     }

@@ -57,6 +57,15 @@ def test_conv_ae_with_larger_latent_uses_the_embedding_projector(tmp_path):
     assert "latent/scatter" not in event_tags(tmp_path / "run")["images"]
 
 
+def test_images_are_logged_every_n_epochs_and_after_the_last(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train("trainer.max_epochs=4", "images_every_n_epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    steps_per_epoch = 2  # TINY's limit_train_batches
+    assert [e.step // steps_per_epoch for e in acc.Images("images/samples")] == [1, 3, 4]  # after epochs 0, 2, 3
+
+
 def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
     run_train("-m", "model=ae,vae", "latent_dim=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file())
@@ -71,6 +80,8 @@ def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
         ("latent_dim=0", "latent_dim=0"),
         ("latent_dim=-4", "latent_dim=-4"),
         ("kl_weight=-1", "kl_weight=-1"),
+        ("compile=maybe", "compile=maybe"),
+        ("images_every_n_epochs=0", "images_every_n_epochs=0"),
         ("model=nope", "model"),
         ("data=nope", "data"),
     ],
@@ -88,3 +99,16 @@ def test_seed_makes_runs_reproducible_including_seed_zero(tmp_path):
     first, again, other = (json.loads((run / "metrics.json").read_text()) for run in runs)
     assert first == again
     assert first["test/loss"] != other["test/loss"]
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_model_and_saves_plain_checkpoints(tmp_path):
+    runs = {"eager": tmp_path / "eager", "compiled": tmp_path / "compiled"}
+    for name, run_dir in runs.items():
+        run_train(
+            "model=conv_ae", "latent_dim=2", f"compile={name == 'compiled'}", f"hydra.run.dir={run_dir}", cwd=tmp_path
+        )
+    eager, compiled = (json.loads((run / "metrics.json").read_text()) for run in runs.values())
+    assert compiled["test/loss"] == pytest.approx(eager["test/loss"], rel=1e-3)
+    model = autoencoders.load(runs["compiled"] / "checkpoints" / "last.ckpt")  # no torch.compile prefixes
+    assert model.encode(torch.rand(2, 1, 28, 28)).shape == (2, 2)
