@@ -3,21 +3,20 @@
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from autoencoders.errors import UserError
-from autoencoders.models import AE
+from autoencoders.models import AE, SplitSteps
 from autoencoders.nets import build_nets
 
 HEADS = ("linear", "mlp")
 SPLITS = ("train", "val", "test")
 
 
-class Classifier(L.LightningModule):
+class Classifier(SplitSteps):
     """An encoder (the architecture of an AE's, `latent_dim` outputs) and a `linear` or `mlp` head on its code.
 
     With `encoder_ckpt` (a checkpoint of any AE or VAE run) the encoder starts from that autoencoder's encoder and
@@ -81,15 +80,6 @@ class Classifier(L.LightningModule):
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, batch_size=len(x))
         self.log(f"{split}/acc", accuracy, on_step=on_step, on_epoch=True, batch_size=len(x))
         return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [{"params": self.head.parameters(), "lr": self.hparams.lr}]
