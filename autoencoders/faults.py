@@ -1,6 +1,8 @@
 """Faults in training: checkpoints that a kill cannot corrupt, a NaN/Inf guard, and seeds that make resumes exact."""
 
+import ctypes
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor
+from torch.utils.serialization import config as serialization_config
 
 from autoencoders.errors import UserError
 
@@ -16,11 +19,13 @@ from autoencoders.errors import UserError
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic, finite-only checkpoint files, read back with `weights_only=True`.
 
-    Each save goes to `.<name>.part` beside its target and is then renamed over it, so a kill at any moment leaves
-    either the old file or the new one. (Lightning's own save stages the file in the system temp dir and moves it,
-    which becomes a plain copy into the target when /tmp is another filesystem.) Files are not fsynced: that would
-    guard against power loss rather than kills, and slows every epoch (Lightning does not either). A checkpoint whose
-    weights or optimizer state hold NaN or Inf is refused, so the last good one is never replaced by a broken model.
+    Each save goes to `.<name>.part` beside its target and then takes its name atomically, so a kill at any moment
+    leaves either the old file or the new one. (Lightning's own save stages the file in the system temp dir and moves
+    it, which becomes a plain copy into the target when /tmp is another filesystem.) This guards against kills, not
+    power loss: files are not fsynced, which would slow every epoch (Lightning does not either). For the same reason
+    the zip records carry no CRC32 (computing it is 60% of serialising), which torch.load does not need. A checkpoint
+    whose weights or optimizer state hold NaN or Inf is refused, so the last good one is never replaced by a broken
+    model.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
@@ -32,13 +37,32 @@ class SafeCheckpointIO(TorchCheckpointIO):
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(f".{path.name}.part")  # one writer per target (rank 0), so a fixed name suffices
-        with open(part, "wb") as f:
+        with open(part, "wb") as f, serialization_config.patch({"save.compute_crc32": False}):
             torch.save(checkpoint, f)
-        os.replace(part, path)
+        _replace(part, path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None):
         """Always `weights_only=True`: this project's checkpoints hold only tensors and plain containers."""
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_RENAME_EXCHANGE = 2
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """`os.replace(src, dst)`, but on Linux by atomically swapping the two names and then deleting the old file.
+
+    Renaming over an existing file makes ext4 write out the new file's data at once (its auto_da_alloc guard), which
+    costs a small model's 13 MB last.ckpt about 12 ms per epoch. A swap (renameat2 RENAME_EXCHANGE) is just as atomic
+    and skips that; where the filesystem or C library lacks it, this falls back to os.replace.
+    """
+    renameat2 = getattr(_libc, "renameat2", None)
+    at_cwd = -100  # AT_FDCWD: paths relative to the working directory, as os.replace takes them
+    if renameat2 is not None and renameat2(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), _RENAME_EXCHANGE) == 0:
+        os.unlink(src)
+    else:
+        os.replace(src, dst)
 
 
 def _all_finite(tensors: Iterable[Tensor]) -> bool:

@@ -3,7 +3,9 @@
   a  train.py's path: ImageDataModule + our LightningModule + Trainer, with train.py's checkpoints, logging and images;
   b  the bar: a minimal hand-written PyTorch loop slicing the same in-memory tensors, with the same net and loss, and
      the validation loss a hand-written loop needs to pick its best epoch (b_train: its training part alone);
-  c  a per-sample PIL + ToTensor dataset (how torchvision's MNIST serves images) through the same Trainer path as a.
+  c  a per-sample PIL + ToTensor dataset (how torchvision's MNIST serves images) through the same Trainer path as a;
+  l  Lightning's floor: a's data module and LightningModule in a Trainer with nothing else (no logger, checkpoints,
+     progress bar or callbacks), so l/b is what Lightning's own loop costs and a/l what this project adds to it.
 
 All three build data and model from one composed train.py config, so they train the same net from the same initial
 weights on the same 4,000 bundled MNIST training images. The pipelines run in a rotated order `--repeats` times, so
@@ -13,7 +15,7 @@ CPU instead of the wall clock: steadier on a busy machine, but blind to waiting 
 -ELBO for VAEs) shows that the pipelines learn alike; for VAEs b also reports the importance-weighted bound (k=100).
 
     python benchmarks/train_speed.py [--models ae conv_ae vae] [--epochs 20] [--repeats 3] [--threads N]
-                                     [--clock wall|cpu] [--pipelines a b c] [--json FILE] [--quick] [overrides ...]
+                                     [--clock wall|cpu] [--pipelines a b c l] [--json FILE] [--quick] [overrides ...]
 """
 
 import argparse
@@ -42,7 +44,7 @@ from autoencoders.models import AE, VAE
 from autoencoders.training import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PIPELINES = ("a", "b", "c")
+PIPELINES = ("a", "b", "c", "l")
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -104,6 +106,26 @@ def run_framework(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str
     return {"": timer.epochs()}, {"test": metrics["test/loss"]}
 
 
+def run_bare_lightning(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Pipeline l: a's modules and Trainer settings, minus everything train.py adds to the Trainer."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    L.seed_everything(cfg.seed, verbose=False)
+    model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    timer = EpochTimer(clock)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return {"": timer.epochs()}, {"test": trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/loss"]}
+
+
 def run_plain_loop(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Pipeline b: shuffled index slices of the training tensor, the model's own loss and optimizer, nothing else."""
     datamodule: ImageDataModule = instantiate(cfg.data)
@@ -145,7 +167,8 @@ def run(
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     data = [f"data._target_={__name__}.PILDataModule"] if pipeline == "c" else []
     cfg = compose_config([f"model={model}", *overrides, *data], out / f"{model}_{pipeline}")
-    return run_plain_loop(cfg, clock) if pipeline == "b" else run_framework(cfg, clock)
+    runners = {"b": run_plain_loop, "l": run_bare_lightning}
+    return runners.get(pipeline, run_framework)(cfg, clock)
 
 
 def run_arguments(description: str, epochs: int) -> argparse.ArgumentParser:
@@ -200,7 +223,7 @@ def main() -> None:
         for model in args.models
     }
     for figures in results.values():
-        for num, den in (("a", "b"), ("a", "b_train"), ("c", "a")):
+        for num, den in (("a", "b"), ("a", "b_train"), ("c", "a"), ("l", "b"), ("a", "l")):
             if f"{num} s/epoch" in figures and f"{den} s/epoch" in figures:
                 figures[f"{num}/{den}"] = figures[f"{num} s/epoch"] / figures[f"{den} s/epoch"]
     print(f"\n{args.clock} clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")

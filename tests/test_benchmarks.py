@@ -23,8 +23,8 @@ def test_train_speed_reports_each_pipeline_and_ratio(tmp_path):
     args = ["--quick", "--models", "conv_ae", "--threads", "1", "--json", str(out)]
     stdout = run_benchmark("train_speed.py", *args, cwd=tmp_path)
     figures = json.loads(out.read_text())["results"]["conv_ae"]
-    expected = ["a s/epoch", "b s/epoch", "b_train s/epoch", "c s/epoch", "a/b", "a/b_train", "c/a"]
-    assert all(figures[key] > 0 for key in expected + ["a_test", "b_test", "c_test"])
+    expected = ["a s/epoch", "b s/epoch", "b_train s/epoch", "c s/epoch", "l s/epoch", "a/b", "a/b_train", "c/a", "l/b"]
+    assert all(figures[key] > 0 for key in expected + ["a/l", "a_test", "b_test", "c_test", "l_test"])
     assert all(key in stdout for key in expected)
 
 

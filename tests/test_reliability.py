@@ -121,10 +121,13 @@ def test_checkpoint_writes_are_atomic_finite_and_read_back_weights_only(tmp_path
         with pytest.raises(KeyboardInterrupt):
             io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    io.save_checkpoint({"state_dict": {"w": torch.full((3,), 2.0)}}, path)  # over the old file and the torn part
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.full((3,), 2.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
     with pytest.raises(UserError, match="NaN or Inf"):
         io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
-    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.full((3,), 2.0))
 
     torch.save({"state_dict": {}, "hparams": Namespace(lr=1)}, tmp_path / "pickled.ckpt")  # as old Lightning did
     with pytest.raises(Exception, match="Weights only load failed"):

@@ -1,9 +1,11 @@
 """train.py end to end, as subprocesses on tiny configs."""
 
+import io
 import json
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import autoencoders
@@ -64,6 +66,8 @@ def test_images_are_logged_every_n_epochs_and_after_the_last(tmp_path):
     acc.Reload()
     steps_per_epoch = 2  # TINY's limit_train_batches
     assert [e.step // steps_per_epoch for e in acc.Images("images/samples")] == [1, 3, 4]  # after epochs 0, 2, 3
+    samples = Image.open(io.BytesIO(acc.Images("images/samples")[-1].encoded_image_string))
+    assert (samples.mode, samples.size) == ("L", (8 * 30 + 2, 8 * 30 + 2))  # grey digits: 8 x 8, 2 px padding
 
 
 def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
