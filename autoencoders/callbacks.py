@@ -13,23 +13,22 @@ from autoencoders.pictures import add_grid, image_grid
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's RichProgressBar, updated and redrawn at most `updates_per_second` times a second.
+    """Lightning's RichProgressBar, updated and redrawn at most `refresh_rate` times a second.
 
-    The stock bar's drawing thread wakes 100 times a second to see whether to redraw, and each wake-up takes a core from
-    torch's threads: on a 2-core CPU that alone slows a small model's steps by 10-20%. The stock bar also updates its
-    metrics after every training batch; this one skips the batches that end within 1/updates_per_second of the last one
-    shown (an epoch's last batch always shows).
+    `refresh_rate` is also how often the bar's drawing thread wakes to see whether to redraw. At Lightning's default of
+    100, each wake-up takes a core from torch's threads: on a 2-core CPU that alone slows a small model's steps by
+    10-20%. The stock bar also updates its metrics after every training batch; this one skips the batches that end
+    within 1/refresh_rate seconds of the last one shown (an epoch's last batch always shows).
     """
 
-    def __init__(self, updates_per_second: int = 2):
-        super().__init__(refresh_rate=updates_per_second)  # also the drawing thread's wake-ups per second
-        self.min_interval = 1 / updates_per_second
-        self._updated_at = 0.0
+    def __init__(self, refresh_rate: int = 2):
+        super().__init__(refresh_rate=refresh_rate)
+        self._shown_at = 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
         now = time.monotonic()
-        if now - self._updated_at >= self.min_interval or batch_idx + 1 == self.total_train_batches:
-            self._updated_at = now
+        if now - self._shown_at >= 1 / self.refresh_rate or batch_idx + 1 == self.total_train_batches:
+            self._shown_at = now
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 

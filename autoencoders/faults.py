@@ -46,7 +46,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_renameat2 = getattr(ctypes.CDLL(None), "renameat2", None) if sys.platform == "linux" else None  # glibc >= 2.28
 _RENAME_EXCHANGE = 2
 
 
@@ -57,9 +57,8 @@ def _replace(src: Path, dst: Path) -> None:
     costs a small model's 13 MB last.ckpt about 12 ms per epoch. A swap (renameat2 RENAME_EXCHANGE) is just as atomic
     and skips that; where the filesystem or C library lacks it, this falls back to os.replace.
     """
-    renameat2 = getattr(_libc, "renameat2", None)
     at_cwd = -100  # AT_FDCWD: paths relative to the working directory, as os.replace takes them
-    if renameat2 is not None and renameat2(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), _RENAME_EXCHANGE) == 0:
+    if _renameat2 is not None and _renameat2(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), _RENAME_EXCHANGE) == 0:
         os.unlink(src)
     else:
         os.replace(src, dst)

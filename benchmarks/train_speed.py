@@ -7,7 +7,7 @@
   l  Lightning's floor: a's data module and LightningModule in a Trainer with nothing else (no logger, checkpoints,
      progress bar or callbacks), so l/b is what Lightning's own loop costs and a/l what this project adds to it.
 
-All three build data and model from one composed train.py config, so they train the same net from the same initial
+All pipelines build data and model from one composed train.py config, so they train the same net from the same initial
 weights on the same 4,000 bundled MNIST training images. The pipelines run in a rotated order `--repeats` times, so
 load from other processes hits all of them alike; a run's figure is its mean epoch (so images logged every few epochs
 and checkpoints count in proportion), and the table shows the median over repeats. `--clock cpu` times this process's
@@ -106,12 +106,17 @@ def run_framework(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str
     return {"": timer.epochs()}, {"test": metrics["test/loss"]}
 
 
-def run_bare_lightning(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Pipeline l: a's modules and Trainer settings, minus everything train.py adds to the Trainer."""
-    datamodule = instantiate(cfg.data)
+def data_and_model(cfg: DictConfig) -> tuple[ImageDataModule, AE]:
+    """The set-up data module and the freshly seeded model that train.py would build from `cfg`."""
+    datamodule: ImageDataModule = instantiate(cfg.data)
     datamodule.setup("fit")
     L.seed_everything(cfg.seed, verbose=False)
-    model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    return datamodule, instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+
+
+def run_bare_lightning(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Pipeline l: a's modules and Trainer settings, minus everything train.py adds to the Trainer."""
+    datamodule, model = data_and_model(cfg)
     timer = EpochTimer(clock)
     trainer = instantiate(
         cfg.trainer,
@@ -128,10 +133,7 @@ def run_bare_lightning(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dic
 
 def run_plain_loop(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Pipeline b: shuffled index slices of the training tensor, the model's own loss and optimizer, nothing else."""
-    datamodule: ImageDataModule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    L.seed_everything(cfg.seed, verbose=False)
-    model: AE = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    datamodule, model = data_and_model(cfg)
     optimizer = model.configure_optimizers()
     x, x_val, x_test = (split.tensors[0] for split in (datamodule.train_set, datamodule.val_set, datamodule.test_set))
     batch_size = cfg.data.batch_size
