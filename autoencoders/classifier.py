@@ -1,5 +1,7 @@
-"""Classify images from an autoencoder's code: its encoder (pretrained and frozen, fine-tuned, or fresh) plus a head."""
+"""Classify images from an autoencoder's code (pretrained, frozen or fine-tuned), or from the baselines a reviewer
+asks for (the same encoder from scratch or at random, and raw pixels), with a small head."""
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -8,20 +10,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
 from autoencoders.models import AE, SplitSteps
 from autoencoders.nets import build_nets
 
 HEADS = ("linear", "mlp")
 SPLITS = ("train", "val", "test")
+# How the classifier gets the features its head reads: the pretrained encoder frozen or fine-tuned, the same encoder
+# trained from scratch, a frozen encoder at its random initialisation, or the raw pixels.
+METHODS = ("frozen", "finetune", "scratch", "random", "pixels")
+PRETRAINED = ("frozen", "finetune")
 
 
 class Classifier(SplitSteps):
-    """An encoder (the architecture of an AE's, `latent_dim` outputs) and a `linear` or `mlp` head on its code.
+    """A head (`linear` or `mlp`) on features chosen by `method` (see METHODS); null: `frozen` with an
+    `encoder_ckpt` (a checkpoint of any AE or VAE run), `scratch` without. The encoder has the architecture of an AE's,
+    with `latent_dim` outputs. A frozen encoder gets no gradients and stays in eval mode; `finetune` trains the
+    pretrained one at `encoder_lr`, `scratch` trains a fresh one at `lr`.
 
-    With `encoder_ckpt` (a checkpoint of any AE or VAE run) the encoder starts from that autoencoder's encoder and
-    stays frozen: no gradients, eval mode. `finetune=True` trains it too, at `encoder_lr`. Without `encoder_ckpt` the
-    same architecture trains from scratch at `lr`: the baseline.
+    Training refuses an `encoder_ckpt` whose autoencoder trained on any of the data's validation or test images.
     """
 
     def __init__(
@@ -29,35 +37,60 @@ class Classifier(SplitSteps):
         image_shape: Sequence[int],
         num_classes: int,
         encoder_ckpt: str | Path | None = None,
+        method: str | None = None,
         latent_dim: int = 16,
         arch: str = "conv",
         widths: Sequence[int] | None = None,
         head: str = "mlp",
         head_width: int = 128,
-        finetune: bool = False,
         lr: float = 1e-3,
         encoder_lr: float = 1e-4,
     ):
         super().__init__()
         if head not in HEADS:
             raise UserError(f"model.head={head!r} is unknown. Use one of: {', '.join(HEADS)}.")
+        method = method or ("frozen" if encoder_ckpt is not None else "scratch")
+        if method not in METHODS:
+            raise UserError(f"model.method={method!r} is unknown. Use one of: {', '.join(METHODS)}.")
+        if encoder_ckpt is not None and method not in PRETRAINED:
+            raise UserError(
+                f"model.method={method} trains no pretrained encoder, but encoder_ckpt={encoder_ckpt} is given. "
+                "Use method frozen or finetune with encoder_ckpt, or drop encoder_ckpt."
+            )
         # The pretrained weights end up in this module's own checkpoints, so rebuilding one (autoencoders.load)
         # must not need the autoencoder's file: encoder_ckpt is no hyperparameter (the run's config records it).
         self.save_hyperparameters(ignore=["encoder_ckpt"], logger=False)
-        self.pretrained = encoder_ckpt is not None
-        self.frozen = self.pretrained and not finetune
-        self.encoder = build_nets(arch, image_shape, latent_dim, latent_dim, widths)[0]
-        if self.pretrained:
-            self.encoder.load_state_dict(pretrained_encoder_weights(encoder_ckpt, image_shape, self.encoder))
+        self.method, self.encoder_ckpt = method, encoder_ckpt
+        self.frozen = method in ("frozen", "random", "pixels")
+        self.pretraining_data: dict | None = None  # the autoencoder's training split, for the leak check
+        if method == "pixels":
+            self.encoder, features = nn.Flatten(), math.prod(image_shape)
+        else:
+            self.encoder, features = build_nets(arch, image_shape, latent_dim, latent_dim, widths)[0], latent_dim
+        if encoder_ckpt is not None:
+            weights, self.pretraining_data = pretrained_encoder(encoder_ckpt, image_shape, self.encoder)
+            self.encoder.load_state_dict(weights)
         self.encoder.requires_grad_(not self.frozen).train(not self.frozen)  # Lightning keeps modules' modes
         if head == "linear":
-            self.head = nn.Linear(latent_dim, num_classes)
+            self.head = nn.Linear(features, num_classes)
         else:
-            self.head = nn.Sequential(nn.Linear(latent_dim, head_width), nn.ReLU(), nn.Linear(head_width, num_classes))
+            self.head = nn.Sequential(nn.Linear(features, head_width), nn.ReLU(), nn.Linear(head_width, num_classes))
         # nn.ModuleDict keys may not shadow Module attributes such as `train`, hence the suffix.
         self.accuracy = nn.ModuleDict(
             {f"{split}_acc": MulticlassAccuracy(num_classes, average="micro") for split in SPLITS}
         )
+
+    def setup(self, stage: str) -> None:
+        """Before training: a pretrained method needs its encoder, and that encoder must not have seen the held-out
+        images."""
+        if stage != "fit" or self.method not in PRETRAINED:
+            return
+        if self.encoder_ckpt is None:
+            raise UserError(
+                f"model.method={self.method} needs a pretrained encoder: pass encoder_ckpt=<an AE or VAE run>"
+                "/checkpoints/last.ckpt, or use method scratch, random or pixels."
+            )
+        check_held_out(self.pretraining_data, self.trainer.datamodule, self.encoder_ckpt)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits."""
@@ -84,7 +117,7 @@ class Classifier(SplitSteps):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = [{"params": self.head.parameters(), "lr": self.hparams.lr}]
         if not self.frozen:
-            encoder_lr = self.hparams.encoder_lr if self.pretrained else self.hparams.lr
+            encoder_lr = self.hparams.encoder_lr if self.method == "finetune" else self.hparams.lr
             groups.append({"params": self.encoder.parameters(), "lr": encoder_lr})
         return torch.optim.Adam(groups, fused=True)
 
@@ -92,8 +125,26 @@ class Classifier(SplitSteps):
         checkpoint["autoencoders_class"] = type(self).__name__
 
 
-def pretrained_encoder_weights(encoder_ckpt: str | Path, image_shape: Sequence[int], encoder: nn.Module) -> dict:
-    """The encoder weights of an AE or VAE checkpoint, checked to fit the data's `image_shape` and `encoder`.
+def check_held_out(pretraining_data: dict | None, datamodule: ImageDataModule, encoder_ckpt: str | Path) -> None:
+    """Refuse an encoder whose autoencoder trained on any validation or test image of `datamodule` (set up)."""
+    if pretraining_data is None or "train_index" not in pretraining_data:
+        raise UserError(
+            f"encoder_ckpt={str(encoder_ckpt)!r} does not record which images its autoencoder trained on (it was "
+            "written by an older version), so the classifier's validation and test images cannot be checked to be "
+            "unseen. Pretrain the autoencoder again with this version."
+        )
+    leaked = datamodule.held_out_overlap(pretraining_data)
+    if leaked:
+        raise UserError(
+            f"The autoencoder of encoder_ckpt={str(encoder_ckpt)!r} trained on {leaked} of the classifier's "
+            "validation and test images, so its scores would not be on unseen data. Its run used another split: "
+            "train the classifier with the autoencoder's data.split_seed and fractions, or pretrain on this split."
+        )
+
+
+def pretrained_encoder(encoder_ckpt: str | Path, image_shape: Sequence[int], encoder: nn.Module) -> tuple[dict, dict]:
+    """The encoder weights of an AE or VAE checkpoint, checked to fit the data's `image_shape` and `encoder`, and the
+    record of its training data (the data module's state).
 
     A VAE's encoder outputs (mean, log-variance); the code is the mean (VAE.posterior takes the first half), so only
     the output layer's rows for the mean are kept and the encoder becomes an AE-shaped one, like the baseline's.
@@ -126,7 +177,7 @@ def pretrained_encoder_weights(encoder_ckpt: str | Path, image_shape: Sequence[i
             f"latent_dim={hp['latent_dim']} model.arch={hp['arch']} model.widths={_override_value(hp['widths'])}: "
             "these keys describe the classifier's encoder, the from-scratch baseline's too."
         )
-    return weights
+    return weights, ckpt.get(ImageDataModule.__qualname__)
 
 
 def _override_value(widths: Sequence[int] | None) -> str:

@@ -2,6 +2,9 @@
 
 Every split lives in memory as float32 images in [0, 1] (N x C x H x W) with int64 labels, and batches are cut by
 indexing those tensors with a whole list of indices at once, so loading costs nothing per sample.
+
+The train/val/test split depends on `split_seed` alone, so every run of a study, whatever its `seed`, is scored on the
+same held-out images, and no image that one run trains on is another run's validation or test image.
 """
 
 import os
@@ -33,7 +36,14 @@ class SourceData(NamedTuple):
 
 
 class Source:
-    """Where the images come from. Subclasses implement `load`, and `prepare` if they fetch files."""
+    """Where the images come from. Subclasses implement `load`, and `prepare` if they fetch files.
+
+    `identity` names the images a source loads (not where they are cached), so splits of two runs can be compared.
+    """
+
+    @property
+    def identity(self) -> str:
+        return type(self).__name__
 
     def prepare(self) -> None:
         """Fetch files; Lightning runs this once per machine before any process calls `load`."""
@@ -105,6 +115,10 @@ class TorchvisionSource(Source):
             )
         self.name, self.root, self.download = name, Path(root).expanduser(), download
 
+    @property
+    def identity(self) -> str:
+        return f"torchvision:{self.name}"
+
     def prepare(self) -> None:
         if self.download:
             self._dataset(train=True)
@@ -164,6 +178,10 @@ class ImageFolderSource(Source):
         if channels not in (1, 3):
             raise UserError(f"data.source.channels={channels!r} is not supported. Use 1 (grayscale) or 3 (RGB).")
         self.size, self.channels = size, channels
+
+    @property
+    def identity(self) -> str:
+        return f"image_folder:{self.root.resolve()}:{self.size[0]}x{self.size[1]}x{self.channels}"
 
     def load(self) -> SourceData:
         files, labels, num_classes = self._list_files()
@@ -230,13 +248,22 @@ def _already_collated(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return batch
 
 
+BINARIZE = (None, "dynamic", "static")
+
+
 class ImageDataModule(L.LightningDataModule):
     """Deterministic, label-stratified train/val/test splits of any `Source`, served as in-memory (x, y) batches.
 
     With an official test split the source's test set is used as is and val is carved out of train (`val_fraction`);
-    otherwise val and test are both carved out (`val_fraction`, `test_fraction`). `labels_per_class` then keeps only
-    that many training images per class (for few-label studies); val and test stay whole. The same `seed` always gives
-    the same splits, and the subsets for a smaller `labels_per_class` are contained in those for a larger one.
+    otherwise val and test are both carved out (`val_fraction`, `test_fraction`). The split depends on `split_seed`
+    only. `labels_per_class` then keeps that many training images per class, drawn with `seed` from the fixed train
+    split (for few-label studies); val and test stay whole. For one seed, the subsets for a smaller `labels_per_class`
+    are contained in those for a larger one.
+
+    `binarize` (Burda et al.'s protocol for binary likelihoods): `dynamic` draws a fresh Bernoulli sample of each
+    training image every time it is used, `static` binarises the training images once; in both cases val and test are
+    binarised once with a generator fixed by `split_seed`, so their scores are reproducible. `real_split(split)`
+    always returns the grey images, which sample-quality metrics compare against.
     """
 
     image_shape: tuple[int, int, int]
@@ -244,6 +271,7 @@ class ImageDataModule(L.LightningDataModule):
     train_set: TensorDataset
     val_set: TensorDataset
     test_set: TensorDataset
+    split_index: dict[str, Tensor]  # positions in the source's images (test: in its official test set, if it has one)
 
     def __init__(
         self,
@@ -252,7 +280,9 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         labels_per_class: int | None = None,
+        split_seed: int = 0,
         seed: int = 0,
+        binarize: str | None = None,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -271,6 +301,11 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.labels_per_class={labels_per_class} must be a positive number of training images "
                 "per class, or null to use them all."
             )
+        if binarize not in BINARIZE:
+            raise UserError(
+                f"data.binarize={binarize!r} is unknown. Use dynamic (a fresh binary sample of each training image "
+                "every time), static (binarised once) or null (grey images in [0, 1])."
+            )
         if num_workers < 0:
             raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
         self.save_hyperparameters(ignore=["source"], logger=False)
@@ -281,9 +316,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shuffle's random state travels in checkpoints, so a resumed run draws the batches that a run which never
-        stopped would draw."""
+        stopped would draw. The training split travels too, so a classifier can check that the autoencoder whose
+        encoder it uses never trained on its validation or test images (`held_out_overlap`)."""
         live = self.shuffle_generator
-        return {"shuffle_state": live.get_state() if live is not None else self.shuffle_state}
+        return {
+            "shuffle_state": live.get_state() if live is not None else self.shuffle_state,
+            "source": self.source.identity,
+            "train_index": self.split_index["train"],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         self.shuffle_state = state_dict["shuffle_state"]
@@ -297,12 +337,12 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hparams
         data = self.source.load()
         images, labels = data.images, data.labels.long()
-        generator = torch.Generator().manual_seed(hp.seed)
+        split = torch.Generator().manual_seed(hp.split_seed)
         if data.test_images is None:
-            val, test, train = _stratified_split(labels, [hp.val_fraction, hp.test_fraction], generator)
+            val, test, train = _stratified_split(labels, [hp.val_fraction, hp.test_fraction], split)
             test_images, test_labels = images[test], labels[test]
         else:
-            val, train = _stratified_split(labels, [hp.val_fraction], generator)
+            (val, train), test = _stratified_split(labels, [hp.val_fraction], split), None
             test_images, test_labels = data.test_images, data.test_labels.long()
         for name, size in (("train", len(train)), ("val", len(val)), ("test", len(test_labels))):
             if size == 0:
@@ -310,13 +350,50 @@ class ImageDataModule(L.LightningDataModule):
                     f"The {name} split of {len(labels)} images is empty. Use more images, or adjust "
                     f"data.val_fraction={hp.val_fraction} / data.test_fraction={hp.test_fraction}."
                 )
+        self._real = {"full_train": _to_unit_float(images[train]), "val": _to_unit_float(images[val])}
+        self._labels = {"full_train": labels[train], "val": labels[val], "test": test_labels}
+        self._real["test"] = _to_unit_float(test_images)
+        chosen = slice(None)
         if hp.labels_per_class is not None:
-            train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, generator)]
-        self.train_set = _BatchedTensorDataset(_to_unit_float(images[train]), labels[train])
-        self.val_set = _BatchedTensorDataset(_to_unit_float(images[val]), labels[val])
-        self.test_set = _BatchedTensorDataset(_to_unit_float(test_images), test_labels)
+            generator = torch.Generator().manual_seed(hp.seed)
+            chosen = _per_class(labels[train], hp.labels_per_class, data.num_classes, generator)
+        train, self._real["train"], self._labels["train"] = (
+            train[chosen],
+            self._real["full_train"][chosen],
+            labels[train[chosen]],
+        )
+        self.split_index = {"train": train, "val": val, **({} if test is None else {"test": test})}
+        binarized = torch.Generator().manual_seed(hp.split_seed)  # fixed: val and test are the same for every run
+        held_out = {name: self._binarized(name, binarized) for name in ("val", "test")}
+        train_images = self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"]
+        self.train_set = _BatchedTensorDataset(train_images, self._labels["train"])
+        self.val_set = _BatchedTensorDataset(held_out["val"], self._labels["val"])
+        self.test_set = _BatchedTensorDataset(held_out["test"], test_labels)
         self.image_shape = tuple(images.shape[1:])
         self.num_classes = data.num_classes
+
+    def _binarized(self, split: str, generator: torch.Generator) -> Tensor:
+        real = self._real[split]
+        return real if self.hparams.binarize is None else torch.bernoulli(real, generator=generator)
+
+    def real_split(self, split: str) -> tuple[Tensor, Tensor]:
+        """The grey images and labels of `split` (train, val, test, or full_train: the train split before
+        labels_per_class), whatever `binarize` is."""
+        return self._real[split], self._labels[split]
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        if self.hparams.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
+            x, y = batch
+            return torch.bernoulli(x), y
+        return batch
+
+    def held_out_overlap(self, trained_on: dict) -> int:
+        """How many of this module's val and test images are in `trained_on["train_index"]` of a run on the same
+        source (another module's `state_dict()`): 0 means the held-out images are unseen."""
+        if trained_on.get("source") != self.source.identity:
+            return 0
+        seen = set(trained_on["train_index"].tolist())
+        return sum(i in seen for name in ("val", "test") for i in self.split_index.get(name, torch.empty(0)).tolist())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

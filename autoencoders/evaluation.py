@@ -1,15 +1,21 @@
 """What `python evaluate.py` does once Hydra has composed conf/evaluate.yaml: find the run(s), rebuild each run's data
-from its own saved config and its model from its checkpoint, score it on the test split and write <run>/eval/.
+from its own saved config and its model from its checkpoint, score it on a held-out split and write its results.
 
-A run is only read: everything goes to <run>/eval/ (metrics.json, config.yaml, PNGs, TensorBoard events), and a sweep's
-report to the sweep dir.
+A run is only read: each (checkpoint, split, data) evaluation gets its own folder,
+<run>/eval/<checkpoint>_<split>_<data>/ (metrics.json, config.yaml, PNGs, TensorBoard events), and a sweep's report
+goes to the sweep dir. A sweep is scored on both held-out splits and ranked on validation only; its test columns are
+reported, never used to choose.
 """
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -22,8 +28,17 @@ from autoencoders import report
 from autoencoders.checkpoints import load
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
-from autoencoders.losses import reconstruction_nll
-from autoencoders.metrics import FeatureNetSettings, FrechetDistance, active_units, feature_net, metric_names
+from autoencoders.likelihoods import bits_per_dim, for_data
+from autoencoders.metrics import (
+    METRICS,
+    SPLITS,
+    FeatureNetSettings,
+    SampleQuality,
+    accuracy,
+    active_units,
+    feature_net,
+    metric_key,
+)
 from autoencoders.models import AE, VAE
 from autoencoders.pictures import Sampler, picture_grids, save_pictures
 from autoencoders.sweeps import FAILURE_FILE, user_error
@@ -38,12 +53,13 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     if cfg.sweep_dir is not None:
         return evaluate_sweep(Path(cfg.sweep_dir), cfg)
     if cfg.run_dir is not None:
-        return [evaluate_run(Path(cfg.run_dir), cfg)]
+        return [evaluate_run(Path(cfg.run_dir), cfg, cfg.split)]
     checkpoint = Path(cfg.ckpt_path)
     run_dir = checkpoint.parent.parent  # train.py writes <run>/checkpoints/<name>.ckpt
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
-        return [evaluate_run(run_dir, cfg, checkpoint)]
-    return [score(checkpoint, data_config(None, cfg), checkpoint.parent / f"{checkpoint.stem}_eval", cfg)]
+        return [evaluate_run(run_dir, cfg, cfg.split, checkpoint)]
+    data_cfg = data_config(None, cfg)
+    return [score(checkpoint, data_cfg, cfg.split, checkpoint.parent / f"{checkpoint.stem}_eval", cfg)]
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -55,18 +71,38 @@ def check_config(cfg: DictConfig) -> None:
             f"Say what to evaluate with exactly one of run_dir=<a train.py run folder>, ckpt_path=<a .ckpt file> "
             f"or sweep_dir=<a train.py -m sweep folder>{got}."
         )
-    for key in ("batch_size", "k", "k_chunk"):
+    for key in ("batch_size", "k", "k_chunk", "kid_subsets"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]} must be a positive integer; see conf/evaluate.yaml for the default.")
-    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 0 or cfg.num_samples == 1:
+    if cfg.num_samples is not None and (
+        not isinstance(cfg.num_samples, int) or cfg.num_samples in (1, -1) or cfg.num_samples < 0
+    ):
         raise UserError(
-            f"num_samples={cfg.num_samples} must be 0 (skip FID) or at least 2 decoded samples, e.g. 10000."
+            f"num_samples={cfg.num_samples} must be null (as many samples as the scored split has images), 0 (skip "
+            "FID and KID) or at least 2 decoded samples."
         )
     if cfg.checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint={cfg.checkpoint} is not a checkpoint of a run. Use checkpoint=best or last.")
-    if cfg.sort_by not in metric_names(cfg.k):
-        raise UserError(f"sort_by={cfg.sort_by} is not a metric. Use one of: {', '.join(metric_names(cfg.k))}.")
+    if cfg.split not in SPLITS:
+        raise UserError(f"split={cfg.split} is not a held-out split. Use split=val or split=test.")
+    check_sort_by(cfg.sort_by)
     device(cfg.device)
+
+
+def check_sort_by(sort_by: str) -> None:
+    """A sweep is ranked on a validation metric: ranking on test would choose a model on the test split."""
+    split, _, name = sort_by.partition("/")
+    try:
+        metric_key(name)
+    except KeyError:
+        names = ", ".join(f"val/{key}" for key in METRICS)
+        raise UserError(f"sort_by={sort_by} is not a metric. Use one of: {names}.") from None
+    if split != "val":
+        raise UserError(
+            f"sort_by={sort_by} would rank the runs, and so choose among them, on the {split} split. Rank on "
+            f"validation (sort_by=val/{name}): the test columns are reported beside it, and stay unbiased only as "
+            "long as nothing is chosen on them."
+        )
 
 
 def device(name: str) -> torch.device:
@@ -83,7 +119,8 @@ def device(name: str) -> torch.device:
 
 # Finding runs, checkpoints and configs -------------------------------------------------------------------------------
 def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
-    """Score every job of a multirun sweep; jobs that cannot be scored are rows with their reason, not dropped."""
+    """Score every job of a multirun sweep on both held-out splits; jobs that cannot be scored are rows with their
+    reason, not dropped."""
     rows = []
     for run_dir in sweep_jobs(sweep_dir):
         row = report.describe(run_dir)
@@ -93,7 +130,8 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
             row["status"] = "no checkpoint"
         else:
             try:
-                row.update(evaluate_run(run_dir, cfg))
+                for split in SPLITS:
+                    row.update(evaluate_run(run_dir, cfg, split))
                 row["status"] = "ok" if (run_dir / "metrics.json").is_file() else "unfinished training"
             except UserError as e:
                 row["status"] = f"error: {e}"
@@ -121,10 +159,10 @@ def _job_number(run_dir: Path) -> tuple[int, str]:
     return (int(number) if number.isdigit() else -1, run_dir.name)
 
 
-def evaluate_run(run_dir: Path, cfg: DictConfig, checkpoint: Path | None = None) -> dict[str, float]:
+def evaluate_run(run_dir: Path, cfg: DictConfig, split: str, checkpoint: Path | None = None) -> dict[str, float]:
     config = run_config(run_dir)
     checkpoint = checkpoint or find_checkpoint(run_dir, cfg.checkpoint)
-    return score(checkpoint, data_config(config, cfg), run_dir / "eval", cfg)
+    return score(checkpoint, data_config(config, cfg), split, run_dir / "eval", cfg)
 
 
 def run_config(run_dir: Path) -> DictConfig:
@@ -188,9 +226,10 @@ def build_data(config: DictConfig) -> ImageDataModule:
 
 
 # Scoring ---------------------------------------------------------------------------------------------------------
-def score(checkpoint: Path, data_cfg: DictConfig, out_dir: Path, cfg: DictConfig) -> dict[str, float]:
-    """Score one checkpoint on the test split of `data_cfg`; writes out_dir/metrics.json, pictures and events."""
-    log.info("Scoring %s", checkpoint)
+def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cfg: DictConfig) -> dict[str, float]:
+    """Score one checkpoint on `split` of `data_cfg`; writes metrics.json, config.yaml, pictures and events into its
+    own folder under `eval_dir`, replacing only an earlier run of the same evaluation."""
+    log.info("Scoring %s on the %s split", checkpoint, split)
     model = load(checkpoint)
     if not isinstance(model, AE):
         raise UserError(
@@ -205,28 +244,52 @@ def score(checkpoint: Path, data_cfg: DictConfig, out_dir: Path, cfg: DictConfig
             f"{'x'.join(map(str, data.image_shape))} images. Score it on data of the shape it was trained on "
             f"(drop the data override, or choose a dataset of {shape} images)."
         )
+    for_data(model.hparams.likelihood, data.hparams.binarize)  # e.g. a Bernoulli model on grey images: an error
     torch.manual_seed(cfg.seed)
-    test_images = data.test_set.tensors[0]
-    metrics = reconstruction_metrics(model, test_images, cfg.batch_size)
+    images = (data.val_set if split == "val" else data.test_set).tensors[0]
+    metrics = reconstruction_metrics(model, images, cfg.batch_size)
     if isinstance(model, VAE):
-        metrics |= vae_metrics(model, test_images, cfg.k, cfg.k_chunk, cfg.batch_size)
-    draw = samplers(model, data.train_set.tensors[0], cfg.batch_size)
-    if cfg.num_samples:
-        metrics |= fid_metrics(draw, data, cfg)
-    grids = picture_grids(model, test_images, draw, cfg.seed, **cfg.images)
+        metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
+    draw = samplers(model, data, cfg.batch_size)
+    if cfg.num_samples != 0:
+        metrics |= sample_metrics(draw, data, split, cfg)
+    metrics = {f"{split}/{name}": value for name, value in metrics.items()}
+    grids = picture_grids(model, images, draw, cfg.seed, **cfg.images)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("events.out.tfevents.*"):  # a new evaluation replaces the old one in TensorBoard
-        old.unlink()
-    with SummaryWriter(out_dir) as writer:
-        save_pictures(grids, out_dir, writer)
+    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_name(data_cfg, checkpoint)}"
+    staging = eval_dir / f".{out_dir.name}.{os.getpid()}.part"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with SummaryWriter(staging) as writer:
+        save_pictures(grids, staging, writer)
         for name, value in metrics.items():
             writer.add_scalar(name, value)
-    settings = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint_file": str(checkpoint)}
-    OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, out_dir / "config.yaml")
-    write_json(out_dir / "metrics.json", metrics)
+    settings = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint_file": str(checkpoint), "split": split}
+    OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, staging / "config.yaml")
+    write_json(staging / "metrics.json", metrics)
+    replace_dir(staging, out_dir)
     log.info("Wrote %s:\n%s", out_dir, "\n".join(f"  {name}: {value:.6g}" for name, value in metrics.items()))
     return metrics
+
+
+def data_name(data_cfg: DictConfig, checkpoint: Path) -> str:
+    """`<data choice>-<hash of the resolved data config>`: one name per dataset and split settings."""
+    choice = HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+    if choice is None:
+        hydra_file = checkpoint.parent.parent / ".hydra" / "hydra.yaml"
+        saved = OmegaConf.load(hydra_file) if hydra_file.is_file() else None
+        choice = OmegaConf.select(saved, "hydra.runtime.choices.data") if saved is not None else None
+    resolved = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True, default=str)
+    return f"{choice or 'data'}-{hashlib.blake2b(resolved.encode(), digest_size=4).hexdigest()}"
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Give `new` the name `target`; an older `target` is deleted only once the new one is in place."""
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _batches(images: Tensor, batch_size: int, model: AE):
@@ -235,41 +298,47 @@ def _batches(images: Tensor, batch_size: int, model: AE):
 
 @torch.no_grad()
 def reconstruction_metrics(model: AE, images: Tensor, batch_size: int) -> dict[str, float]:
-    """MSE per pixel and BCE in nats per image of decode(encode(x)), for every model whatever its training loss."""
-    squared_error = bce = 0.0
+    """Squared error per pixel of the mean reconstruction, for every model, and for plain AEs the reconstruction NLL
+    under the model's likelihood, in nats per image (a VAE's `recon` comes with its ELBO)."""
+    squared_error = nll = 0.0
     for x in _batches(images, batch_size, model):
-        logits = model.decoder(model.encode(x))
-        squared_error += (torch.sigmoid(logits) - x).pow(2).sum().item()
-        bce += reconstruction_nll(logits, x, "bce").sum().item()
-    return {"test/bce": bce / len(images), "test/mse": squared_error / images.numel()}
+        squared_error += (model.reconstruct(x) - x).pow(2).sum().item()
+        nll += model.reconstruction_nll(x).sum().item()
+    metrics = {"mse": squared_error / images.numel()}
+    return metrics if isinstance(model, VAE) else metrics | {"recon": nll / len(images)}
 
 
 @torch.no_grad()
 def vae_metrics(model: VAE, images: Tensor, k: int, k_chunk: int, batch_size: int) -> dict[str, float]:
-    """ELBO, its terms and the k-sample IWAE bound in nats per image (means over the images), and active units."""
-    recon, kl, iwae, means = [], [], [], []
+    """ELBO, its terms and the k-sample IWAE bound on -log p(x) in nats per image (means over the images), the latter
+    in bits per dimension too, and active units."""
+    recon, kl, log_px, means = [], [], [], []
     for x in _batches(images, batch_size, model):
         r, d = model.elbo_terms(x)
         recon.append(r)
         kl.append(d)
-        iwae.append(model.log_likelihood(x, k, k_chunk))
+        log_px.append(model.log_likelihood(x, k, k_chunk))
         means.append(model.posterior(x)[0])
-    recon, kl = torch.cat(recon), torch.cat(kl)
+    recon, kl, nll = torch.cat(recon), torch.cat(kl), -torch.cat(log_px).mean()
     return {
-        "test/elbo": -(recon + kl).mean().item(),
-        f"test/iwae_k{k}": torch.cat(iwae).mean().item(),
-        "test/recon": recon.mean().item(),
-        "test/kl": kl.mean().item(),
-        "test/active_units": active_units(torch.cat(means)),
+        "nll": nll.item(),
+        "bpd": bits_per_dim(nll, images[0].numel()).item(),
+        "elbo": -(recon + kl).mean().item(),
+        "recon": recon.mean().item(),
+        "kl": kl.mean().item(),
+        "active_units": active_units(torch.cat(means)),
     }
 
 
 @torch.no_grad()
-def samplers(model: AE, train_images: Tensor, batch_size: int) -> dict[str, Sampler]:
+def samplers(model: AE, data: ImageDataModule, batch_size: int) -> dict[str, Sampler]:
     """`prior` decodes z ~ N(0, I). A plain AE has no prior of its own, so it also gets `gaussian`: decoded z from a
-    full-covariance Gaussian fitted to its codes of the training images."""
+    full-covariance Gaussian fitted to its codes of the training images (binarised as it saw them)."""
     found: dict[str, Sampler] = {"prior": model.sample}
     if not isinstance(model, VAE):
+        train_images = data.train_set.tensors[0]
+        if data.hparams.binarize == "dynamic":
+            train_images = torch.bernoulli(train_images, generator=torch.Generator().manual_seed(0))
         codes = torch.cat([model.encode(x) for x in _batches(train_images, batch_size, model)])
         mean = codes.mean(0)
         scale = torch.linalg.cholesky(codes.T.cov() + 1e-6 * torch.eye(len(mean), device=mean.device))
@@ -281,18 +350,26 @@ def samplers(model: AE, train_images: Tensor, batch_size: int) -> dict[str, Samp
     return found
 
 
-def fid_metrics(draw: dict[str, Sampler], data: ImageDataModule, cfg: DictConfig) -> dict[str, float]:
-    """FID of `num_samples` images from each sampler against the test images, beside the feature net's accuracy."""
+def sample_metrics(draw: dict[str, Sampler], data: ImageDataModule, split: str, cfg: DictConfig) -> dict[str, float]:
+    """FID and KID of each sampler's decoded images against the full train split, beside the floor (the split's
+    real images against the same reference, as many as the samples) and the feature net's accuracy on the split."""
     if data.num_classes < 2:
         raise UserError(
             "FID needs a classifier to supply its features, but this data has a single class (a flat image folder?). "
-            "Put the images in one sub-folder per class, or pass num_samples=0 to skip FID."
+            "Put the images in one sub-folder per class, or pass num_samples=0 to skip FID and KID."
         )
-    net, accuracy = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device))
-    fid = FrechetDistance(net, data.test_set.tensors[0], cfg.batch_size)
-    sizes = [min(cfg.batch_size, cfg.num_samples - i) for i in range(0, cfg.num_samples, cfg.batch_size)]
+    net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device))
+    real, labels = data.real_split(split)
+    n = cfg.num_samples or len(real)
+    if n != len(real):
+        log.info("FID/KID from %d samples; fid_floor is measured with the %d %s images", n, len(real), split)
+    quality = SampleQuality(net, data.real_split("full_train")[0], n, cfg.batch_size, cfg.kid_subsets)
+    sizes = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
     metrics = {}
     for name, sample in draw.items():
         generator = torch.Generator().manual_seed(cfg.seed)
-        metrics[f"test/fid_{name}"] = fid.score(sample(n, generator) for n in sizes)  # sampled under score's no_grad
-    return metrics | {"test/fid_net_accuracy": accuracy}
+        scores = quality.score((sample(size, generator) for size in sizes), cfg.seed)  # under score's no_grad
+        metrics |= {f"fid_{name}": scores["fid"], f"kid_{name}": scores["kid"], f"kid_{name}_std": scores["kid_std"]}
+    floor = quality.score(real.split(cfg.batch_size), cfg.seed)
+    metrics |= {"fid_floor": floor["fid"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"]}
+    return metrics | {"fid_net_accuracy": accuracy(net, real, labels)}

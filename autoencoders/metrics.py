@@ -1,8 +1,11 @@
-"""Sample quality and latent usage: FID in the feature space of a small classifier trained on the data, active units.
+"""Sample quality and latent usage: FID and KID in the feature space of a small classifier trained on the data, with
+their noise floor, and active units.
 
-Inception weights cannot be downloaded, so FID uses `FeatureNet`: a CNN classifier trained on the train split of the
-dataset being scored. Its test accuracy is reported beside every FID so a reader can judge the feature space. It is
-trained once per dataset and training setting, and cached (keyed by a hash of the images and the settings).
+Inception weights cannot be downloaded, so FID and KID use `FeatureNet`: a CNN classifier trained on the full train
+split of the dataset being scored (which `data.split_seed` alone fixes). It is trained once per dataset and training
+setting and cached, keyed by a hash of those images and settings, never by a run's seed. Its accuracy on the scored
+split is reported beside every FID. The reference set is the whole train split; `fid_floor` is what held-out real
+images score against it, i.e. what a perfect generator would score with as many samples.
 """
 
 import hashlib
@@ -21,33 +24,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from autoencoders.data import ImageDataModule, save_cache
 
 log = logging.getLogger(__name__)
 
-# Every number evaluate.py writes, in report order: name -> (higher is better, meaning). `{k}`: importance samples.
+# Every number evaluate.py writes, as `<split>/<name>` (split: val or test), in report order:
+# name -> (higher is better, meaning). `{sampler}`: prior, or gaussian for plain AEs.
 METRICS: dict[str, tuple[bool, str]] = {
-    "test/fid_prior": (False, "FID of decoded prior samples z ~ N(0, I) against the test images"),
-    "test/fid_gaussian": (False, "plain AEs: FID of decoded z ~ a Gaussian fitted to the training codes"),
-    "test/fid_net_accuracy": (True, "test accuracy (0-1) of the classifier whose features FID uses"),
-    "test/elbo": (True, "VAEs: evidence lower bound (KL weight 1), nats per image"),
-    "test/iwae_k{k}": (True, "VAEs: importance-weighted bound log mean_k p(x,z_k)/q(z_k|x), nats per image"),
-    "test/recon": (False, "VAEs: E_q[-log p(x|z)] with the training likelihood, nats per image"),
-    "test/kl": (False, "VAEs: KL(q(z|x) || N(0, I)), nats per image"),
-    "test/active_units": (True, "VAEs: latent dims u with Cov_x(E_q[z_u|x]) > 0.01 (Burda et al.)"),
-    "test/bce": (False, "binary cross-entropy of decode(encode(x)), nats per image"),
-    "test/mse": (False, "squared error of decode(encode(x)) per pixel, images in [0, 1]"),
+    "nll": (False, "VAEs: -log p(x) bounded by importance sampling (IWAE, k samples), nats per image"),
+    "bpd": (False, "VAEs: nll in bits per dimension (nll / (pixels x channels x ln 2))"),
+    "elbo": (True, "VAEs: evidence lower bound (KL weight 1), nats per image"),
+    "recon": (False, "AEs: -log p(x | decode(encode(x))); VAEs: E_q[-log p(x|z)]; nats per image"),
+    "kl": (False, "VAEs: KL(q(z|x) || N(0, I)), nats per image"),
+    "active_units": (True, "VAEs: latent dims u with Cov_x(E_q[z_u|x]) > 0.01 (Burda et al.)"),
+    "mse": (False, "squared error of the mean reconstruction per pixel, images in [0, 1] (not a likelihood)"),
+    "fid_{sampler}": (False, "FID of decoded samples against the train split, in the feature net's space"),
+    "kid_{sampler}": (False, "KID (unbiased, mean over subsets) of decoded samples against the train split"),
+    "kid_{sampler}_std": (False, "std of KID over its subsets"),
+    "fid_floor": (False, "FID of the split's real images against the train split: a perfect generator's score"),
+    "kid_floor": (False, "KID of the split's real images against the train split"),
+    "kid_floor_std": (False, "std of kid_floor over its subsets"),
+    "fid_net_accuracy": (True, "accuracy (0-1) on this split of the classifier whose features FID and KID use"),
 }
-
-
-def metric_names(k: int) -> list[str]:
-    return [name.format(k=k) for name in METRICS]
+SPLITS = ("val", "test")
 
 
 def metric_key(name: str) -> str:
-    """The METRICS entry of a metric name, e.g. test/iwae_k{k} for test/iwae_k1000."""
-    return next(key for key in METRICS if name.startswith(key.split("{")[0]))
+    """The METRICS entry of a metric name, e.g. fid_{sampler} for val/fid_prior."""
+    base = name.split("/", 1)[-1]
+    for key in METRICS:
+        prefix, _, suffix = key.partition("{sampler}")
+        if base == key or (_ and base.startswith(prefix) and base.endswith(suffix) and len(base) > len(key) - 9):
+            return key
+    raise KeyError(name)
 
 
 class FeatureNet(nn.Module):
@@ -93,30 +104,27 @@ class FeatureNetSettings:
 
 def feature_net(
     data: ImageDataModule, settings: FeatureNetSettings, cache_dir: str | os.PathLike, device: torch.device
-) -> tuple[FeatureNet, float]:
-    """The FID feature net for `data` and its accuracy on the test split, trained once and then read from the cache."""
-    path = Path(cache_dir).expanduser() / "fid_features" / f"{_cache_key(data, settings)}.pt"
+) -> FeatureNet:
+    """The FID feature net for `data`, trained on its full train split once and then read from the cache."""
+    images, labels = data.real_split("full_train")
+    path = Path(cache_dir).expanduser() / "fid_features" / f"{_cache_key(images, labels, data, settings)}.pt"
     cached = _read_cache(path)
     with torch.random.fork_rng(devices=[]):  # seeded by settings.seed, without disturbing the caller's draws
         torch.manual_seed(settings.seed)
         net = FeatureNet(data.image_shape, data.num_classes, settings.num_features)
         if cached is None:
-            log.info("Training the FID feature net on %d train images (cached in %s)", len(data.train_set), path)
-            accuracy = train_feature_net(net, data, settings, device)
-            save_cache({"state_dict": net.state_dict(), "accuracy": accuracy}, path, "the FID feature net")
+            log.info("Training the FID feature net on %d train images (cached in %s)", len(images), path)
+            train_feature_net(net, images, labels, settings, device)
+            save_cache({"state_dict": net.state_dict()}, path, "the FID feature net")
         else:
             net.load_state_dict(cached["state_dict"])
-            accuracy = cached["accuracy"]
-    return net.to(device).eval().requires_grad_(False), accuracy
+    return net.to(device).eval().requires_grad_(False)
 
 
-def train_feature_net(
-    net: FeatureNet, data: ImageDataModule, settings: FeatureNetSettings, device: torch.device
-) -> float:
-    """Train `net` as a classifier on the train split (Adam, one-cycle schedule, random shifts of up to 2 pixels) and
-    return its accuracy on the test split."""
+def train_feature_net(net: FeatureNet, images: Tensor, labels: Tensor, settings: FeatureNetSettings, device) -> None:
+    """Train `net` as a classifier (Adam, one-cycle schedule, random shifts of up to 2 pixels) for a fixed number of
+    epochs: nothing is selected on held-out data."""
     generator = torch.Generator().manual_seed(settings.seed)
-    images, labels = data.train_set.tensors
     steps = settings.epochs * math.ceil(len(images) / settings.batch_size)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps)
@@ -131,22 +139,25 @@ def train_feature_net(
             optimizer.step()
             schedule.step()
     net.eval()
-    images, labels = data.test_set.tensors
-    with torch.no_grad():
-        correct = sum(
-            (net.logits(x.to(device)).argmax(1).cpu() == y).sum().item()
-            for x, y in zip(images.split(500), labels.split(500), strict=True)
-        )
+
+
+@torch.no_grad()
+def accuracy(net: FeatureNet, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+    device = next(net.parameters()).device
+    correct = sum(
+        (net.logits(x.to(device)).argmax(1).cpu() == y).sum().item()
+        for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True)
+    )
     return correct / len(labels)
 
 
-def _cache_key(data: ImageDataModule, settings: FeatureNetSettings) -> str:
-    """Hash of the train and test images and labels and the training settings: the dataset's identity, whatever
-    config produced it."""
+def _cache_key(images: Tensor, labels: Tensor, data: ImageDataModule, settings: FeatureNetSettings) -> str:
+    """Hash of the train images and labels and the training settings: the dataset's identity, whatever config (or
+    seed) produced it."""
     digest = hashlib.blake2b(digest_size=16)
-    for tensor in (*data.train_set.tensors, *data.test_set.tensors):
+    for tensor in (images, labels):
         digest.update(tensor.contiguous().numpy().tobytes())
-    net_version = 1  # bump when FeatureNet or its training changes, so stale cached nets are not reused
+    net_version = 2  # bump when FeatureNet or its training changes, so stale cached nets are not reused
     digest.update(
         json.dumps({"net": net_version, "shape": data.image_shape, **asdict(settings)}, sort_keys=True).encode()
     )
@@ -163,26 +174,43 @@ def _read_cache(path: Path) -> dict | None:
         return None
 
 
-class FrechetDistance:
-    """FID between fixed real images and any number of sets of generated images, in `net`'s feature space.
+class SampleQuality:
+    """FID and KID of sets of `sample_size` images against a fixed reference set (the train split), in `net`'s feature
+    space. The reference features are computed once; each `score` call replaces the other set.
 
-    The real features are computed once; each `score` call replaces the generated ones.
+    KID is averaged over `subsets` random subsets of min(1000, sample_size) images: unbiased, unlike FID, which grows
+    as the sample shrinks. Hence `fid_floor`: the score of as many held-out real images.
     """
 
-    def __init__(self, net: FeatureNet, real: Tensor, batch_size: int):
-        self.device = next(net.parameters()).device
+    def __init__(self, net: FeatureNet, reference: Tensor, sample_size: int, batch_size: int, subsets: int = 100):
+        device = next(net.parameters()).device
+        subset_size = min(1000, sample_size, len(reference))
         # normalize=True: inputs are floats in [0, 1]; with a custom net torchmetrics passes them on unchanged.
-        self.fid = FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=True).to(self.device)
+        self.metrics = [
+            FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=True).to(device),
+            KernelInceptionDistance(
+                feature=net, subsets=subsets, subset_size=subset_size, reset_real_features=False, normalize=True
+            ).to(device),
+        ]
+        self.device, self.sample_size = device, sample_size
         with torch.no_grad():
-            for batch in real.split(batch_size):
-                self.fid.update(batch.to(self.device), real=True)
+            for batch in reference.split(batch_size):
+                for metric in self.metrics:
+                    metric.update(batch.to(device), real=True)
 
     @torch.no_grad()
-    def score(self, fake: Iterable[Tensor]) -> float:
-        self.fid.reset()
-        for batch in fake:
-            self.fid.update(batch.to(self.device), real=False)
-        return self.fid.compute().item()
+    def score(self, images: Iterable[Tensor], seed: int = 0) -> dict[str, float]:
+        """`fid`, `kid` and `kid_std` of `images` (batches of `sample_size` images in all)."""
+        fid, kid = self.metrics
+        for metric in self.metrics:
+            metric.reset()
+        for batch in images:
+            for metric in self.metrics:
+                metric.update(batch.to(self.device), real=False)
+        with torch.random.fork_rng(devices=[]):  # KID draws its subsets from torch's global generator
+            torch.manual_seed(seed)
+            kid_mean, kid_std = kid.compute()
+        return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
 
 
 def active_units(posterior_means: Tensor, threshold: float = 0.01) -> int:

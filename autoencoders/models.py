@@ -8,12 +8,19 @@ import torch
 from torch import Tensor
 
 from autoencoders.errors import UserError
-from autoencoders.losses import RECONSTRUCTION_LOSSES, gaussian_log_prob, kl_divergence, reconstruction_nll
+from autoencoders.likelihoods import bits_per_dim
+from autoencoders.likelihoods import likelihood as get_likelihood
+from autoencoders.losses import gaussian_log_prob, kl_divergence
 from autoencoders.nets import build_nets
 
 
 class SplitSteps(L.LightningModule):
-    """Training, validation and test steps that are one `_step(batch, split)`, differing only in the split's name."""
+    """Training, validation and test steps that are one `_step(batch, split)`, differing only in the split's name.
+
+    `selection` is the validation metric, and whether higher is better, that picks a run's best checkpoint.
+    """
+
+    selection: tuple[str, str] = ("val/loss", "min")
 
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         raise NotImplementedError
@@ -68,9 +75,13 @@ class EpochMeanLogging(L.LightningModule):
 
 
 class AE(EpochMeanLogging, SplitSteps):
-    """Deterministic autoencoder trained on reconstruction_nll (nats per image)."""
+    """Deterministic autoencoder trained on the reconstruction NLL -log p(x | decode(encode(x))), nats per image.
+
+    The decoder outputs the parameters of `likelihood` (likelihoods.py); `decode` returns that distribution's mean.
+    """
 
     code_multiplier = 1  # encoder outputs per latent dim
+    selection = ("val/recon", "min")
 
     def __init__(
         self,
@@ -78,21 +89,24 @@ class AE(EpochMeanLogging, SplitSteps):
         latent_dim: int = 16,
         arch: str = "mlp",
         widths: Sequence[int] | None = None,
-        recon_loss: str = "bce",
+        likelihood: str = "bernoulli",
         lr: float = 1e-3,
     ):
         super().__init__()
         if latent_dim <= 0:
             raise UserError(f"latent_dim={latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
-        if recon_loss not in RECONSTRUCTION_LOSSES:
-            raise UserError(
-                f"model.recon_loss={recon_loss!r} is unknown. Use one of: {', '.join(RECONSTRUCTION_LOSSES)}."
-            )
+        self.likelihood = get_likelihood(likelihood)
         self.save_hyperparameters(logger=False)
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
+        c, *size = image_shape
         self.encoder, self.decoder = build_nets(
-            arch, image_shape, latent_dim * self.code_multiplier, latent_dim, widths
+            arch,
+            image_shape,
+            latent_dim * self.code_multiplier,
+            latent_dim,
+            widths,
+            decoder_shape=(c * self.likelihood.param_multiplier, *size),
         )
 
     # Public interface ---------------------------------------------------------------------------------------
@@ -100,8 +114,8 @@ class AE(EpochMeanLogging, SplitSteps):
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
-        """Images in [0, 1]."""
-        return torch.sigmoid(self.decoder(z))
+        """The mean image of p(x|z), in [0, 1]."""
+        return self.likelihood.mean(self.decoder(z))
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -118,14 +132,18 @@ class AE(EpochMeanLogging, SplitSteps):
         z = a * z1.unsqueeze(1) + (1 - a) * z2.unsqueeze(1)
         return self.decode(z.flatten(0, 1)).unflatten(0, (len(x1), steps))
 
+    def reconstruction_nll(self, x: Tensor) -> Tensor:
+        """-log p(x | decode(encode(x))) per image, nats, shape (B,)."""
+        return self.likelihood.nll(self.decoder(self.encode(x)), x)
+
     # Training -----------------------------------------------------------------------------------------------
-    def loss_terms(self, x: Tensor) -> dict[str, Tensor]:
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         """Batch means, in nats per image. `loss` is what is minimised."""
-        recon = reconstruction_nll(self.decoder(self.encoder(x)), x, self.hparams.recon_loss).mean()
+        recon = self.reconstruction_nll(x).mean()
         return {"loss": recon, "recon": recon}
 
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
-        terms = self.loss_terms(batch[0])
+        terms = self.loss_terms(batch[0], split)
         self.track(split, terms, len(batch[0]))
         return terms["loss"]
 
@@ -138,9 +156,14 @@ class AE(EpochMeanLogging, SplitSteps):
 
 
 class VAE(AE):
-    """Gaussian-latent VAE. Encoder outputs (mu, log-variance); loss = recon + beta*KL, beta warmed up linearly."""
+    """Gaussian-latent VAE. Encoder outputs (mu, log-variance); loss = recon + beta*KL, beta warmed up linearly.
+
+    The best checkpoint is the one with the highest `val/elbo` (KL weight 1, whatever the training weight). The test
+    split also gets `test/nll`, the importance-weighted bound with `nll_samples` samples, and `test/bpd`.
+    """
 
     code_multiplier = 2
+    selection = ("val/elbo", "max")
 
     def __init__(
         self,
@@ -148,14 +171,15 @@ class VAE(AE):
         latent_dim: int = 16,
         arch: str = "mlp",
         widths: Sequence[int] | None = None,
-        recon_loss: str = "bce",
+        likelihood: str = "bernoulli",
         lr: float = 1e-3,
         kl_weight: float = 1.0,
         kl_warmup_epochs: int = 0,
+        nll_samples: int = 100,
     ):
         if kl_weight < 0:
             raise UserError(f"kl_weight={kl_weight} is negative. Use kl_weight>=0 (1 is the standard VAE).")
-        super().__init__(image_shape, latent_dim, arch, widths, recon_loss, lr)
+        super().__init__(image_shape, latent_dim, arch, widths, likelihood, lr)
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
@@ -168,7 +192,7 @@ class VAE(AE):
         """One-sample reconstruction NLL and analytic KL per image (nats), via the reparameterization trick."""
         mu, logvar = self.posterior(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        return reconstruction_nll(self.decoder(z), x, self.hparams.recon_loss), kl_divergence(mu, logvar)
+        return self.likelihood.nll(self.decoder(z), x), kl_divergence(mu, logvar)
 
     def elbo(self, x: Tensor) -> Tensor:
         """Evidence lower bound per image in nats (always with KL weight 1)."""
@@ -186,10 +210,8 @@ class VAE(AE):
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
             z = mu + torch.exp(0.5 * logvar) * torch.randn(n, *mu.shape, device=mu.device)  # (n, B, D)
-            logits = self.decoder(z.flatten(0, 1)).unflatten(0, (n, len(x)))
-            log_px_z = -reconstruction_nll(logits.flatten(0, 1), x.repeat(n, 1, 1, 1), self.hparams.recon_loss).view(
-                n, -1
-            )
+            params = self.decoder(z.flatten(0, 1))
+            log_px_z = -self.likelihood.nll(params, x.repeat(n, 1, 1, 1)).view(n, -1)
             log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
             log_w.append(log_px_z + log_pz - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(log_w), 0) - math.log(k)
@@ -202,6 +224,10 @@ class VAE(AE):
         progress = self.trainer.global_step / max(1, warmup * self.trainer.num_training_batches)
         return self.hparams.kl_weight * min(1.0, progress)
 
-    def loss_terms(self, x: Tensor) -> dict[str, Tensor]:
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         recon, kl = (t.mean() for t in self.elbo_terms(x))
-        return {"loss": recon + self.kl_beta() * kl, "recon": recon, "kl": kl, "elbo": -(recon + kl)}
+        terms = {"loss": recon + self.kl_beta() * kl, "recon": recon, "kl": kl, "elbo": -(recon + kl)}
+        if split == "test":
+            nll = -self.log_likelihood(x, self.hparams.nll_samples).mean()
+            terms |= {"nll": nll, "bpd": bits_per_dim(nll, math.prod(self.image_shape))}
+        return terms

@@ -1,4 +1,4 @@
-"""Encoder and decoder architectures. Decoders return logits; the model maps them to the data range."""
+"""Encoder and decoder architectures. Decoders return a likelihood's parameters; the model maps them to images."""
 
 from collections.abc import Sequence
 from math import prod
@@ -80,9 +80,15 @@ NETS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
 
 
 def build_nets(
-    arch: str, image_shape: Sequence[int], code_dim: int, latent_dim: int, widths: Sequence[int] | None = None
+    arch: str,
+    image_shape: Sequence[int],
+    code_dim: int,
+    latent_dim: int,
+    widths: Sequence[int] | None = None,
+    decoder_shape: Sequence[int] | None = None,
 ) -> tuple[nn.Module, nn.Module]:
-    """Encoder mapping images to `code_dim` numbers, and decoder mapping `latent_dim` codes to image logits.
+    """Encoder mapping images to `code_dim` numbers, and decoder mapping `latent_dim` codes to `decoder_shape`
+    (default: the image shape) parameters of the likelihood, e.g. logits, or means and log-scales.
 
     `widths` are hidden-layer sizes for `mlp` and channel counts for `conv`; None keeps the net's default.
     """
@@ -90,7 +96,8 @@ def build_nets(
         raise UserError(f"Unknown net architecture arch={arch!r}. Valid choices: {', '.join(NETS)}.")
     encoder_cls, decoder_cls = NETS[arch]
     kwargs = {} if widths is None else {"widths": tuple(widths)}
-    nets = encoder_cls(image_shape, code_dim, **kwargs), decoder_cls(image_shape, latent_dim, **kwargs)
+    decoder = decoder_cls(decoder_shape or image_shape, latent_dim, **kwargs)
+    nets = encoder_cls(image_shape, code_dim, **kwargs), decoder
     if arch == "conv":  # NHWC weights: 6-20% faster conv epochs on a 2-core CPU (benchmarks/levers.py)
         for net in nets:
             net.to(memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
-"""The sweep report: one table of every job (overrides, status, metrics) sorted by a chosen metric, written as
-summary.csv and summary.md, and the plots a researcher expects: rate-distortion across kl_weight, and metrics
-against latent_dim per model."""
+"""The sweep report: one table of every job (overrides, status, val and test metrics) sorted by a validation metric,
+written as summary.csv and summary.md, and the plots a researcher expects: rate-distortion across kl_weight, and
+metrics against latent_dim per model (on the test split: reported, not used to choose)."""
 
 import csv
 import logging
@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from autoencoders.metrics import METRICS, metric_key
+from autoencoders.metrics import METRICS, SPLITS, metric_key
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
 
     plots = {
         "rate_distortion.png": rate_distortion(rows),
-        "metrics_vs_latent_dim.png": metrics_vs_latent_dim(rows, [sort_by, "test/elbo", "test/fid_prior", "test/bce"]),
+        "metrics_vs_latent_dim.png": metrics_vs_latent_dim(rows, [sort_by, "test/nll", "test/fid_prior", "test/recon"]),
     }
     for name, figure in plots.items():
         if figure is not None:
@@ -55,12 +55,13 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     lines = [
         f"# Sweep {sweep_dir.name}",
         "",
-        f"Sorted by `{sort_by}` ({'higher' if higher_better else 'lower'} is better). `run` is the job number "
+        f"Sorted by `{sort_by}` ({'higher' if higher_better else 'lower'} is better), a validation metric: the test "
+        "columns are reported, not used to choose. `run` is the job number "
         f"(folder `<run>_*`); overrides shared by every run: `{' '.join(shared_overrides(rows))}`.",
         "",
         table,
         "",
-        *(f"- `{name}`: {METRICS[metric_key(name)][1]}" for name in metrics),
+        *(f"- `<split>/{key}`: {METRICS[key][1]}" for key in dict.fromkeys(map(metric_key, metrics))),
         *(f"\n![{name}]({name})" for name, figure in plots.items() if figure is not None),
     ]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
@@ -68,8 +69,9 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     return rows
 
 
-def _metric_order(name: str) -> int:
-    return list(METRICS).index(metric_key(name))
+def _metric_order(name: str) -> tuple[int, int, str]:
+    """Validation before test, then METRICS order."""
+    return SPLITS.index(name.split("/")[0]), list(METRICS).index(metric_key(name)), name
 
 
 def shared_overrides(rows: list[dict]) -> list[str]:

@@ -13,8 +13,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from autoencoders.callbacks import ImageLogger, ProgressBar
+from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
 from autoencoders.faults import EpochSeeds, NanGuard, SafeCheckpointIO
+from autoencoders.likelihoods import for_data
 from autoencoders.models import AE
 from autoencoders.rundirs import check_run_dir, resume_checkpoint
 from autoencoders.sweeps import check_launchable
@@ -52,6 +54,55 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
+    """The set-up data module, and the model built for it from `cfg`.
+
+    Every model gets the data's image shape. One whose config declares num_classes (the classifier) gets that too, and
+    an autoencoder whose likelihood is null gets the data's (bernoulli on binarised data)."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
+    if "likelihood" in cfg.model:
+        needs["likelihood"] = for_data(cfg.model.likelihood, datamodule.hparams.binarize)
+    return datamodule, instantiate(cfg.model, image_shape=datamodule.image_shape, **needs, _convert_="all")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint by the model's validation selection metric, weights only (it is for testing and evaluation,
+    so it skips the optimizer state: 2/3 of an Adam-trained model's bytes). `val_metrics` are the validation metrics
+    of the epoch that saved it, so metrics.json reports val and test of one and the same checkpoint."""
+
+    def __init__(self, dirpath: Path, selection: tuple[str, str]):
+        monitor, mode = selection
+        super().__init__(
+            dirpath=dirpath,
+            filename="best-epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=mode,
+            save_weights_only=True,
+        )
+        self.val_metrics: dict[str, float] = {}
+
+    # Lightning saves at the end of the training epoch when validation ran just before it, else at validation's end.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._noting_a_new_best(super().on_train_epoch_end, trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._noting_a_new_best(super().on_validation_end, trainer, pl_module)
+
+    def _noting_a_new_best(self, save, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        before = self.best_model_path
+        save(trainer, pl_module)
+        if self.best_model_path != before:  # a new best has a new file name (epoch, or a -v1 suffix)
+            self.val_metrics = val_metrics(trainer)
+
+
+def val_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The latest validation epoch's metrics."""
+    return {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, float]:
     """Train, test and write metrics.json; `extra_callbacks` (e.g. a benchmark's timer) join the standard ones."""
     check_config(cfg)
@@ -60,30 +111,19 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     check_run_dir(run_dir, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    # Every model gets the data's image shape; one whose config declares num_classes (the classifier) gets that too.
-    needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
-    model = instantiate(cfg.model, image_shape=datamodule.image_shape, **needs, _convert_="all")
+    datamodule, model = build(cfg)
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run_dir, model)
     if cfg.compile:
         for net in model.children():  # in place, so parameter names and checkpoints stay as without
             net.compile()
 
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-    # last.ckpt has its own callback, because since Lightning 2.6 `save_last=True` rewrites it only in the epochs that
-    # also save a best checkpoint, so a resume would repeat every epoch since val/loss last improved. The best one is
-    # for testing and evaluation, so it skips the optimizer state (2/3 of the bytes of an Adam-trained model).
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor="val/loss",
-        save_weights_only=True,
-    )
+    best = BestCheckpoint(run_dir / "checkpoints", model.selection)
     callbacks = [
         best,
-        # No monitor: every epoch's end state, always to last.ckpt (no last-v1.ckpt when a moved run resumes).
+        # last.ckpt has its own callback, because since Lightning 2.6 `save_last=True` rewrites it only in the epochs
+        # that also save a best checkpoint, so a resume would repeat every epoch since the best. No monitor: every
+        # epoch's end state, always to last.ckpt (no last-v1.ckpt when a moved run resumes).
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False),
         ProgressBar(),
         NanGuard(),
@@ -96,8 +136,14 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     check_launchable(trainer)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    val = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    test_ckpt = best.best_model_path or None  # none without validation (fast_dev_run): test the weights as they are
+    # The best checkpoint by validation is tested; without one (fast_dev_run), the weights as they are, with the
+    # validation metrics of the last epoch.
+    test_ckpt = best.best_model_path or None
+    val = (
+        best.val_metrics
+        if test_ckpt
+        else {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    )
     test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True)[0]
     metrics = {**val, **test}
     if trainer.is_global_zero:

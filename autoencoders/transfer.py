@@ -1,11 +1,13 @@
 """The few-label transfer study, `python train.py experiment=transfer` (conf/experiment/transfer.yaml).
 
 The experiment is one Hydra multirun of classifier jobs (method x labels per class x seed). `TransferStudy`, a Hydra
-callback, pretrains the encoder with a train.py run before the jobs start and tabulates their test accuracy after they
-end: transfer.csv, transfer.md and transfer.png in the sweep dir.
+callback, pretrains the encoder with a train.py run before the jobs start, checks that the autoencoder never trained on
+the classifiers' validation or test images, and tabulates their test accuracy after they end: transfer.csv,
+transfer.md and transfer.png in the sweep dir. Every job must deliver its result: one that does not fails the study.
 """
 
 import csv
+import json
 import statistics
 import subprocess
 import sys
@@ -14,12 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-METHODS = ("frozen", "finetune", "scratch")
-CLASSIFIER_TARGET = "autoencoders.classifier.Classifier"
+METHODS = ("frozen", "finetune", "scratch", "random", "pixels")  # table order; classifier.py defines each
+JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started job, holding its run dir
 # Command-line overrides that the pretraining run shares with the classifiers: what must agree between them, and the
 # machine. The rest (model, seed, data.labels_per_class, the trainer's schedule, ...) concerns the classifiers only.
 SHARED = (
@@ -61,14 +64,48 @@ class TransferStudy(Callback):
         print(f"transfer study: pretraining the encoder: {' '.join(command[1:])}", flush=True)
         if subprocess.run(command).returncode != 0:
             sys.exit(f"error: pretraining the encoder failed (see above), so the study stops. Run dir: {self.run_dir}")
+        check_unseen(config, self.run_dir / "checkpoints" / "last.ckpt")
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra = HydraConfig.get()
+        jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
+        jobs.mkdir(parents=True, exist_ok=True)
+        (jobs / str(hydra.job.num)).write_text(hydra.runtime.output_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        cells = summarize(collect(sweep_dir))
-        write_csv(cells, sweep_dir / "transfer.csv")
-        (sweep_dir / "transfer.md").write_text(markdown(cells))
-        plot(cells, sweep_dir / "transfer.png")
-        print(f"\n{markdown(cells)}\ntransfer study: wrote transfer.csv, transfer.md and transfer.png to {sweep_dir}")
+        results, missing = collect(sweep_dir)
+        if results:
+            cells = summarize(results)
+            write_csv(cells, sweep_dir / "transfer.csv")
+            (sweep_dir / "transfer.md").write_text(markdown(cells))
+            plot(cells, sweep_dir / "transfer.png")
+            print(
+                f"\n{markdown(cells)}\ntransfer study: wrote transfer.csv, transfer.md and transfer.png to {sweep_dir}"
+            )
+        if missing:
+            what = "a partial table of the others was written" if results else "no table was written"
+            sys.exit(
+                f"error: {len(missing)} job(s) of the transfer study in {sweep_dir} have no result, so {what}:\n"
+                + "\n".join(f"  {line}" for line in missing)
+            )
+
+
+def check_unseen(config: DictConfig, encoder_ckpt: Path) -> None:
+    """Stop the study unless the classifiers' validation and test images are unseen by the pretraining run."""
+    from hydra.utils import instantiate
+
+    from autoencoders.checkpoints import read_checkpoint
+    from autoencoders.classifier import check_held_out
+    from autoencoders.data import ImageDataModule
+    from autoencoders.errors import UserError
+
+    datamodule = instantiate(config.data)
+    datamodule.setup()
+    try:
+        check_held_out(read_checkpoint(encoder_ckpt).get(ImageDataModule.__qualname__), datamodule, encoder_ckpt)
+    except UserError as e:
+        sys.exit(f"error: {e} The study stops before any classifier trains.")
 
 
 def pretraining_overrides(task_overrides: Sequence[str]) -> list[str]:
@@ -86,22 +123,21 @@ def pretraining_overrides(task_overrides: Sequence[str]) -> list[str]:
     return kept
 
 
-def method_of(cfg: DictConfig) -> str:
-    if cfg.model.encoder_ckpt is None:
-        return "scratch"
-    return "finetune" if cfg.model.finetune else "frozen"
-
-
-def collect(sweep_dir: Path) -> list[Result]:
-    """The test accuracy of every classifier run directly under `sweep_dir`, read from its saved config and metrics."""
-    results = []
-    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
-        cfg = OmegaConf.load(metrics_file.parent / ".hydra" / "config.yaml")
-        if cfg.model._target_ != CLASSIFIER_TARGET:
-            continue  # the pretraining run
-        test_acc = OmegaConf.load(metrics_file)["test/acc"]
-        results.append(Result(method_of(cfg), cfg.data.labels_per_class, test_acc))
-    return results
+def collect(sweep_dir: Path) -> tuple[list[Result], list[str]]:
+    """The test accuracy of every job that the study started (wherever its run dir is), and a line for each job
+    without a result, with the reason its failure.json gives."""
+    results, missing = [], []
+    for marker in sorted((sweep_dir / JOBS_DIR).glob("*"), key=lambda p: int(p.name)):
+        run_dir = Path(marker.read_text())
+        metrics, failure = run_dir / "metrics.json", run_dir / "failure.json"
+        if not metrics.is_file():
+            reason = json.loads(failure.read_text())["error"] if failure.is_file() else "it wrote no metrics.json"
+            missing.append(f"job {marker.name} ({run_dir}): {reason}")
+            continue
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        test_acc = json.loads(metrics.read_text())["test/acc"]
+        results.append(Result(cfg.model.method, cfg.data.labels_per_class, test_acc))
+    return results, missing
 
 
 def summarize(results: Sequence[Result]) -> list[Cell]:

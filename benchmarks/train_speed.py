@@ -41,7 +41,7 @@ from torchvision.transforms.functional import to_tensor
 
 from autoencoders.data import ImageDataModule
 from autoencoders.models import AE, VAE
-from autoencoders.training import train
+from autoencoders.training import build, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PIPELINES = ("a", "b", "c", "l")
@@ -108,10 +108,8 @@ def run_framework(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str
 
 def data_and_model(cfg: DictConfig) -> tuple[ImageDataModule, AE]:
     """The set-up data module and the freshly seeded model that train.py would build from `cfg`."""
-    datamodule: ImageDataModule = instantiate(cfg.data)
-    datamodule.setup("fit")
     L.seed_everything(cfg.seed, verbose=False)
-    return datamodule, instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    return build(cfg)
 
 
 def run_bare_lightning(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -138,12 +136,13 @@ def run_plain_loop(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[st
     x, x_val, x_test = (split.tensors[0] for split in (datamodule.train_set, datamodule.val_set, datamodule.test_set))
     batch_size = cfg.data.batch_size
     generator = torch.Generator().manual_seed(cfg.seed)
+    dynamic = datamodule.hparams.binarize == "dynamic"  # a fresh binary draw of every training batch, as in a
     times: dict[str, list[float]] = {"": [], "_train": []}
     for _ in range(cfg.trainer.max_epochs):
         start = clock()
         model.train()
         for index in torch.randperm(len(x), generator=generator).split(batch_size):
-            loss = model.loss_terms(x[index])["loss"]
+            loss = model.loss_terms(torch.bernoulli(x[index]) if dynamic else x[index])["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

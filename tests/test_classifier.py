@@ -3,18 +3,20 @@
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import autoencoders
-from autoencoders.classifier import Classifier, pretrained_encoder_weights
+from autoencoders.classifier import Classifier, pretrained_encoder
 from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
 from autoencoders.models import VAE
-from autoencoders.transfer import Result, markdown, pretraining_overrides, summarize
+from autoencoders.transfer import JOBS_DIR, Result, TransferStudy, markdown, pretraining_overrides, summarize
 from tests.helpers import run_train
 
 TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
@@ -22,7 +24,7 @@ TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batche
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny `experiment=transfer`: 3 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
+    """A tiny `experiment=transfer`: 5 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
     sweep = tmp_path_factory.mktemp("study") / "sweep"
     run_train(
         "experiment=transfer",
@@ -49,14 +51,14 @@ def encoder_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def datamodule(**kwargs) -> ImageDataModule:
-    dm = ImageDataModule(MNISTSubset(os.environ.get("AUTOENCODERS_CACHE", "~/.cache/autoencoders")), **kwargs)
+    dm = ImageDataModule(MNISTSubset(os.environ["AUTOENCODERS_CACHE"]), **kwargs)  # set by tests/conftest.py
     dm.setup()
     return dm
 
 
 def test_study_writes_its_table_and_plot(study: Path) -> None:
     jobs = [p for p in study.iterdir() if (p / "metrics.json").is_file() and p.name != "pretrain"]
-    assert len(jobs) == 6
+    assert len(jobs) == 10
     assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= json.loads((jobs[0] / "metrics.json").read_text()).keys()
     with (study / "transfer.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -64,6 +66,8 @@ def test_study_writes_its_table_and_plot(study: Path) -> None:
         ("frozen", "1", "2"),
         ("finetune", "1", "2"),
         ("scratch", "1", "2"),
+        ("random", "1", "2"),
+        ("pixels", "1", "2"),
     ]
     table = (study / "transfer.md").read_text()
     assert "| method | 1 |" in table and f"| frozen | {float(rows[0]['test_acc_mean_pct']):.1f} ± " in table
@@ -71,13 +75,60 @@ def test_study_writes_its_table_and_plot(study: Path) -> None:
 
 
 def test_frozen_encoder_is_bit_identical_after_training_and_finetuned_is_not(study: Path) -> None:
-    pretrained = pretrained_encoder_weights(
+    pretrained, _ = pretrained_encoder(
         study / "pretrain" / "checkpoints" / "last.ckpt", (1, 28, 28), Classifier((1, 28, 28), 10, arch="mlp").encoder
     )
     frozen = encoder_state(job(study, "frozen") / "checkpoints" / "last.ckpt")
     finetuned = encoder_state(job(study, "finetune") / "checkpoints" / "last.ckpt")
     assert all(torch.equal(frozen[k], v) for k, v in pretrained.items())
     assert not all(torch.equal(finetuned[k], v) for k, v in pretrained.items())
+
+
+def test_the_random_baseline_keeps_its_untrained_encoder_and_pixels_has_none(study: Path) -> None:
+    run = job(study, "random")
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    untrained, trained = encoder_state(best), encoder_state(run / "checkpoints" / "last.ckpt")
+    pretrained = encoder_state(study / "pretrain" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(trained[k], v) for k, v in untrained.items())
+    first = next(iter(trained))  # the first Linear layer, of one shape in both
+    assert not torch.equal(trained[first], pretrained[first])
+    pixels = autoencoders.load(job(study, "pixels") / "checkpoints" / "last.ckpt")
+    assert isinstance(pixels.encoder, torch.nn.Flatten) and pixels.head[0].in_features == 784
+
+
+def test_the_study_stops_before_any_classifier_when_the_pretraining_split_differs(tmp_path: Path) -> None:
+    """An autoencoder pretrained on another split has trained on most of the classifiers' held-out images."""
+    pretrain = TINY_PRETRAIN.replace("]", ',"data.split_seed=1"]')
+    proc = run_train(
+        "experiment=transfer",
+        "data.labels_per_class=1",
+        "seed=0",
+        "transfer=frozen",
+        f"hydra.callbacks.transfer_study.pretrain={pretrain}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "trained on" in proc.stderr and "validation and test images" in proc.stderr and "split_seed" in proc.stderr
+    assert not (tmp_path / "sweep" / JOBS_DIR).exists()  # no classifier job started
+
+
+def test_a_study_with_a_job_lacking_its_result_exits_nonzero_naming_it(study: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    shutil.copytree(study, sweep, ignore=shutil.ignore_patterns("*.ckpt", "events.*"))
+    markers = sorted((sweep / JOBS_DIR).iterdir(), key=lambda p: int(p.name))
+    for marker in markers:  # the copied jobs, where the copy put them
+        marker.write_text(str(sweep / Path(marker.read_text()).name))
+    lost = Path(markers[3].read_text())
+    (lost / "metrics.json").unlink()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SystemExit, match=rf"1 job\(s\) of the transfer study .* no result(.|\n)*job 3 \({lost}\)"):
+        TransferStudy(str(sweep / "pretrain")).on_multirun_end(config)
+    for marker in markers:
+        marker.write_text(str(tmp_path / "elsewhere" / marker.name))
+    with pytest.raises(SystemExit, match="10 job.* no table was written"):
+        TransferStudy(str(sweep / "pretrain")).on_multirun_end(config)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])

@@ -44,10 +44,61 @@ def test_mnist_subset_splits(cache_dir: Path) -> None:
     all_hashes = [h for s in sets.values() for h in hashes(s.tensors[0])]
     assert len(set(all_hashes)) == 5000  # disjoint, and together the whole subset
 
-    again, other = subset_module(cache_dir), subset_module(cache_dir, seed=1)
+    again, other = subset_module(cache_dir), subset_module(cache_dir, split_seed=1)
     assert torch.equal(again.val_set.tensors[0], dm.val_set.tensors[0])
     assert torch.equal(again.train_set.tensors[1], dm.train_set.tensors[1])
     assert set(hashes(other.val_set.tensors[0])) != set(hashes(dm.val_set.tensors[0]))
+
+
+def test_the_split_depends_on_split_seed_only_and_label_subsets_on_seed(cache_dir: Path) -> None:
+    """Runs with seeds 0, 1 and 2 share one train/val/test split; their few-label subsets differ, drawn from it."""
+    runs = [subset_module(cache_dir, seed=seed, binarize="dynamic") for seed in (0, 1, 2)]
+    for dm in runs[1:]:
+        for name in ("train", "val", "test"):
+            assert torch.equal(dm.split_index.get(name, torch.empty(0)), runs[0].split_index.get(name, torch.empty(0)))
+        assert torch.equal(dm.test_set.tensors[0], runs[0].test_set.tensors[0])  # binarised alike, too
+        assert dm.held_out_overlap(runs[0].state_dict()) == 0
+    few = [subset_module(cache_dir, seed=seed, labels_per_class=10) for seed in (0, 1, 2)]
+    assert len({tuple(dm.split_index["train"].tolist()) for dm in few}) == 3
+    train = set(runs[0].split_index["train"].tolist())
+    assert all(set(dm.split_index["train"].tolist()) <= train for dm in few)
+
+
+def test_held_out_overlap_counts_val_and_test_images_another_split_trained_on(cache_dir: Path) -> None:
+    dm, other = subset_module(cache_dir), subset_module(cache_dir, split_seed=1)
+    trained_on = other.state_dict()
+    expected = len(
+        set(trained_on["train_index"].tolist())
+        & set(torch.cat([dm.split_index["val"], dm.split_index["test"]]).tolist())
+    )
+    assert dm.held_out_overlap(trained_on) == expected > 700  # about 80% of the 1,000 held-out images
+    assert dm.held_out_overlap({**trained_on, "source": "torchvision:mnist"}) == 0  # other images altogether
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "static"])
+def test_binarized_val_and_test_are_fixed_and_training_images_dynamic_or_static(cache_dir: Path, binarize: str) -> None:
+    dm = subset_module(cache_dir, binarize=binarize, seed=3)
+    grey = subset_module(cache_dir)
+    for split in ("val", "test"):
+        images = getattr(dm, f"{split}_set").tensors[0]
+        assert set(images.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(dm.real_split(split)[0], getattr(grey, f"{split}_set").tensors[0])
+        # a Bernoulli draw of each pixel's intensity: as bright on average as the grey images
+        assert abs(images.mean() - dm.real_split(split)[0].mean()) < 0.01
+    assert torch.equal(dm.test_set.tensors[0], subset_module(cache_dir, binarize=binarize, seed=4).test_set.tensors[0])
+
+    class Fitting:  # the data module binarises dynamically only while a Trainer trains
+        training = True
+
+    dm.trainer = Fitting()
+    x = dm.train_set.tensors[0][:64]
+    draws = [dm.on_after_batch_transfer((x, None), 0)[0] for _ in range(2)]
+    if binarize == "static":
+        assert set(x.unique().tolist()) == {0.0, 1.0} and all(torch.equal(d, x) for d in draws)
+    else:
+        assert len(x.unique()) > 2 and all(set(d.unique().tolist()) == {0.0, 1.0} for d in draws)
+        assert not torch.equal(draws[0], draws[1])
+        assert abs(torch.stack(draws).mean() - x.mean()) < 0.02
 
 
 def test_setup_is_idempotent(cache_dir: Path) -> None:
@@ -77,6 +128,7 @@ def test_labels_per_class(cache_dir: Path) -> None:
         {"test_fraction": 1.0},
         {"val_fraction": 0.5, "test_fraction": 0.5},
         {"labels_per_class": 0},
+        {"binarize": "yes"},
     ],
 )
 def test_bad_arguments(cache_dir: Path, kwargs: dict) -> None:

@@ -2,25 +2,26 @@
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import autoencoders
 from autoencoders.errors import UserError
 from autoencoders.evaluation import build_data, data_config, evaluate, run_config, vae_metrics
-from autoencoders.metrics import FeatureNetSettings, FrechetDistance, active_units, feature_net
+from autoencoders.metrics import FeatureNetSettings, SampleQuality, accuracy, active_units, feature_net
 from autoencoders.pictures import latent_traversal
 from autoencoders.sweeps import FAILURE_FILE
 from tests.helpers import ROOT, run_script, run_train
 
-FAST = ["k=20", "num_samples=200", "fid.epochs=1", "fid.batch_size=128", "images.num_samples=16"]
+FAST = ["k=20", "kid_subsets=10", "fid.epochs=1", "fid.batch_size=128", "images.num_samples=16"]
 PICTURES = {"reconstructions", "samples_prior", "interpolations", "traversal"}
 
 
@@ -41,14 +42,28 @@ def run_dirs(sweep: Path) -> dict[str, Path]:
     return {"ae": next(sweep.glob("0_*")), "vae": next(sweep.glob("1_*"))}
 
 
-def test_sweep_report_has_one_row_per_run_and_plots(sweep):
+def eval_dir(run_dir: Path, split: str = "test") -> Path:
+    (found,) = (run_dir / "eval").glob(f"best-*_{split}_mnist_subset-*")
+    return found
+
+
+def test_sweep_report_ranks_on_validation_and_reports_test_beside_it(sweep):
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["model"] for r in rows} == {"ae", "vae"} and {r["status"] for r in rows} == {"ok"}
-    fids = [float(r["test/fid_prior"]) for r in rows]
-    assert fids == sorted(fids)  # sorted by the default sort_by, lower is better
+    fids = [float(r["val/fid_prior"]) for r in rows]
+    assert fids == sorted(fids)  # sorted by the default sort_by, val/fid_prior: lower is better
+    assert {"val/nll", "test/nll", "val/fid_floor", "test/kid_prior"} <= set(rows[0])
+    for row in rows:  # each column is its own split's evaluation
+        run = sweep / row["run"]
+        for split in ("val", "test"):
+            metrics = json.loads((eval_dir(run, split) / "metrics.json").read_text())
+            assert float(row[f"{split}/fid_floor"]) == pytest.approx(metrics[f"{split}/fid_floor"])
     table = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 3  # header and two runs
+    assert (
+        "a validation metric: the test columns are reported, not used to choose" in (sweep / "summary.md").read_text()
+    )
     for plot in ("rate_distortion.png", "metrics_vs_latent_dim.png"):
         assert Image.open(sweep / plot).size[0] > 100
     assert sorted(p.name for p in sweep.parent.iterdir()) == ["cache", "sweep"]  # evaluate.py left no logs behind
@@ -57,18 +72,36 @@ def test_sweep_report_has_one_row_per_run_and_plots(sweep):
 @pytest.mark.parametrize("model", ["ae", "vae"])
 def test_each_run_gets_metrics_pictures_and_tensorboard_events_in_eval_only(sweep, model):
     run_dir = run_dirs(sweep)[model]
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    expected = {"test/bce", "test/mse", "test/fid_prior", "test/fid_net_accuracy"}
-    expected |= {"test/fid_gaussian"} if model == "ae" else {"test/elbo", "test/iwae_k20", "test/kl", "test/recon"}
+    out = eval_dir(run_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = {"test/mse", "test/recon", "test/fid_prior", "test/kid_prior", "test/kid_prior_std", "test/fid_floor"}
+    expected |= {"test/kid_floor", "test/fid_net_accuracy"}
+    expected |= {"test/fid_gaussian"} if model == "ae" else {"test/elbo", "test/nll", "test/bpd", "test/kl"}
     assert expected <= set(metrics)
-    assert 0 < metrics["test/mse"] < 1 and metrics["test/bce"] > 0 and metrics["test/fid_prior"] > 0
+    assert 0 < metrics["test/mse"] < 1 and metrics["test/recon"] > 0 and metrics["test/fid_prior"] > 0
+    assert metrics["test/fid_floor"] < metrics["test/fid_prior"]  # real held-out digits beat an untrained model's
+    if model == "vae":  # bits per dim of the binarised 784-pixel digits, from the IWAE bound
+        assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (784 * math.log(2)))
+        assert metrics["test/nll"] <= -metrics["test/elbo"] + 1
     for name in PICTURES:
-        assert Image.open(run_dir / "eval" / f"{name}.png").size[0] > 28
-    events = EventAccumulator(str(run_dir / "eval"), size_guidance={"images": 0})
+        assert Image.open(out / f"{name}.png").size[0] > 28
+    events = EventAccumulator(str(out), size_guidance={"images": 0})
     events.Reload()
     assert {f"eval/{name}" for name in PICTURES} <= set(events.Tags()["images"])
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert sorted(p.name.split("_")[1] for p in (run_dir / "eval").iterdir()) == ["test", "val"]
+
+
+def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
+    (val,) = evaluate(evaluate_config(f"run_dir={run}", "split=val", "num_samples=0", f"cache_dir={tmp_path}"))
+    assert set(val) == {"val/nll", "val/bpd", "val/elbo", "val/recon", "val/kl", "val/active_units", "val/mse"}
+    (test,) = evaluate(evaluate_config(f"run_dir={run}", "num_samples=0", f"cache_dir={tmp_path}"))
+    assert all(name.startswith("test/") for name in test)
+    assert len(list((run / "eval").iterdir())) == 2
+    assert json.loads((eval_dir(run, "val") / "metrics.json").read_text()) == val
 
 
 @pytest.fixture(scope="module")
@@ -81,29 +114,37 @@ def test_iwae_bound_is_above_the_elbo_and_grows_with_k(sweep, data):
     model = autoencoders.load(run_dirs(sweep)["vae"] / "checkpoints" / "last.ckpt")
     x = data.test_set.tensors[0][:200]
     torch.manual_seed(0)
-    iwae = {k: vae_metrics(model, x, k, k_chunk=7, batch_size=50)[f"test/iwae_k{k}"] for k in (1, 10, 100)}
-    assert iwae[1] < iwae[10] < iwae[100]
+    log_px = {k: -vae_metrics(model, x, k, k_chunk=7, batch_size=50)["nll"] for k in (1, 10, 100)}
+    assert log_px[1] < log_px[10] < log_px[100]
     elbo = torch.stack([model.elbo(x) for _ in range(10)]).mean().item()
-    assert iwae[100] > elbo
+    assert log_px[100] > elbo
     # k=1 is the ELBO in expectation (with a one-sample KL instead of the closed form)
     log_w = torch.stack([model.log_likelihood(x, k=1) for _ in range(10)]).mean(0)
     assert abs(log_w.mean().item() - elbo) < 4 * log_w.std().item() / len(x) ** 0.5 + 0.5
 
 
-def test_fid_is_zero_for_the_test_images_themselves_and_large_for_noise(sweep, data):
+def test_fid_and_kid_are_near_their_floor_for_real_images_and_large_for_noise(sweep, data):
     cfg = evaluate_config(f"cache_dir={sweep.parent / 'cache'}")
-    net, accuracy = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, torch.device("cpu"))
-    assert accuracy > 0.5
-    images = data.test_set.tensors[0]
-    fid = FrechetDistance(net, images, batch_size=100)
-    itself, noise = fid.score(images.split(100)), fid.score(torch.rand_like(images).split(100))
-    assert abs(itself) < 1e-3 * noise and noise > 10
+    net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, torch.device("cpu"))
+    assert accuracy(net, *data.real_split("test")) > 0.5
+    reference, test = data.real_split("full_train")[0], data.real_split("test")[0]
+    quality = SampleQuality(net, reference, len(test), batch_size=100, subsets=20)
+    part = reference[torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))[: len(test)]]
+    itself = quality.score(part.split(100))  # the split is ordered by class: a random part of it
+    held_out, noise = quality.score(test.split(100)), quality.score(torch.rand_like(test).split(100))
+    assert 0 < itself["fid"] < 2 * held_out["fid"] < 0.1 * noise["fid"]  # FID's floor at 500 images is not 0
+    assert abs(held_out["kid"]) < 5 * held_out["kid_std"] + 1e-3 < noise["kid"]  # KID is unbiased: about 0
+    # the feature net is one per dataset: the same for a run of another seed and fewer labels
+    other = build_data(OmegaConf.merge(run_config(run_dirs(sweep)["vae"]).data, {"seed": 7, "labels_per_class": 5}))
+    again = feature_net(other, FeatureNetSettings(**cfg.fid), cfg.cache_dir, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True))
+    assert len(list((sweep.parent / "cache" / "fid_features").iterdir())) == 1
 
 
 def test_data_overrides_replace_or_change_the_runs_own_data_config(sweep):
     run = run_dirs(sweep)["vae"]
     changed = data_config(run_config(run), evaluate_config("run_dir=x", "seed=5", "+data.test_fraction=0.2"))
-    assert changed.test_fraction == 0.2 and changed.seed == 0  # the split seed stays the run's
+    assert changed.test_fraction == 0.2 and changed.seed == 0 and changed.split_seed == 0  # the run's own
     assert changed.source._target_.endswith("MNISTSubset")
     replaced = data_config(run_config(run), evaluate_config("run_dir=x", "seed=5", "data=mnist"))
     assert replaced.source.name == "mnist" and replaced.seed == 0
@@ -143,7 +184,9 @@ def test_no_target_exits_with_a_clear_error(tmp_path):
         (["run_dir=a", "k=0"], "k=0"),
         (["run_dir=a", "num_samples=1"], "num_samples=1"),
         (["run_dir=a", "checkpoint=middle"], "checkpoint=middle"),
-        (["run_dir=a", "sort_by=test/nope"], "sort_by=test/nope"),
+        (["run_dir=a", "sort_by=val/nope"], "sort_by=val/nope"),
+        (["run_dir=a", "sort_by=test/nll"], "would rank the runs, and so choose among them, on the test split"),
+        (["run_dir=a", "split=train"], "split=train"),
         (["run_dir=a", "device=tpu"], "device=tpu"),
         (["run_dir=no/such/run"], "does not exist"),
     ],

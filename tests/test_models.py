@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from autoencoders.errors import UserError
-from autoencoders.losses import kl_divergence, reconstruction_nll
+from autoencoders.likelihoods import LIKELIHOODS
+from autoencoders.losses import kl_divergence
 from autoencoders.models import AE, VAE
 
 MODELS = {"ae": (AE, "mlp"), "conv_ae": (AE, "conv"), "vae": (VAE, "mlp"), "conv_vae": (VAE, "conv")}
@@ -60,7 +61,29 @@ def test_elbo_is_negative_nats_per_image_and_sums_over_pixels():
     # an untrained decoder outputs ~0.5 everywhere: about 784 * log 2 nats of Bernoulli NLL per image
     assert 0.8 * 784 * math.log(2) < -elbo.mean() < 1.5 * 784 * math.log(2)
     logits = torch.zeros(2, 1, 28, 28)
-    torch.testing.assert_close(reconstruction_nll(logits, torch.ones_like(logits)), torch.full((2,), 784 * math.log(2)))
+    nll = LIKELIHOODS["bernoulli"].nll(logits, torch.ones_like(logits))
+    torch.testing.assert_close(nll, torch.full((2,), 784 * math.log(2)))
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_every_likelihood_trains_with_every_net_and_grids_show_its_mean(likelihood, arch):
+    """The decoder outputs the likelihood's parameters (two per pixel for gaussian and logistic); decode returns the
+    distribution's mean in [0, 1], and the loss is that likelihood's NLL of the input."""
+    torch.manual_seed(0)
+    model = VAE((3, 12, 10), latent_dim=3, arch=arch, likelihood=likelihood)
+    x = (
+        torch.bernoulli(torch.rand(4, 3, 12, 10))
+        if likelihood == "bernoulli"
+        else torch.randint(0, 256, (4, 3, 12, 10)) / 255
+    )
+    params = model.decoder(model.encode(x))
+    assert params.shape == (4, 3 * LIKELIHOODS[likelihood].param_multiplier, 12, 10)
+    mean = model.reconstruct(x)
+    torch.testing.assert_close(mean, LIKELIHOODS[likelihood].mean(params))
+    assert mean.shape == x.shape and 0 <= mean.min() and mean.max() <= 1
+    model.loss_terms(x)["loss"].backward()
+    assert all(p.grad is not None for p in model.decoder.parameters())
 
 
 def test_iwae_bound_is_at_least_the_elbo():
@@ -101,7 +124,7 @@ def test_kl_warmup_ramps_the_weight_linearly_over_training_steps():
         ({"latent_dim": 0}, "latent_dim=0"),
         ({"latent_dim": -3}, "latent_dim=-3"),
         ({"kl_weight": -1.0}, "kl_weight=-1.0"),
-        ({"recon_loss": "l1"}, "recon_loss='l1'"),
+        ({"likelihood": "mse"}, "likelihood='mse'"),
     ],
 )
 def test_bad_hyperparameters_are_clear_errors(kwargs, match):

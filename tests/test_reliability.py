@@ -196,6 +196,15 @@ BAD_INPUT = {
     "ckpt_path a best (weights-only) ckpt": (["latent_dim=2", "ckpt_path={best}"], "holds only model weights"),
     "ckpt_path=last, nothing to resume": (["ckpt_path=last"], "last.ckpt does not exist"),
     "new run in a finished run's dir": (["hydra.runtime.output_dir={run}"], "already holds a run"),
+    "bernoulli on grey images": (["data.binarize=null", "model.likelihood=bernoulli"], "data.binarize=dynamic"),
+    "unknown likelihood": (["model.likelihood=mse"], "model.likelihood='mse' is unknown"),
+    "unknown binarize": (["data.binarize=yes"], "data.binarize='yes' is unknown"),
+    "frozen classifier without encoder": (["model=classifier", "model.method=frozen"], "needs a pretrained encoder"),
+    "classifier method unknown": (["model=classifier", "model.method=svm"], "model.method='svm' is unknown"),
+    "encoder of another split": (
+        ["model=classifier", "encoder_ckpt={ckpt}", "latent_dim=2", "data.split_seed=1"],
+        "trained on .* of the classifier's validation and test images",
+    ),
 }
 
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -31,9 +32,34 @@ def test_run_dir_holds_config_checkpoints_and_metrics(vae_run):
     assert (vae_run / "checkpoints" / "last.ckpt").is_file()
     assert list((vae_run / "checkpoints").glob("best-epoch*.ckpt"))
     metrics = json.loads((vae_run / "metrics.json").read_text())
-    for key in ("val/loss", "val/elbo", "val/kl", "val/recon", "test/loss", "test/elbo"):
+    for key in ("val/loss", "val/elbo", "val/kl", "val/recon", "test/loss", "test/elbo", "test/nll", "test/bpd"):
         assert key in metrics
     assert metrics["test/elbo"] < 0  # a log-likelihood bound, in nats per image
+    assert 0 < metrics["test/nll"] < -metrics["test/elbo"] + 1  # IWAE: a tighter bound than the ELBO
+    assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (784 * math.log(2)))
+    # the MNIST default follows the literature: a Bernoulli likelihood on dynamically binarised digits
+    hparams = torch.load(vae_run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["likelihood"] == "bernoulli"
+
+
+def test_the_best_checkpoint_is_chosen_on_val_elbo_and_metrics_json_reports_its_own_val_metrics(tmp_path):
+    """With a KL warm-up the weighted val/loss is lowest in early epochs; the choice is made on val/elbo instead, and
+    metrics.json holds the validation metrics of the very checkpoint that is tested."""
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_epochs=4", "trainer.limit_train_batches=4", "model.kl_warmup_epochs=3"]
+    run_train(*overrides, "latent_dim=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    elbo = {(e.step + 1) // 4 - 1: e.value for e in acc.Scalars("val/elbo")[:4]}  # epoch -> val/elbo at its end
+    best_epoch = max(elbo, key=elbo.get)
+    (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    assert best.name == f"best-epoch{best_epoch:03d}.ckpt"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val/elbo"] == pytest.approx(elbo[best_epoch])
+    states = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    ((key, selection),) = ((key, state) for key, state in states.items() if key.startswith("BestCheckpoint"))
+    assert "'monitor': 'val/elbo', 'mode': 'max'" in key
+    assert selection["best_model_score"].item() == pytest.approx(elbo[best_epoch])
 
 
 def test_tensorboard_holds_the_image_summaries_and_hparams(vae_run):
