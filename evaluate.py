@@ -9,9 +9,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from autoencoders.cli import exit_with
     from autoencoders.errors import UserError  # torch and lightning load only after the config is composed
     from autoencoders.evaluation import evaluate
-    from autoencoders.sweeps import exit_with
 
     try:
         evaluate(cfg)

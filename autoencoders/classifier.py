@@ -2,6 +2,7 @@
 asks for (the same encoder from scratch or at random, and raw pixels), with a small head."""
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from autoencoders.data import ImageDataModule
-from autoencoders.errors import UserError
+from autoencoders.errors import UserError, check_positive
 from autoencoders.models import AE, SplitSteps
 from autoencoders.nets import build_nets
 
@@ -49,6 +50,8 @@ class Classifier(SplitSteps):
         super().__init__()
         if head not in HEADS:
             raise UserError(f"model.head={head!r} is unknown. Use one of: {', '.join(HEADS)}.")
+        check_positive("model.lr", lr, "1e-3")
+        check_positive("model.encoder_lr", encoder_lr, "1e-4")
         method = method or ("frozen" if encoder_ckpt is not None else "scratch")
         if method not in METHODS:
             raise UserError(f"model.method={method!r} is unknown. Use one of: {', '.join(METHODS)}.")
@@ -83,6 +86,8 @@ class Classifier(SplitSteps):
     def setup(self, stage: str) -> None:
         """Before training: a pretrained method needs its encoder, and that encoder must not have seen the held-out
         images."""
+        if stage == "fit" and self.frozen:  # Lightning warns of modules in eval mode: here they are meant to be
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         if stage != "fit" or self.method not in PRETRAINED:
             return
         if self.encoder_ckpt is None:

@@ -204,8 +204,9 @@ class ImageFolderSource(Source):
 
     def _list_files(self) -> tuple[list[Path], list[int], int]:
         if not self.root.is_dir():
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
             raise UserError(
-                f"Image folder {self.root.resolve()} does not exist. Set data.source.root to a folder of "
+                f"Image folder {self.root.resolve()} {what}. Set data.source.root to a folder of "
                 "images, either flat or in one sub-folder per class."
             )
         extensions = set(Image.registered_extensions())

@@ -1,2 +1,8 @@
 class UserError(Exception):
     """Bad input from the user: printed as one paragraph without a traceback, exit code 2."""
+
+
+def check_positive(key: str, value: object, example: str) -> None:
+    """A UserError unless `value` is a number > 0 (e.g. a learning rate)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise UserError(f"{key}={value!r} is not a positive number. Set e.g. {key}={example}.")

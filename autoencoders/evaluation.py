@@ -26,12 +26,13 @@ from yaml import YAMLError
 
 from autoencoders import report
 from autoencoders.checkpoints import load
+from autoencoders.cli import user_error
+from autoencoders.console import SPLITS, metrics_table
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
 from autoencoders.likelihoods import bits_per_dim, for_data
 from autoencoders.metrics import (
     METRICS,
-    SPLITS,
     FeatureNetSettings,
     SampleQuality,
     accuracy,
@@ -41,7 +42,7 @@ from autoencoders.metrics import (
 )
 from autoencoders.models import AE, VAE
 from autoencoders.pictures import Sampler, picture_grids, save_pictures
-from autoencoders.sweeps import FAILURE_FILE, user_error
+from autoencoders.sweeps import FAILURE_FILE
 from autoencoders.training import write_json
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,20 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
         if row["status"] != "ok":
             log.warning("%s: %s", run_dir.name, row["status"])
         rows.append(row)
-    return report.write_report(sweep_dir, rows, cfg.sort_by)
+    failed = [f"  {row['run']}: {row['status']}" for row in rows if row["status"] != "ok"]
+    kept = report.scored_runs(sweep_dir)
+    if len(rows) - len(failed) < kept:
+        raise UserError(
+            f"{len(failed)} of the {len(rows)} jobs in {sweep_dir} could not be scored, so the previous summary.csv "
+            f"and summary.md, which score {kept}, were kept as they were:\n" + "\n".join(failed)
+        )
+    rows = report.write_report(sweep_dir, rows, cfg.sort_by)
+    if failed:
+        raise UserError(
+            f"{len(failed)} of the {len(rows)} jobs in {sweep_dir} could not be scored; the report lists them with "
+            "their status beside the others:\n" + "\n".join(failed)
+        )
+    return rows
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Path]:
@@ -268,7 +282,7 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
     OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, staging / "config.yaml")
     write_json(staging / "metrics.json", metrics)
     replace_dir(staging, out_dir)
-    log.info("Wrote %s:\n%s", out_dir, "\n".join(f"  {name}: {value:.6g}" for name, value in metrics.items()))
+    log.info("Scored %s on %s; wrote %s:\n%s", checkpoint.name, split, out_dir, metrics_table(metrics))
     return metrics
 
 

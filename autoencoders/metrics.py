@@ -48,15 +48,17 @@ METRICS: dict[str, tuple[bool, str]] = {
     "kid_floor_std": (False, "std of kid_floor over its subsets"),
     "fid_net_accuracy": (True, "accuracy (0-1) on this split of the classifier whose features FID and KID use"),
 }
-SPLITS = ("val", "test")
 
 
 def metric_key(name: str) -> str:
-    """The METRICS entry of a metric name, e.g. fid_{sampler} for val/fid_prior."""
+    """The METRICS entry of a metric name, e.g. fid_{sampler} for val/fid_prior (a name of its own first: fid_floor)."""
     base = name.split("/", 1)[-1]
+    if base in METRICS:
+        return base
     for key in METRICS:
         prefix, _, suffix = key.partition("{sampler}")
-        if base == key or (_ and base.startswith(prefix) and base.endswith(suffix) and len(base) > len(key) - 9):
+        sampler = base.removeprefix(prefix).removesuffix(suffix) if _ else ""
+        if sampler and prefix + sampler + suffix == base and "_" not in sampler:
             return key
     raise KeyError(name)
 

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from autoencoders.errors import UserError
+from autoencoders.errors import UserError, check_positive
 from autoencoders.likelihoods import bits_per_dim
 from autoencoders.likelihoods import likelihood as get_likelihood
 from autoencoders.losses import gaussian_log_prob, kl_divergence
@@ -95,6 +95,7 @@ class AE(EpochMeanLogging, SplitSteps):
         super().__init__()
         if latent_dim <= 0:
             raise UserError(f"latent_dim={latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
+        check_positive("model.lr", lr, "1e-3")
         self.likelihood = get_likelihood(likelihood)
         self.save_hyperparameters(logger=False)
         self.image_shape = tuple(image_shape)
@@ -179,6 +180,12 @@ class VAE(AE):
     ):
         if kl_weight < 0:
             raise UserError(f"kl_weight={kl_weight} is negative. Use kl_weight>=0 (1 is the standard VAE).")
+        if not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
+            raise UserError(
+                f"model.kl_warmup_epochs={kl_warmup_epochs!r} is not a number of epochs. Use 0 (no warm-up) or more."
+            )
+        if not isinstance(nll_samples, int) or nll_samples < 1:
+            raise UserError(f"model.nll_samples={nll_samples!r} must be a positive integer, e.g. 100.")
         super().__init__(image_shape, latent_dim, arch, widths, likelihood, lr)
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:

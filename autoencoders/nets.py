@@ -94,6 +94,11 @@ def build_nets(
     """
     if arch not in NETS:
         raise UserError(f"Unknown net architecture arch={arch!r}. Valid choices: {', '.join(NETS)}.")
+    if widths is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise UserError(
+            f"model.widths={list(widths)} must be positive layer sizes, e.g. model.widths=[512,256] for arch=mlp or "
+            "[16,32] for arch=conv, or null for the defaults."
+        )
     encoder_cls, decoder_cls = NETS[arch]
     kwargs = {} if widths is None else {"widths": tuple(widths)}
     decoder = decoder_cls(decoder_shape or image_shape, latent_dim, **kwargs)

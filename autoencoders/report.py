@@ -10,7 +10,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from autoencoders.metrics import METRICS, SPLITS, metric_key
+from autoencoders.console import SPLITS
+from autoencoders.metrics import METRICS, metric_key
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ def describe(run_dir: Path) -> dict:
     }
 
 
+def scored_runs(sweep_dir: Path) -> int:
+    """How many runs the sweep's current summary.csv scored (status ok); 0 without one."""
+    path = sweep_dir / "summary.csv"
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        return sum(row.get("status") == "ok" for row in csv.DictReader(f))
+
+
 def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     """Write summary.csv, summary.md and the plots into `sweep_dir`; returns the rows in table order."""
     higher_better = METRICS[metric_key(sort_by)][0]
@@ -48,8 +58,10 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
         "rate_distortion.png": rate_distortion(rows),
         "metrics_vs_latent_dim.png": metrics_vs_latent_dim(rows, [sort_by, "test/nll", "test/fid_prior", "test/recon"]),
     }
-    for name, figure in plots.items():
-        if figure is not None:
+    for name, figure in plots.items():  # a plot with nothing to show is removed, not left from an older report
+        if figure is None:
+            (sweep_dir / name).unlink(missing_ok=True)
+        else:
             figure.savefig(sweep_dir / name, dpi=120, bbox_inches="tight")
     table = markdown_table(rows, columns)
     lines = [

@@ -1,19 +1,46 @@
-"""Run dirs: `ckpt_path=last` resumes the run in hydra.run.dir, and a new run never writes over an older run's results.
+"""Run dirs: readable names, created exclusively; `ckpt_path=last` resumes the run in hydra.run.dir, a new run never
+writes over an older run's results, and a command rejected before training leaves no dir behind.
 
 Imported before torch (Hydra instantiates RunDirGuard at start-up), so checkpoints.py is imported only inside functions.
 """
 
+import hashlib
+import re
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from autoencoders.cli import exit_with
 from autoencoders.errors import UserError
-from autoencoders.sweeps import exit_with
 
 if TYPE_CHECKING:
     import lightning as L
+
+
+def run_name(overrides: Sequence[str]) -> str:
+    """`_key-value` for each command-line override, sorted (the `run_name` resolver of conf/train.yaml's dirs).
+
+    The name can be passed back on a command line unquoted: no `=`, `,`, `/` or spaces. A path-valued setting is named
+    by its last part (a checkpoint by its run's folder), so it never nests folders; `ckpt_path` and hydra.* settings
+    are left out. Past 200 characters, a hash of the whole name replaces the rest, so names stay distinct.
+    """
+    parts = []
+    for override in sorted(overrides):
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("hydra.") or key == "ckpt_path":
+            continue
+        path = Path(value.strip("'\""))
+        if "/" in value:
+            value = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+        parts.append(f"_{key}-{re.sub(r'[^A-Za-z0-9.+-]+', '-', value).strip('-')[:40]}")
+    name = "".join(parts)
+    if len(name) <= 200:
+        return name
+    return f"{name[:191]}_{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"  # short enough for any OS
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -88,8 +115,36 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model: "L.LightningM
     return path
 
 
+_created: list[Path] = []  # the run dir that this process's RunDirGuard created, if any
+
+
+def discard_created_run_dir() -> None:
+    """Remove the run dir that this process created, if it holds no checkpoint or metrics (a rejected command)."""
+    for run_dir in _created:
+        if not (list(run_dir.glob("checkpoints/*.ckpt")) or (run_dir / "metrics.json").exists()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def claim(run_dir: Path, chosen: bool) -> Path:
+    """Create a new run's dir exclusively. A dir the user named is used as it is; a default (timestamped) name that
+    another run took in the same second gets a suffix, -2, -3, ..., so two runs never share a dir."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            if chosen:
+                return run_dir
+            continue
+        _created.append(candidate)
+        return candidate
+    raise UserError(f"Could not create a new run dir beside {run_dir}: 999 runs already have its name.")
+
+
 class RunDirGuard(Callback):
-    """Hydra callback: checks a single run's dir before Hydra writes .hydra/ into it (train() checks sweep jobs)."""
+    """Hydra callback: checks a single run's dir before Hydra writes .hydra/ into it (train() checks sweep jobs), and
+    creates a new run's dir exclusively."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
@@ -100,5 +155,10 @@ class RunDirGuard(Callback):
                 from autoencoders.checkpoints import read_checkpoint  # imports torch: only now that it is needed
 
                 read_checkpoint(checkpoint_path(config.ckpt_path, run_dir))
+                return
+            chosen = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+            claimed = claim(run_dir, chosen)
         except UserError as e:
             exit_with(e)  # Hydra turns an exception raised by a callback into a warning
+        with read_write(config.hydra.run), open_dict(config.hydra.run):
+            config.hydra.run.dir = str(claimed)

@@ -1,4 +1,4 @@
-"""How train.py jobs end and share a machine under Hydra: error exits, failed sweep jobs, parallel jobs' threads.
+"""How train.py jobs end and share a machine under Hydra: failed sweep jobs, launchers, parallel jobs' threads.
 
 Imported before torch (Hydra instantiates the callbacks here at start-up), so torch is imported only inside functions.
 """
@@ -6,18 +6,21 @@ Imported before torch (Hydra instantiates the callbacks here at start-up), so to
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from autoencoders.cli import exit_with, user_error
 from autoencoders.errors import UserError
+from autoencoders.rundirs import discard_created_run_dir
 
 if TYPE_CHECKING:
     import lightning as L
@@ -28,24 +31,12 @@ FAILURE_FILE = "failure.json"  # in a failed sweep job's dir
 STARTED_FILE = ".sweep_started"  # in the sweep dir: failures older than it belong to an earlier invocation
 
 
-def exit_with(error: UserError) -> NoReturn:
-    """How a single run ends on bad input: the message as one paragraph on stderr, exit code 2."""
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
-def user_error(error: BaseException | None) -> UserError | None:
-    """The UserError behind `error`, also when Hydra's instantiate wrapped it (InstantiationException from it)."""
-    while error is not None and not isinstance(error, UserError):
-        error = error.__cause__
-    return error
-
-
 @contextmanager
 def reported_failures() -> Iterator[None]:
     """Wrap one train.py job.
 
-    A single run ends on a UserError with `exit_with`; other errors keep their traceback. A sweep job must not end the
+    A single run ends on a UserError with `exit_with`, removing the run dir it created (nothing was trained); other
+    errors keep their traceback and the dir, whose train.log holds it. A sweep job must not end the
     process (Hydra would stop the whole sweep), so it logs any error, records it in <job dir>/failure.json and returns
     normally; the job then has no result, which Optuna records as a failed trial, and FailureSummary lists it at the
     end.
@@ -56,6 +47,7 @@ def reported_failures() -> Iterator[None]:
         hydra, bad_input = HydraConfig.get(), user_error(e)
         if hydra.mode != RunMode.MULTIRUN:
             if bad_input is not None:
+                discard_created_run_dir()
                 exit_with(bad_input)
             raise
         reason = str(bad_input) if bad_input is not None else f"{type(e).__name__}: {e}"
@@ -97,6 +89,21 @@ class FailureSummary(Callback):
             file=sys.stderr,
         )
         sys.exit(1)
+
+
+class LauncherCheck(Callback):
+    """Hydra callback: refuse a SLURM sweep on a machine without SLURM before any job is submitted."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        target = OmegaConf.select(config, "hydra.launcher._target_") or ""
+        if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+            exit_with(
+                UserError(
+                    "hydra/launcher=slurm submits each job with SLURM's sbatch, which is not installed on this "
+                    "machine. Run the sweep from a SLURM login node, or here with hydra/launcher=joblib (parallel "
+                    "processes) or the default launcher (one job after another)."
+                )
+            )
 
 
 class ThreadSplit(Callback):

@@ -3,9 +3,12 @@
 import json
 import logging
 import os
+import re
+import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,13 +16,25 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from autoencoders.callbacks import ImageLogger, ProgressBar
+from autoencoders.console import metrics_table
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
 from autoencoders.faults import EpochSeeds, NanGuard, SafeCheckpointIO
 from autoencoders.likelihoods import for_data
 from autoencoders.models import AE
-from autoencoders.rundirs import check_run_dir, resume_checkpoint
+from autoencoders.rundirs import check_run_dir, resume_checkpoint, resumes_in_place
 from autoencoders.sweeps import check_launchable
+
+log = logging.getLogger(__name__)
+
+# Lightning's messages that no user of train.py can act on, silenced one by one (not by category):
+# a deprecation inside Lightning's own pytree code; the logging-interval warning, which does not apply because epoch
+# metrics and `train/*_step` are logged by global step, across epochs; and an advertisement for a cloud logger.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -31,7 +46,7 @@ def check_config(cfg: DictConfig) -> None:
             f"Pass them on the command line, e.g. {missing[0]}=<value>."
         )
     if not isinstance(cfg.seed, int):
-        raise UserError(f"seed={cfg.seed} is not an integer. Set e.g. seed=0; the splits and the run depend on it.")
+        raise UserError(f"seed={cfg.seed} is not an integer. Set e.g. seed=0; initialisation and noise depend on it.")
     if not isinstance(cfg.latent_dim, int) or cfg.latent_dim <= 0:
         raise UserError(f"latent_dim={cfg.latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
     if not isinstance(cfg.images_every_n_epochs, int) or cfg.images_every_n_epochs < 1:
@@ -41,6 +56,22 @@ def check_config(cfg: DictConfig) -> None:
         )
     if not isinstance(cfg.compile, bool):
         raise UserError(f"compile={cfg.compile} is not a boolean. Set compile=true or compile=false.")
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs == 0 or max_epochs < -1):
+        raise UserError(
+            f"trainer.max_epochs={max_epochs} is no number of epochs to train. Set a positive one, e.g. "
+            "trainer.max_epochs=50 (or -1 together with a trainer.max_steps limit)."
+        )
+    if max_epochs == -1 and max_steps in (None, -1):
+        raise UserError(
+            "trainer.max_epochs=-1 with no trainer.max_steps would train forever. Set trainer.max_epochs=50, say, or "
+            "a step limit such as trainer.max_steps=5000."
+        )
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator={cfg.trainer.accelerator} (e.g. trainer=gpu), but PyTorch sees no CUDA GPU here. "
+            "Use trainer=default (the best device available) or trainer=cpu."
+        )
     if not isinstance(cfg.kl_weight, int | float) or cfg.kl_weight < 0:
         raise UserError(
             f"kl_weight={cfg.kl_weight} is not a non-negative number. Set e.g. kl_weight=1 (the standard VAE)."
@@ -113,6 +144,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 
     datamodule, model = build(cfg)
     ckpt_path = resume_checkpoint(cfg.ckpt_path, run_dir, model)
+    if resumes_in_place(cfg.ckpt_path, run_dir):  # its checkpoints dir holds the run's own checkpoints, as it should
+        warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(run_dir))}.* exists and is not")
     if cfg.compile:
         for net in model.children():  # in place, so parameter names and checkpoints stay as without
             net.compile()
@@ -150,4 +183,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics=val, step=trainer.global_step)
         logger.finalize("success")  # flush: the writer's queue is not always written out at interpreter exit
         write_json(run_dir / "metrics.json", metrics)
+        chosen = Path(test_ckpt).name if test_ckpt else "the final weights"
+        log.info(
+            "Run dir: %s\nMetrics of %s (nats per image unless noted), in metrics.json:\n%s",
+            *(run_dir, chosen, metrics_table(dict(sorted(metrics.items())))),
+        )
     return metrics

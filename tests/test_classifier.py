@@ -41,7 +41,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def job(study: Path, method: str) -> Path:
     """The study's seed-0 run of `method`."""
-    (path,) = study.glob(f"*,seed=0,*transfer={method}")
+    configs = {path.parent.parent: OmegaConf.load(path) for path in study.glob("*/.hydra/config.yaml")}
+    (path,) = (run for run, cfg in configs.items() if cfg.seed == 0 and cfg.model.get("method") == method)
     return path
 
 

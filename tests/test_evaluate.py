@@ -166,10 +166,25 @@ def test_failed_runs_and_runs_without_checkpoint_are_listed_not_dropped(sweep, t
     for job in ("0_model=vae", "1_model=vae"):
         shutil.copytree(run_dirs(sweep)["vae"] / ".hydra", tmp_path / job / ".hydra")
     (tmp_path / "1_model=vae" / FAILURE_FILE).write_text(json.dumps({"error": "out of memory"}))
-    evaluate(evaluate_config(f"sweep_dir={tmp_path}"))
+    with pytest.raises(UserError, match=r"2 of the 2 jobs .* could not be scored(.|\n)*1_model=vae: training failed"):
+        evaluate(evaluate_config(f"sweep_dir={tmp_path}"))
     with open(tmp_path / "summary.csv") as f:
         rows = [(r["run"], r["status"]) for r in csv.DictReader(f)]
     assert rows == [("0_model=vae", "no checkpoint"), ("1_model=vae", "training failed: out of memory")]
+
+
+def test_a_failing_sweep_evaluation_exits_nonzero_and_keeps_the_better_summary(sweep, tmp_path):
+    """Scoring on data that is not on disk fails for every job: the earlier, good report stays byte for byte."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    before = {name: (copy / name).read_bytes() for name in ("summary.csv", "summary.md", "rate_distortion.png")}
+    proc = run_script(
+        "evaluate.py", f"sweep_dir={copy}", "data=fashion_mnist", f"data.source.root={tmp_path / 'nowhere'}", *FAST,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: 2 of the 2 jobs" in proc.stderr and "were kept as they were" in proc.stderr
+    assert {name: (copy / name).read_bytes() for name in before} == before
 
 
 def test_no_target_exits_with_a_clear_error(tmp_path):

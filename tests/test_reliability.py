@@ -20,9 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
+from autoencoders.cli import user_error
 from autoencoders.errors import UserError
 from autoencoders.faults import SafeCheckpointIO
-from autoencoders.sweeps import user_error
 from autoencoders.training import train
 from tests.faulty_train import Fault
 from tests.helpers import ROOT, TINY, run_train
@@ -92,7 +92,7 @@ def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
 
 def test_last_ckpt_is_the_latest_epoch_even_when_val_loss_stops_improving(tmp_path):
     run_dir = tmp_path / "run"
-    train(compose_train(run_dir, *TINY, "model=ae", "model.lr=0", "trainer.max_epochs=3"))  # val/loss never improves
+    train(compose_train(run_dir, *TINY, "model=ae", "model.lr=1e-30", "trainer.max_epochs=3"))  # no step moves a weight
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
@@ -145,7 +145,7 @@ def test_failed_sweep_jobs_do_not_stop_the_others_and_are_listed_at_the_end(tmp_
     assert summary.count("latent_dim=0 is not a positive integer") == 2
     assert "A 2-process DDP run cannot start inside a sweep (-m)" in summary
     finished = [p.name for p in sweep.iterdir() if (p / "metrics.json").is_file()]
-    assert len(finished) == 1 and "latent_dim=2" in finished[0] and "devices=1" in finished[0]
+    assert len(finished) == 1 and "latent_dim-2" in finished[0] and "devices-1" in finished[0]
     assert len(list(sweep.glob("*/failure.json"))) == 3
 
 
@@ -169,7 +169,7 @@ def bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
 
 # (overrides, expected message). {ckpt}, {best}: the finished run's last.ckpt and best-*.ckpt; {bad:<kind>}: a broken
 # file (bad_checkpoint); {run}: the finished run's dir; {folder:<kind>}: an image folder that is empty, holds only a
-# corrupt image, or a 3x32x32 one for a data-shape mismatch.
+# corrupt image, or a 3x32x32 one for a data-shape mismatch; {file}: a text file.
 BAD_INPUT = {
     "empty image folder": (["data=image_folder", "data.source.root={folder:empty}"], "holds no image files"),
     "only a corrupt image": (["data=image_folder", "data.source.root={folder:corrupt}"], "could be read"),
@@ -201,6 +201,20 @@ BAD_INPUT = {
     "unknown binarize": (["data.binarize=yes"], "data.binarize='yes' is unknown"),
     "frozen classifier without encoder": (["model=classifier", "model.method=frozen"], "needs a pretrained encoder"),
     "classifier method unknown": (["model=classifier", "model.method=svm"], "model.method='svm' is unknown"),
+    "negative learning rate": (["model.lr=-1"], r"model.lr=-1 is not a positive number"),
+    "learning rate not a number": (["model.lr=abc"], r"model.lr='abc' is not a positive number"),
+    "endless training": (["trainer.max_epochs=-1"], "would train forever"),
+    "no epochs": (["trainer.max_epochs=0"], "trainer.max_epochs=0 is no number of epochs"),
+    "a zero-width layer": (["model.widths=[0]"], r"model.widths=\[0\] must be positive layer sizes"),
+    "negative KL warm-up": (["model.kl_warmup_epochs=-5"], "model.kl_warmup_epochs=-5 is not a number of epochs"),
+    "image folder root is a file": (["data=image_folder", "data.source.root={file}"], "is a file, not a folder"),
+    **(
+        {}
+        if torch.cuda.is_available()
+        else {
+            "trainer=gpu without a GPU": (["trainer=gpu", "trainer.accelerator=gpu"], "PyTorch sees no CUDA GPU here")
+        }
+    ),
     "encoder of another split": (
         ["model=classifier", "encoder_ckpt={ckpt}", "latent_dim=2", "data.split_seed=1"],
         "trained on .* of the classifier's validation and test images",
@@ -218,7 +232,8 @@ def test_bad_input_is_refused_and_changes_nothing(case, runs, tmp_path):
     write_images(folders["rgb32"], [(32, 32)] * 20)
     good = finished / "checkpoints" / "last.ckpt"
     best = next((finished / "checkpoints").glob("best-*.ckpt"))
-    fill = {"{ckpt}": str(good), "{best}": str(best), "{run}": str(finished)}
+    (tmp_path / "notes.txt").write_text("not a folder")
+    fill = {"{ckpt}": str(good), "{best}": str(best), "{run}": str(finished), "{file}": str(tmp_path / "notes.txt")}
     fill |= {
         f"{{bad:{k}}}": str(bad_checkpoint(k, tmp_path, good)) for k in ("missing", "truncated", "text", "foreign")
     }

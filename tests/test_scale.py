@@ -1,11 +1,13 @@
 """Scaling out on Hydra launchers and sweepers and Lightning strategies: parallel and SLURM sweeps, DDP, Optuna."""
 
 import re
+import shutil
 from datetime import datetime
 from pathlib import Path
 
 import joblib
 import optuna
+import pytest
 from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
@@ -36,6 +38,16 @@ def test_slurm_launcher_config_composes_with_its_keys():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
     assert launcher.array_parallelism == 16 and launcher.tasks_per_node == 1
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is installed here")
+def test_a_slurm_sweep_without_slurm_is_a_clear_error_before_anything_is_written(tmp_path):
+    proc = run_train(
+        "-m", "hydra/launcher=slurm", "model=ae,vae", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: hydra/launcher=slurm submits each job with SLURM's sbatch")
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_submitit_local_launcher_runs_a_sweep_offline(tmp_path):

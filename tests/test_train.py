@@ -3,15 +3,23 @@
 import io
 import json
 import math
+import os
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import autoencoders
+from autoencoders.callbacks import ProgressBar
+from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.models import VAE
-from tests.helpers import run_train
+from autoencoders.rundirs import RunDirGuard
+from tests.helpers import ROOT, run_train
 
 
 def event_tags(run_dir) -> dict:
@@ -40,6 +48,35 @@ def test_run_dir_holds_config_checkpoints_and_metrics(vae_run):
     # the MNIST default follows the literature: a Bernoulli likelihood on dynamically binarised digits
     hparams = torch.load(vae_run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["likelihood"] == "bernoulli"
+
+
+def test_the_console_ends_with_the_run_dir_and_a_table_of_val_and_test_metrics(vae_run):
+    log = (vae_run / "train.log").read_text()  # what the console showed, as Hydra logs it
+    assert f"Run dir: {vae_run}" in log
+    table = log[log.index("in metrics.json:") :].splitlines()[1:]
+    assert table[0].split() == ["metric", "val", "test"]
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:] if line.startswith("  ")}
+    metrics = json.loads((vae_run / "metrics.json").read_text())
+    assert float(rows["elbo"][0]) == pytest.approx(metrics["val/elbo"], rel=1e-5)
+    assert float(rows["elbo"][1]) == pytest.approx(metrics["test/elbo"], rel=1e-5)
+    assert rows["nll"] == [f"{metrics['test/nll']:.6g}"]  # a test-only metric: one cell
+    for noise in ("Tip: For seamless cloud logging", "LeafSpec", "smaller than the logging interval"):
+        assert noise not in log
+
+
+def test_the_progress_bar_shows_the_training_loss_and_the_selection_metric(tmp_path):
+    model = VAE((1, 28, 28), latent_dim=2)
+    data = ImageDataModule(MNISTSubset(os.environ["AUTOENCODERS_CACHE"]), labels_per_class=3, batch_size=10)
+    bar = ProgressBar()
+    trainer = L.Trainer(
+        max_epochs=1, limit_val_batches=1, logger=False, enable_checkpointing=False, callbacks=[bar],
+        default_root_dir=tmp_path, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    shown = bar.get_metrics(trainer, model)
+    assert float(shown["loss"]) > 0 and float(shown["val/elbo"]) == pytest.approx(
+        trainer.callback_metrics["val/elbo"].item(), rel=1e-3
+    )
 
 
 def test_the_best_checkpoint_is_chosen_on_val_elbo_and_metrics_json_reports_its_own_val_metrics(tmp_path):
@@ -100,8 +137,9 @@ def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
     run_train("-m", "model=ae,vae", "latent_dim=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file())
     assert len(runs) == 2
-    assert runs[0].startswith("0_") and "latent_dim=2,model=ae" in runs[0]
-    assert runs[1].startswith("1_") and "latent_dim=2,model=vae" in runs[1]
+    assert runs[0].startswith("0_") and "_latent_dim-2_model-ae_" in runs[0]
+    assert runs[1].startswith("1_") and "_latent_dim-2_model-vae_" in runs[1]
+    assert not any(c in name for name in runs for c in "=,/ ")  # can be passed back on a command line unquoted
 
 
 @pytest.mark.parametrize(
@@ -117,15 +155,35 @@ def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
     ],
 )
 def test_bad_input_is_a_clear_error_with_nonzero_exit(tmp_path, override, message):
-    proc = run_train(override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    proc = run_train(override, cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not list(tmp_path.glob("outputs/runs/*"))  # a rejected command leaves no run dir behind
+
+
+def test_two_runs_started_in_the_same_second_get_a_dir_each(tmp_path, monkeypatch):
+    """Default run dirs are named to the second; the second claimant of a name gets -2, and neither shares."""
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        configs = [compose("train", ["model=ae", "+data.source.root=/a/b/c"], return_hydra_config=True) for _ in "ab"]
+    dirs, name = [], configs[0].hydra.run.dir  # one name for both, as for two commands started in the same second
+    for config in configs:
+        with open_dict(config):
+            config.hydra.run.dir = name
+        RunDirGuard().on_run_start(config)
+        dirs.append(Path(config.hydra.run.dir))
+    assert dirs[0].name.endswith("_data.source.root-c_model-ae")  # a path-valued setting: by its last part
+    assert dirs[1] == dirs[0].with_name(dirs[0].name + "-2") and all(d.is_dir() for d in dirs)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
+        Path("outputs"),
+        Path("outputs/runs"),
+        *dirs,
+    ]
 
 
 def test_seed_makes_runs_reproducible_including_seed_zero(tmp_path):
     run_train("-m", "model=ae", "latent_dim=2", "seed=0,0,1", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
-    runs = sorted(tmp_path.glob("*_*seed=*"))
+    runs = sorted(tmp_path.glob("*_seed-*"))
     first, again, other = (json.loads((run / "metrics.json").read_text()) for run in runs)
     assert first == again
     assert first["test/loss"] != other["test/loss"]
