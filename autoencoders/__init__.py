@@ -2,9 +2,12 @@
 
 from omegaconf import OmegaConf
 
-from autoencoders.rundirs import run_name
+from autoencoders.rundirs import attempt_subdir, job_log, run_name
 
-OmegaConf.register_new_resolver("run_name", run_name, replace=True)  # conf/train.yaml's run and job dir names
+# conf/train.yaml's run and job dir names, and where each attempt's config and log go (autoencoders/rundirs.py)
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("attempt_subdir", attempt_subdir, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("job_log", job_log, replace=True, use_cache=True)
 
 
 def load(path):

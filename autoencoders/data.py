@@ -351,36 +351,41 @@ class ImageDataModule(L.LightningDataModule):
                     f"The {name} split of {len(labels)} images is empty. Use more images, or adjust "
                     f"data.val_fraction={hp.val_fraction} / data.test_fraction={hp.test_fraction}."
                 )
-        self._real = {"full_train": _to_unit_float(images[train]), "val": _to_unit_float(images[val])}
-        self._labels = {"full_train": labels[train], "val": labels[val], "test": test_labels}
-        self._real["test"] = _to_unit_float(test_images)
-        chosen = slice(None)
+        full_train = train
         if hp.labels_per_class is not None:
-            generator = torch.Generator().manual_seed(hp.seed)
-            chosen = _per_class(labels[train], hp.labels_per_class, data.num_classes, generator)
-        train, self._real["train"], self._labels["train"] = (
-            train[chosen],
-            self._real["full_train"][chosen],
-            labels[train[chosen]],
-        )
+            chosen = torch.Generator().manual_seed(hp.seed)
+            train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, chosen)]
         self.split_index = {"train": train, "val": val, **({} if test is None else {"test": test})}
-        binarized = torch.Generator().manual_seed(hp.split_seed)  # fixed: val and test are the same for every run
+        # The grey images of every split, which sample quality is measured against ...
+        self._real = {
+            "full_train": (_to_unit_float(images[full_train]), labels[full_train]),
+            "val": (_to_unit_float(images[val]), labels[val]),
+            "test": (_to_unit_float(test_images), test_labels),
+        }
+        self._real["train"] = self._real["full_train"] if train is full_train else (
+            _to_unit_float(images[train]), labels[train]
+        )  # fmt: skip
+        # ... and what the model sees: binarised once with a generator fixed by split_seed (val, test, and train if
+        # static; a dynamic train split is binarised per batch, in on_after_batch_transfer), or the grey images.
+        binarized = torch.Generator().manual_seed(hp.split_seed)
         held_out = {name: self._binarized(name, binarized) for name in ("val", "test")}
-        train_images = self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"]
-        self.train_set = _BatchedTensorDataset(train_images, self._labels["train"])
-        self.val_set = _BatchedTensorDataset(held_out["val"], self._labels["val"])
+        self.train_set = _BatchedTensorDataset(
+            self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"][0],
+            self._real["train"][1],
+        )
+        self.val_set = _BatchedTensorDataset(held_out["val"], labels[val])
         self.test_set = _BatchedTensorDataset(held_out["test"], test_labels)
         self.image_shape = tuple(images.shape[1:])
         self.num_classes = data.num_classes
 
     def _binarized(self, split: str, generator: torch.Generator) -> Tensor:
-        real = self._real[split]
+        real = self._real[split][0]
         return real if self.hparams.binarize is None else torch.bernoulli(real, generator=generator)
 
     def real_split(self, split: str) -> tuple[Tensor, Tensor]:
         """The grey images and labels of `split` (train, val, test, or full_train: the train split before
         labels_per_class), whatever `binarize` is."""
-        return self._real[split], self._labels[split]
+        return self._real[split]
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if self.hparams.binarize == "dynamic" and self.trainer is not None and self.trainer.training:

@@ -5,6 +5,7 @@ Imported before torch (Hydra instantiates RunDirGuard at start-up), so checkpoin
 """
 
 import hashlib
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from autoencoders.cli import exit_with
@@ -41,6 +43,29 @@ def run_name(overrides: Sequence[str]) -> str:
     if len(name) <= 200:
         return name
     return f"{name[:191]}_{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"  # short enough for any OS
+
+
+def finished(run_dir: Path, mode: RunMode) -> bool:
+    """Whether `run_dir` is a sweep job that an earlier run of the same sweep finished: it is skipped, untouched."""
+    return mode == RunMode.MULTIRUN and (run_dir / "metrics.json").is_file()
+
+
+def attempt_subdir(output_dir: str, mode: RunMode) -> str | None:
+    """hydra.output_subdir: where Hydra saves an attempt's config and overrides. The first attempt's go to .hydra/,
+    those of each later one (a resume, a rerun of a crashed sweep) to .hydra/attempt-<n>/, so the original command
+    is never overwritten; a finished sweep job's nowhere."""
+    run_dir = Path(output_dir)
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        return ".hydra"
+    if finished(run_dir, mode):
+        return None
+    return f".hydra/attempt-{len(list((run_dir / '.hydra').glob('attempt-*'))) + 2}"
+
+
+def job_log(output_dir: str, job_name: str, mode: RunMode) -> str:
+    """The file Hydra's log handler appends to: <run>/<job name>.log (train.log; a DDP rank's own), or nothing for a
+    finished sweep job."""
+    return os.devnull if finished(Path(output_dir), mode) else str(Path(output_dir) / f"{job_name}.log")
 
 
 def last_checkpoint(run_dir: Path) -> Path:

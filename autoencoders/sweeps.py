@@ -68,7 +68,8 @@ def objective(metrics: dict[str, float], name: str) -> float:
 
 
 class FailureSummary(Callback):
-    """Hydra callback: when a sweep ends, list this invocation's failed jobs with their reasons and exit 1 if any."""
+    """Hydra callback: when a sweep ends, say which jobs it skipped as finished earlier, list this invocation's failed
+    jobs with their reasons, and exit 1 if any failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         marker = Path(config.hydra.sweep.dir) / STARTED_FILE
@@ -78,6 +79,14 @@ class FailureSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         started = (sweep_dir / STARTED_FILE).stat().st_mtime
+        done = [p.parent.name for p in sweep_dir.glob("*/metrics.json")]
+        skipped = sorted(name for name in done if (sweep_dir / name / "metrics.json").stat().st_mtime < started)
+        if skipped:
+            print(
+                f"sweep {sweep_dir}: {len(skipped)} job(s) had finished in an earlier run of the sweep and were "
+                f"skipped, their files left as they were ({', '.join(skipped)}); {len(done) - len(skipped)} job(s) "
+                "ran to the end now."
+            )
         records = [json.loads(p.read_text()) for p in sweep_dir.rglob(FAILURE_FILE) if p.stat().st_mtime >= started]
         if not records:
             return

@@ -6,10 +6,12 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -19,10 +21,10 @@ from autoencoders.callbacks import ImageLogger, ProgressBar
 from autoencoders.console import metrics_table
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
-from autoencoders.faults import EpochSeeds, NanGuard, SafeCheckpointIO
+from autoencoders.faults import EpochSeeds, NanGuard, Preemption, SafeCheckpointIO
 from autoencoders.likelihoods import for_data
 from autoencoders.models import AE
-from autoencoders.rundirs import check_run_dir, resume_checkpoint, resumes_in_place
+from autoencoders.rundirs import check_run_dir, finished, last_checkpoint, resume_checkpoint, resumes_in_place
 from autoencoders.sweeps import check_launchable
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,13 @@ class BestCheckpoint(ModelCheckpoint):
         )
         self.val_metrics: dict[str, float] = {}
 
+    def state_dict(self) -> dict[str, Any]:  # in last.ckpt, so a resumed run reports its best's metrics too
+        return {**super().state_dict(), "val_metrics": self.val_metrics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.val_metrics = state_dict.get("val_metrics", {})
+
     # Lightning saves at the end of the training epoch when validation ran just before it, else at validation's end.
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._noting_a_new_best(super().on_train_epoch_end, trainer, pl_module)
@@ -138,7 +147,14 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     """Train, test and write metrics.json; `extra_callbacks` (e.g. a benchmark's timer) join the standard ones."""
     check_config(cfg)
     logging.getLogger("lightning").handlers.clear()  # Hydra's handlers already print and log to <run>/train.log
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    if finished(run_dir, hydra.mode):
+        log.info("Job %s finished in an earlier run of this sweep: skipped, its files left as they were", run_dir.name)
+        return json.loads((run_dir / "metrics.json").read_text())
+    if hydra.mode == RunMode.MULTIRUN and cfg.ckpt_path is None and last_checkpoint(run_dir).is_file():
+        log.info("Job %s stopped in an earlier run of this sweep: resuming it from its last.ckpt", run_dir.name)
+        cfg.ckpt_path = "last"
     check_run_dir(run_dir, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -160,6 +176,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False),
         ProgressBar(),
         NanGuard(),
+        Preemption(),
         EpochSeeds(cfg.seed),
     ]
     if isinstance(model, AE):

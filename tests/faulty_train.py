@@ -1,6 +1,8 @@
 """train.py with one fault injected at a known training step, for the reliability tests (never used in production).
 
-    FAULT=kill@7 python tests/faulty_train.py <train.py overrides>   SIGKILL at the start of global step 7
+    FAULT=kill@7 python tests/faulty_train.py <train.py overrides>   SIGKILL at the start of global step 7, once the
+                                                                     checkpoint in flight is on disk (a moment chosen
+                                                                     so that the run's latest checkpoint is known)
     FAULT=nan@7  python tests/faulty_train.py <train.py overrides>   NaN inputs at step 7, hence a NaN loss
 
 Everything else is the real train.py: the fault joins train()'s callbacks through its `extra_callbacks` argument.
@@ -27,6 +29,7 @@ class Fault(L.Callback):
         if trainer.global_step != self.step:
             return
         if self.kind == "kill":
+            trainer.strategy.checkpoint_io.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         batch[0].fill_(float("nan"))
 

@@ -43,3 +43,11 @@ def test_levers_report_each_variant_against_the_baseline(tmp_path):
     figures = json.loads(out.read_text())["results"]["conv_ae"]
     assert figures["baseline"]["vs baseline"] == 1
     assert all(figures[v]["s/epoch"] > 0 and figures[v]["test loss"] > 0 for v in variants)
+
+
+def test_checkpoint_save_reports_each_way(tmp_path):
+    out = tmp_path / "save.json"
+    stdout = run_benchmark("checkpoint_save.py", "--quick", "--json", str(out), cwd=tmp_path)
+    figures = json.loads(out.read_text())
+    assert figures["size_mb"] > 10 and all(figures["ms"][way] > 0 for way in ("no_crc", "crc", "safe", "safe_wait"))
+    assert "x no_crc" in stdout

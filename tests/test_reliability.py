@@ -6,9 +6,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -76,8 +79,14 @@ def test_killed_run_resumes_with_no_epoch_lost_and_ends_like_an_uninterrupted_on
     assert (last["epoch"], last["global_step"]) == (0, 2)  # the finished epoch is on disk
     assert not (killed / "metrics.json").exists()
 
+    first_log = (killed / "train.log").read_text()
+    original = {p.name: p.read_bytes() for p in (killed / ".hydra").glob("*.yaml")}
     run_train(*RUN, f"hydra.run.dir={killed}", "ckpt_path=last", cwd=killed.parent, tiny=False)
     assert metrics(killed) == pytest.approx(metrics(runs["whole"]), rel=1e-5)
+    # the resume kept the history: the first attempt's command and config, and its log, which was appended to
+    assert {p.name: p.read_bytes() for p in (killed / ".hydra").glob("*.yaml")} == original
+    assert "ckpt_path=last" in (killed / ".hydra" / "attempt-2" / "overrides.yaml").read_text()
+    assert (killed / "train.log").read_text().startswith(first_log) and "Run dir:" in (killed / "train.log").read_text()
 
 
 def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
@@ -88,6 +97,23 @@ def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
     with open_dict(cfg):
         del cfg.hydra
     return cfg
+
+
+def test_sigterm_stops_with_exit_143_naming_the_checkpoint_to_resume_from(tmp_path):
+    """As SLURM sends before preemption: the run stops, keeps its last finished epoch and does not report success."""
+    run_dir = tmp_path / "run"
+    proc = start(ROOT / "train.py", *TINY, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, env={})
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert (
+        "error: stopped by SIGTERM at step" in err and f"resume it with ckpt_path=last hydra.run.dir={run_dir}" in err
+    )
+    assert torch.load(last, weights_only=True)["epoch"] >= 0 and not (run_dir / "metrics.json").exists()
 
 
 def test_last_ckpt_is_the_latest_epoch_even_when_val_loss_stops_improving(tmp_path):
@@ -129,9 +155,48 @@ def test_checkpoint_writes_are_atomic_finite_and_read_back_weights_only(tmp_path
         io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.full((3,), 2.0))
 
+    assert zipfile.ZipFile(path).testzip() is None  # each record carries its CRC32, and it is right
+
     torch.save({"state_dict": {}, "hparams": Namespace(lr=1)}, tmp_path / "pickled.ckpt")  # as old Lightning did
     with pytest.raises(Exception, match="Weights only load failed"):
         io.load_checkpoint(tmp_path / "pickled.ckpt")
+
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    """Power-cut safety: the new file is fsynced before it takes the target's name, and the rename is fsynced after."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    io, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    io.teardown()  # as Lightning's strategy does at the end of fit: waits for the save in flight
+    assert events == [("fsync", str(tmp_path / ".last.ckpt.part")), ("replace", str(path)), ("fsync", str(tmp_path))]
+
+
+def test_rerunning_a_crashed_sweep_skips_finished_jobs_untouched_and_resumes_the_rest(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = ["-m", "model=ae,vae", "latent_dim=2", "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}"]
+    run_train(*command, cwd=tmp_path)
+    done, crashed = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    (crashed / "metrics.json").unlink()  # as if the job had been killed after its last epoch's checkpoint
+    before = snapshot(done)
+    proc = run_train(*command, cwd=tmp_path)
+    assert snapshot(done) == before  # byte for byte: .hydra, train.log, checkpoints, events, metrics.json
+    assert (crashed / "metrics.json").is_file() and (crashed / ".hydra" / "attempt-2" / "config.yaml").is_file()
+    assert not list(sweep.glob("*/failure.json"))
+    skipped = "1 job(s) had finished in an earlier run of the sweep and were skipped, their files left as they were"
+    assert f"{skipped} ({done.name}); 1 job(s) ran to the end now." in proc.stdout
+    assert "resuming it from its last.ckpt" in (crashed / "train.log").read_text()
 
 
 def test_failed_sweep_jobs_do_not_stop_the_others_and_are_listed_at_the_end(tmp_path):
