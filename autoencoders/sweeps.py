@@ -87,6 +87,8 @@ class FailureSummary(Callback):
                 f"skipped, their files left as they were ({', '.join(skipped)}); {len(done) - len(skipped)} job(s) "
                 "ran to the end now."
             )
+        else:  # also what a launcher that keeps the jobs' output to itself (submitit) leaves the console
+            print(f"sweep {sweep_dir}: {len(done)} job(s) ran to the end; each has its metrics.json and train.log.")
         records = [json.loads(p.read_text()) for p in sweep_dir.rglob(FAILURE_FILE) if p.stat().st_mtime >= started]
         if not records:
             return
@@ -116,22 +118,30 @@ class LauncherCheck(Callback):
 
 
 class ThreadSplit(Callback):
-    """Hydra callback: under a launcher that runs `n_jobs` jobs at once on this machine (joblib), each job's torch gets
-    cores // n_jobs threads, so that jobs x threads <= cores instead of every job using every core."""
+    """Hydra callback: under a launcher that runs several jobs at once on this machine, each job's torch gets its
+    share of the cores instead of every job using every core: cores // n_jobs threads under joblib, so that jobs x
+    threads <= cores; under submitit_local, which starts every job at once, `hydra.launcher.cpus_per_task` threads
+    (null: 1)."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs")
-        if n_jobs is None:
+        launcher = OmegaConf.select(config, "hydra.launcher", default={})
+        n_jobs = launcher.get("n_jobs")
+        local_submitit = str(launcher.get("_target_", "")).endswith("submitit_launcher.LocalLauncher")
+        if n_jobs is None and not local_submitit:
             return
         import joblib
         import torch
 
         cores = joblib.cpu_count()  # respects CPU affinity and cgroup quotas
-        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
-        torch.set_num_threads(max(1, cores // parallel))
+        if local_submitit:
+            threads = launcher.get("cpus_per_task") or 1
+        else:
+            parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but 1
+            threads = max(1, cores // parallel)
+        torch.set_num_threads(threads)
         log.info(
-            "%d parallel jobs on %d cores: torch uses %d thread(s) in this job (process %d)",
-            *(parallel, cores, torch.get_num_threads(), os.getpid()),
+            "%d cores, jobs run in parallel: torch uses %d thread(s) in this job (process %d)",
+            *(cores, torch.get_num_threads(), os.getpid()),
         )
 
 

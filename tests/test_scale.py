@@ -50,11 +50,17 @@ def test_a_slurm_sweep_without_slurm_is_a_clear_error_before_anything_is_written
     assert not (tmp_path / "sweep").exists()
 
 
-def test_submitit_local_launcher_runs_a_sweep_offline(tmp_path):
+def test_submitit_local_launcher_runs_a_sweep_offline_sharing_the_cores_and_says_so(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train("-m", "hydra/launcher=submitit_local", "latent_dim=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert len(list(sweep.glob("0_*/metrics.json"))) == 1
+    proc = run_train(
+        "-m", "hydra/launcher=submitit_local", "latent_dim=2",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    (log,) = sweep.glob("0_*/train.log")
     assert (sweep / ".submitit").is_dir()  # the job ran as a submitit job, in its own process
+    _, threads, _ = THREADS_LINE.search(log.read_text()).groups()
+    assert int(threads) == 1  # submitit_local starts every job at once: one thread each unless cpus_per_task says
+    assert f"sweep {sweep}: 1 job(s) ran to the end" in proc.stdout
 
 
 def test_ddp_with_two_cpu_processes_writes_one_run_dir_from_rank_zero(tmp_path):

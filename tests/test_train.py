@@ -145,11 +145,7 @@ def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("latent_dim=0", "latent_dim=0"),
-        ("latent_dim=-4", "latent_dim=-4"),
-        ("kl_weight=-1", "kl_weight=-1"),
-        ("compile=maybe", "compile=maybe"),
-        ("images_every_n_epochs=0", "images_every_n_epochs=0"),
+        ("latent_dim=0", "latent_dim=0"),  # the other bad values: test_reliability's in-process BAD_INPUT table
         ("model=nope", "model"),
         ("data=nope", "data"),
     ],
