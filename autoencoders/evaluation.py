@@ -274,14 +274,18 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
     staging = eval_dir / f".{out_dir.name}.{os.getpid()}.part"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with SummaryWriter(staging) as writer:
-        save_pictures(grids, staging, writer)
-        for name, value in metrics.items():
-            writer.add_scalar(name, value)
-    settings = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint_file": str(checkpoint), "split": split}
-    OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, staging / "config.yaml")
-    write_json(staging / "metrics.json", metrics)
-    replace_dir(staging, out_dir)
+    try:
+        with SummaryWriter(staging) as writer:
+            save_pictures(grids, staging, writer)
+            for name, value in metrics.items():
+                writer.add_scalar(name, value)
+        settings = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint_file": str(checkpoint), "split": split}
+        OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, staging / "config.yaml")
+        write_json(staging / "metrics.json", metrics)
+        replace_dir(staging, out_dir)
+    except BaseException:  # a half-written evaluation never stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log.info("Scored %s on %s; wrote %s:\n%s", checkpoint.name, split, out_dir, metrics_table(metrics))
     return metrics
 

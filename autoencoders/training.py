@@ -135,10 +135,10 @@ class BestCheckpoint(ModelCheckpoint):
         before = self.best_model_path
         save(trainer, pl_module)
         if self.best_model_path != before:  # a new best has a new file name (epoch, or a -v1 suffix)
-            self.val_metrics = val_metrics(trainer)
+            self.val_metrics = latest_val_metrics(trainer)
 
 
-def val_metrics(trainer: L.Trainer) -> dict[str, float]:
+def latest_val_metrics(trainer: L.Trainer) -> dict[str, float]:
     """The latest validation epoch's metrics."""
     return {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
@@ -189,11 +189,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     # The best checkpoint by validation is tested; without one (fast_dev_run), the weights as they are, with the
     # validation metrics of the last epoch.
     test_ckpt = best.best_model_path or None
-    val = (
-        best.val_metrics
-        if test_ckpt
-        else {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    )
+    val = best.val_metrics if test_ckpt else latest_val_metrics(trainer)
     test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True)[0]
     metrics = {**val, **test}
     if trainer.is_global_zero:
