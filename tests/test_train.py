@@ -59,7 +59,8 @@ def test_the_console_ends_with_the_run_dir_and_a_table_of_val_and_test_metrics(v
     metrics = json.loads((vae_run / "metrics.json").read_text())
     assert float(rows["elbo"][0]) == pytest.approx(metrics["val/elbo"], rel=1e-5)
     assert float(rows["elbo"][1]) == pytest.approx(metrics["test/elbo"], rel=1e-5)
-    assert rows["nll"] == [f"{metrics['test/nll']:.6g}"]  # a test-only metric: one cell
+    assert rows["nll"] == [f"{metrics['test/nll']:.6g}"]  # a test-only metric: one cell, in the test column
+    assert len(next(line for line in table if line.split()[0] == "nll")) == len(table[0])
     for noise in ("Tip: For seamless cloud logging", "LeafSpec", "smaller than the logging interval"):
         assert noise not in log
 
