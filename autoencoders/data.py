@@ -272,7 +272,7 @@ class ImageDataModule(L.LightningDataModule):
     train_set: TensorDataset
     val_set: TensorDataset
     test_set: TensorDataset
-    split_index: dict[str, Tensor]  # positions in the source's images (test: in its official test set, if it has one)
+    split_index: dict[str, Tensor]  # positions in the source's images; no "test" when the source has its own test set
 
     def __init__(
         self,

@@ -320,8 +320,9 @@ def reconstruction_metrics(model: AE, images: Tensor, batch_size: int) -> dict[s
     under the model's likelihood, in nats per image (a VAE's `recon` comes with its ELBO)."""
     squared_error = nll = 0.0
     for x in _batches(images, batch_size, model):
-        squared_error += (model.reconstruct(x) - x).pow(2).sum().item()
-        nll += model.reconstruction_nll(x).sum().item()
+        params = model.decoder(model.encode(x))  # one decoding serves both numbers
+        squared_error += (model.likelihood.mean(params) - x).pow(2).sum().item()
+        nll += model.likelihood.nll(params, x).sum().item()
     metrics = {"mse": squared_error / images.numel()}
     return metrics if isinstance(model, VAE) else metrics | {"recon": nll / len(images)}
 

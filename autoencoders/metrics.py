@@ -56,9 +56,9 @@ def metric_key(name: str) -> str:
     if base in METRICS:
         return base
     for key in METRICS:
-        prefix, _, suffix = key.partition("{sampler}")
-        sampler = base.removeprefix(prefix).removesuffix(suffix) if _ else ""
-        if sampler and prefix + sampler + suffix == base and "_" not in sampler:
+        prefix, placeholder, suffix = key.partition("{sampler}")
+        sampler = base.removeprefix(prefix).removesuffix(suffix)
+        if placeholder and sampler and "_" not in sampler and prefix + sampler + suffix == base:
             return key
     raise KeyError(name)
 
@@ -194,7 +194,7 @@ class SampleQuality:
                 feature=net, subsets=subsets, subset_size=subset_size, reset_real_features=False, normalize=True
             ).to(device),
         ]
-        self.device, self.sample_size = device, sample_size
+        self.device = device
         with torch.no_grad():
             for batch in reference.split(batch_size):
                 for metric in self.metrics:

@@ -21,6 +21,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from autoencoders.sweeps import FAILURE_FILE
+
 METHODS = ("frozen", "finetune", "scratch", "random", "pixels")  # table order; classifier.py defines each
 JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started job, holding its run dir
 # Command-line overrides that the pretraining run shares with the classifiers: what must agree between them, and the
@@ -129,7 +131,7 @@ def collect(sweep_dir: Path) -> tuple[list[Result], list[str]]:
     results, missing = [], []
     for marker in sorted((sweep_dir / JOBS_DIR).glob("*"), key=lambda p: int(p.name)):
         run_dir = Path(marker.read_text())
-        metrics, failure = run_dir / "metrics.json", run_dir / "failure.json"
+        metrics, failure = run_dir / "metrics.json", run_dir / FAILURE_FILE
         if not metrics.is_file():
             reason = json.loads(failure.read_text())["error"] if failure.is_file() else "it wrote no metrics.json"
             missing.append(f"job {marker.name} ({run_dir}): {reason}")
