@@ -6,6 +6,8 @@ See conf/evaluate.yaml for every key.
 import hydra
 from omegaconf import DictConfig
 
+import autoencoders  # noqa: F401  (registers the config schemas and resolvers; imports no torch)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:

@@ -3,15 +3,19 @@
 import hydra
 from omegaconf import DictConfig
 
+import autoencoders  # noqa: F401  (registers the config schemas and resolvers; imports no torch)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns `cfg.objective` (e.g. val/loss) for sweepers such as Optuna; None for a failed sweep job."""
-    from autoencoders.sweeps import objective, reported_failures
+    """Returns `cfg.objective` (null: the model's selection metric, e.g. val/elbo) for sweepers such as Optuna; None
+    for a failed sweep job."""
+    from autoencoders.cli import reported_failures
+    from autoencoders.sweeps import objective
     from autoencoders.training import train  # torch and lightning load only after the config is composed
 
     with reported_failures():  # bad input: exit 2 in a single run; in a sweep, recorded while the other jobs go on
-        return objective(train(cfg), cfg.objective)
+        return objective(train(cfg), cfg)
     return None
 
 

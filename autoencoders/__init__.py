@@ -2,7 +2,10 @@
 
 from omegaconf import OmegaConf
 
+from autoencoders import config
 from autoencoders.rundirs import attempt_subdir, job_log, run_name
+
+config.register()  # the schemas of conf/*.yaml (autoencoders/config.py), before Hydra composes a config
 
 # conf/train.yaml's run and job dir names, and where each attempt's config and log go (autoencoders/rundirs.py)
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)

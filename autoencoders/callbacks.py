@@ -1,15 +1,67 @@
-"""Training callbacks: a progress bar that costs little per step, and TensorBoard images of what an autoencoder does
-to real inputs, to prior samples and between two inputs."""
+"""The Lightning callbacks of conf/callbacks: the best checkpoint by validation, a progress bar that costs little per
+step, images of what an autoencoder does to real inputs, to prior samples and between two inputs, a NaN/Inf guard,
+a clear exit on preemption, and seeds that make resumes exact."""
 
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import Tensor
 
+from autoencoders.errors import UserError
+from autoencoders.loggers import log_image
 from autoencoders.models import AE
-from autoencoders.pictures import add_grid, image_grid
+from autoencoders.pictures import image_grid
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint by a validation metric (null: the model's selection metric), weights only: it is for testing
+    and evaluation, so it skips the optimizer state (2/3 of an Adam-trained model's bytes). `val_metrics` are the
+    validation metrics of the epoch that saved it, so metrics.json reports val and test of one and the same
+    checkpoint."""
+
+    def __init__(self, dirpath: str | Path, monitor: str, mode: str):
+        super().__init__(
+            dirpath=dirpath,
+            filename="best-epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=mode,
+            save_weights_only=True,
+        )
+        self.val_metrics: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:  # in last.ckpt, so a resumed run reports its best's metrics too
+        return {**super().state_dict(), "val_metrics": self.val_metrics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.val_metrics = state_dict.get("val_metrics", {})
+
+    # Lightning saves at the end of the training epoch when validation ran just before it, else at validation's end.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._noting_a_new_best(super().on_train_epoch_end, trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._noting_a_new_best(super().on_validation_end, trainer, pl_module)
+
+    def _noting_a_new_best(self, save, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        before = self.best_model_path
+        save(trainer, pl_module)
+        if self.best_model_path != before:  # a new best has a new file name (epoch, or a -v1 suffix)
+            self.val_metrics = latest_val_metrics(trainer)
+
+
+def latest_val_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The latest validation epoch's metrics."""
+    return {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
 class ProgressBar(RichProgressBar):
@@ -37,6 +89,7 @@ class ProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # a logger's version id: the run dir says where the run is
         if self._loss is not None:
             metrics["loss"] = f"{self._loss:.4g}"
         selection = getattr(pl_module, "selection", (None,))[0]
@@ -47,11 +100,12 @@ class ProgressBar(RichProgressBar):
 
 class ImageLogger(L.Callback):
     """Every `every_n_epochs` validation epochs and after the last, log grids of a fixed batch of validation images
-    and of fixed prior draws.
+    and of fixed prior draws, to every logger that takes images, at the step of that epoch's validation scalars.
 
     Tags: images/reconstructions (originals above reconstructions), images/samples (decoded z ~ N(0, I)),
     images/interpolations (one row per pair, a*z1 + (1-a)*z2), and latent/scatter for 2-D codes. At the end of
-    fit, codes of the validation images go to the embedding projector (latent_dim > 2).
+    fit, codes of the validation images go to TensorBoard's embedding projector (latent_dim > 2). Models other than
+    autoencoders (the classifier) get no images.
     """
 
     def __init__(
@@ -67,35 +121,41 @@ class ImageLogger(L.Callback):
         self.num_codes, self.every_n_epochs = num_codes, every_n_epochs
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(pl_module, AE):
+            return
         images, labels = trainer.datamodule.val_set.tensors
         generator = torch.Generator().manual_seed(0)
         chosen = torch.randperm(len(images), generator=generator)[: self.num_codes]  # the split may be sorted by label
         self.images, self.labels = images[chosen], labels[chosen]
         self.prior_z = torch.randn(self.num_samples, pl_module.latent_dim, generator=generator)
 
-    def _tensorboard(self, trainer: L.Trainer):
-        if trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
-            return trainer.logger.experiment
-        return None
-
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tb = self._tensorboard(trainer)
         last = trainer.current_epoch + 1 == trainer.max_epochs
-        if tb is None or trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs and not last):
+        if (
+            not isinstance(pl_module, AE)
+            or not trainer.is_global_zero
+            or trainer.sanity_checking
+            or (trainer.current_epoch % self.every_n_epochs and not last)
+        ):
             return
-        model: AE = pl_module
-        step, device = trainer.global_step, model.device
-        x = self.images[: self.num_images].to(device)
-        add_grid(tb, "images/reconstructions", image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x)), step)
-        add_grid(tb, "images/samples", image_grid(model.decode(self.prior_z.to(device)), nrow=8), step)
-        pairs = self.images[: 2 * self.num_pairs].to(device)
+        # Lightning logs an epoch's validation scalars at the index of its last training batch, not at global_step
+        step, model = trainer.fit_loop.epoch_loop._batches_that_stepped, pl_module
+        x = self.images[: self.num_images].to(model.device)
+        grids = {
+            "images/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x)),
+            "images/samples": image_grid(model.decode(self.prior_z.to(model.device)), nrow=8),
+        }
+        pairs = self.images[: 2 * self.num_pairs].to(model.device)
         rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
-        add_grid(tb, "images/interpolations", image_grid(rows.flatten(0, 1), nrow=self.steps), step)
+        grids["images/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)
         if model.latent_dim == 2:
-            tb.add_figure("latent/scatter", self._scatter(model.encode(self.images.to(device)).cpu()), step)
+            grids["latent/scatter"] = self._scatter(model.encode(self.images.to(model.device)).cpu())
+        for tag, grid in grids.items():
+            log_image(trainer.loggers, tag, grid, step)
 
-    def _scatter(self, codes: torch.Tensor):
+    def _scatter(self, codes: torch.Tensor) -> torch.Tensor:
+        """The 2-D codes coloured by label, as a (3, H, W) image in [0, 1]."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -105,14 +165,78 @@ class ImageLogger(L.Callback):
         points = ax.scatter(codes[:, 0], codes[:, 1], c=self.labels, cmap="tab10", s=4)
         ax.legend(*points.legend_elements(), title="label", fontsize="small", loc="best")
         ax.set(xlabel="z[0]", ylabel="z[1]", title="validation codes")
-        return fig
+        fig.canvas.draw()
+        rgb = torch.from_numpy(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+        plt.close(fig)
+        return rgb.permute(2, 0, 1).float() / 255
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tb = self._tensorboard(trainer)
-        if tb is None or pl_module.latent_dim == 2:
+        if not isinstance(pl_module, AE) or pl_module.latent_dim == 2 or not trainer.is_global_zero:
             return
         codes = pl_module.encode(self.images.to(pl_module.device)).cpu()
-        tb.add_embedding(
-            codes, metadata=self.labels.tolist(), label_img=self.images, global_step=trainer.global_step, tag="latent"
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_embedding(
+                    codes, metadata=self.labels.tolist(), label_img=self.images, global_step=trainer.global_step,
+                    tag="latent",
+                )  # fmt: skip
+
+
+class NanGuard(L.Callback):
+    """Stop at the first non-finite training loss, before its backward pass and optimizer step change the weights.
+
+    The error names the step; nothing is saved after it, so the last checkpoint on disk is the last good state. The
+    gradients are not read: that costs 5% of a small model's step, and a non-finite gradient shows up as a non-finite
+    loss one step later (its weights are then never saved, as SafeCheckpointIO refuses them).
+    """
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        if torch.isfinite(loss):  # one device sync per step
+            return
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        last = Path(dirpath, "last.ckpt") if dirpath else None
+        kept = f"the last good checkpoint, {last}, is kept" if last and last.is_file() else "no checkpoint was written"
+        raise UserError(
+            f"The training loss became non-finite (loss = {loss.item():.4g}) at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}), so training stopped before that step changed the weights, and {kept}. "
+            "Start again with a lower optimizer.lr, or for a VAE a smaller kl_weight or model.kl_warmup_epochs>0."
         )
+
+
+class Preemption(L.Callback):
+    """On SIGTERM (what SLURM and other schedulers send before preemption or at a time limit) Lightning stops after the
+    current step and exits with code 0, as if the run had finished. This says what was kept and exits 143 (128 +
+    SIGTERM) instead, so a scheduler or script sees that the run did not finish. The state to resume from is the last
+    finished epoch's last.ckpt, already on disk; the unfinished epoch is trained again on resume, which keeps a resumed
+    run exactly equal to one that never stopped. Under SLURM, Lightning's own SLURM plugin requeues on its signal."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        last = Path(dirpath, "last.ckpt") if dirpath else None
+        kept = (
+            f"{last} holds the last finished epoch; resume it with ckpt_path=last hydra.run.dir={last.parent.parent}"
+            if last and last.is_file()
+            else "no epoch had finished, so there is nothing to resume"
+        )
+        print(f"error: stopped by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch}); {kept}.",
+              file=sys.stderr)  # fmt: skip
+        exception.code = 143
+
+
+class EpochSeeds(L.Callback):
+    """Reseed torch's global random generator from (seed, epoch) at the start of every training epoch.
+
+    Lightning restores weights, optimizer and loop counters from a checkpoint but not random states, so without this a
+    VAE resumed after a crash would draw other noise than one that never stopped. With it (and the data module's
+    shuffle state, which travels in the checkpoint), a run resumed from an end-of-epoch checkpoint such as last.ckpt
+    draws the same numbers as an uninterrupted one.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(hash((self.seed, trainer.current_epoch)))  # deterministic for ints, in torch's range

@@ -1,17 +1,111 @@
-"""Loading checkpoints safely (weights_only=True: tensors and plain containers, no arbitrary code)."""
+"""Checkpoint files: written so that neither a kill nor a power cut can corrupt them (SafeCheckpointIO), and read
+safely (weights_only=True: tensors and plain containers, no arbitrary code)."""
 
+import os
 import pickle
 import zipfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
+from torch import Tensor
 
 from autoencoders.classifier import Classifier
 from autoencoders.errors import UserError
 from autoencoders.models import AE, VAE
 
 MODEL_CLASSES: dict[str, type[L.LightningModule]] = {"AE": AE, "VAE": VAE, "Classifier": Classifier}
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic, durable, finite-only checkpoint files, read back with `weights_only=True`.
+
+    A save is written, with the zip's CRC32 records, to `.<name>.part` beside its target: on the training thread,
+    since the tensors change with the next step. A background thread then makes the file durable (fsync), gives it
+    the target's name atomically, and makes the rename durable (fsync of the folder); the replaced file is gone only
+    then. So at every moment the target is a complete checkpoint that survives a kill and a power cut or node crash,
+    and the training thread does not wait for the disk. One save is in flight at a time: the next save, a removal, a
+    load and the end of training wait for it. A checkpoint whose weights or optimizer state hold NaN or Inf is
+    refused, so the last good one is never replaced by a broken model.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-fsync")
+        self._pending: Future | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = Path(path)
+        if not _all_finite(_float_tensors([checkpoint.get("state_dict"), checkpoint.get("optimizer_states")])):
+            raise UserError(
+                f"The model's weights or optimizer state hold NaN or Inf values, so {path} was not written and the "
+                "previous checkpoint is kept. Start again with a lower optimizer.lr."
+            )
+        self.wait()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.part")  # one writer per target (rank 0), so a fixed name suffices
+        with open(part, "wb") as f:
+            torch.save(checkpoint, f)
+        self._pending = self._disk.submit(_durably_replace, part, path)
+
+    def wait(self) -> None:
+        """Until the save in flight, if any, is durable in place (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        self.wait()
+        super().remove_checkpoint(path)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None):
+        """Always `weights_only=True`: this project's checkpoints hold only tensors and plain containers."""
+        self.wait()
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+
+    def teardown(self) -> None:
+        self.wait()
+        super().teardown()
+
+
+def _durably_replace(src: Path, dst: Path) -> None:
+    """`os.replace(src, dst)`, with src's data on disk before and the rename on disk after."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    folder = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    """No NaN or Inf in any of `tensors`, with one reduction per tensor and one device sync in the usual case.
+
+    A NaN or Inf makes a sum non-finite, so a finite sum proves every element finite; only a sum that overflows needs
+    the element-wise check.
+    """
+    tensors = list(tensors)
+    if not tensors or torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()):
+        return True
+    return all(torch.isfinite(t).all() for t in tensors)
+
+
+def _float_tensors(obj: object) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point():
+            yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _float_tensors(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            yield from _float_tensors(value)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -57,6 +151,7 @@ def check_fits(ckpt: dict, model: L.LightningModule, path: str | Path) -> None:
 def load(path: str | Path) -> L.LightningModule:
     """Rebuild the right LightningModule for any checkpoint written by train.py, in eval mode on the CPU."""
     ckpt = read_checkpoint(path)
-    model = MODEL_CLASSES[ckpt["autoencoders_class"]](**ckpt["hyper_parameters"])
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "lr"}  # older versions' (now conf/optimizer)
+    model = MODEL_CLASSES[ckpt["autoencoders_class"]](**hparams)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

@@ -5,8 +5,8 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -15,6 +15,7 @@ from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
 from autoencoders.models import AE, SplitSteps
 from autoencoders.nets import build_nets
+from autoencoders.optim import OptimizerFactory
 
 HEADS = ("linear", "mlp")
 SPLITS = ("train", "val", "test")
@@ -44,13 +45,13 @@ class Classifier(SplitSteps):
         widths: Sequence[int] | None = None,
         head: str = "mlp",
         head_width: int = 128,
-        lr: float = 1e-3,
         encoder_lr: float = 1e-4,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: dict[str, Any] | None = None,
     ):
-        super().__init__()
+        super().__init__(optimizer=optimizer, scheduler=scheduler)
         if head not in HEADS:
             raise UserError(f"model.head={head!r} is unknown. Use one of: {', '.join(HEADS)}.")
-        check_positive("model.lr", lr, "1e-3")
         check_positive("model.encoder_lr", encoder_lr, "1e-4")
         method = method or ("frozen" if encoder_ckpt is not None else "scratch")
         if method not in METHODS:
@@ -62,7 +63,7 @@ class Classifier(SplitSteps):
             )
         # The pretrained weights end up in this module's own checkpoints, so rebuilding one (autoencoders.load)
         # must not need the autoencoder's file: encoder_ckpt is no hyperparameter (the run's config records it).
-        self.save_hyperparameters(ignore=["encoder_ckpt"], logger=False)
+        self.save_hyperparameters(ignore=["encoder_ckpt", "optimizer", "scheduler"], logger=False)
         self.method, self.encoder_ckpt = method, encoder_ckpt
         self.frozen = method in ("frozen", "random", "pixels")
         self.pretraining_data: dict | None = None  # the autoencoder's training split, for the leak check
@@ -119,12 +120,14 @@ class Classifier(SplitSteps):
         self.log(f"{split}/acc", accuracy, on_step=on_step, on_epoch=True, batch_size=len(x))
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = [{"params": self.head.parameters(), "lr": self.hparams.lr}]
-        if not self.frozen:
-            encoder_lr = self.hparams.encoder_lr if self.method == "finetune" else self.hparams.lr
-            groups.append({"params": self.encoder.parameters(), "lr": encoder_lr})
-        return torch.optim.Adam(groups, fused=True)
+    def parameter_groups(self) -> list[dict]:
+        """The head, and a trained encoder: at the optimizer's learning rate, a fine-tuned one at `encoder_lr`."""
+        groups = [{"params": self.head.parameters()}]
+        if self.method == "finetune":
+            groups.append({"params": self.encoder.parameters(), "lr": self.hparams.encoder_lr})
+        elif not self.frozen:
+            groups.append({"params": self.encoder.parameters()})
+        return groups
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["autoencoders_class"] = type(self).__name__

@@ -8,7 +8,6 @@ same held-out images, and no image that one run trains on is another run's valid
 """
 
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from itertools import pairwise
@@ -23,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from autoencoders.errors import UserError
+from autoencoders.files import save_cache
 
 
 class SourceData(NamedTuple):
@@ -75,22 +75,6 @@ class MNISTSubset(Source):
             }
             save_cache(cached, path, "the MNIST subset")
         return SourceData(cached["images"], cached["labels"], num_classes=10)
-
-
-def save_cache(obj: object, path: Path, what: str) -> None:
-    """Write via a temp file and rename, so parallel jobs never read a half-written cache. A cache that cannot be
-    written only costs time, hence a warning instead of an error."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            torch.save(obj, f)
-        os.replace(f.name, path)
-    except OSError as e:
-        warnings.warn(
-            f"Could not cache {what} in {path.parent} ({e}); it will be made again next time. "
-            "Set $AUTOENCODERS_CACHE (or the cache_dir setting) to a writable folder.",
-            stacklevel=3,
-        )
 
 
 _TORCHVISION = {  # name -> (torchvision.datasets class, the folder under root that it reads)

@@ -1,5 +1,6 @@
 """What `python evaluate.py` does once Hydra has composed conf/evaluate.yaml: find the run(s), rebuild each run's data
-from its own saved config and its model from its checkpoint, score it on a held-out split and write its results.
+from its own saved config (both in saved_runs.py) and its model from its checkpoint, score it on a held-out split and
+write its results.
 
 A run is only read: each (checkpoint, split, data) evaluation gets its own folder,
 <run>/eval/<checkpoint>_<split>_<data>/ (metrics.json, config.yaml, PNGs, TensorBoard events), and a sweep's report
@@ -16,20 +17,17 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
-from yaml import YAMLError
 
 from autoencoders import report
 from autoencoders.checkpoints import load
-from autoencoders.cli import user_error
+from autoencoders.cli import FAILURE_FILE
 from autoencoders.console import SPLITS, metrics_table
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
+from autoencoders.files import write_json
 from autoencoders.likelihoods import bits_per_dim, for_data
 from autoencoders.metrics import (
     METRICS,
@@ -42,8 +40,7 @@ from autoencoders.metrics import (
 )
 from autoencoders.models import AE, VAE
 from autoencoders.pictures import Sampler, picture_grids, save_pictures
-from autoencoders.sweeps import FAILURE_FILE
-from autoencoders.training import write_json
+from autoencoders.saved_runs import build_data, data_config, find_checkpoint, run_config, sweep_jobs
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +70,9 @@ def check_config(cfg: DictConfig) -> None:
             f"or sweep_dir=<a train.py -m sweep folder>{got}."
         )
     for key in ("batch_size", "k", "k_chunk", "kid_subsets"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+        if cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]} must be a positive integer; see conf/evaluate.yaml for the default.")
-    if cfg.num_samples is not None and (
-        not isinstance(cfg.num_samples, int) or cfg.num_samples in (1, -1) or cfg.num_samples < 0
-    ):
+    if cfg.num_samples is not None and (cfg.num_samples == 1 or cfg.num_samples < 0):
         raise UserError(
             f"num_samples={cfg.num_samples} must be null (as many samples as the scored split has images), 0 (skip "
             "FID and KID) or at least 2 decoded samples."
@@ -118,7 +113,7 @@ def device(name: str) -> torch.device:
     return found
 
 
-# Finding runs, checkpoints and configs -------------------------------------------------------------------------------
+# Sweeps and runs ---------------------------------------------------------------------------------------------------
 def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
     """Score every job of a multirun sweep on both held-out splits; jobs that cannot be scored are rows with their
     reason, not dropped."""
@@ -155,88 +150,10 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def sweep_jobs(sweep_dir: Path) -> list[Path]:
-    if not (sweep_dir / "multirun.yaml").is_file():
-        raise UserError(
-            f"sweep_dir={sweep_dir} is not a multirun sweep folder (it has no multirun.yaml). Pass the folder that "
-            "`python train.py -m ...` created, e.g. outputs/multirun/<time>, or run_dir=<folder> for a single run."
-        )
-    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
-    if not jobs:
-        raise UserError(f"The sweep folder {sweep_dir} holds no job folders yet; wait for train.py -m to start them.")
-    return sorted(jobs, key=_job_number)
-
-
-def _job_number(run_dir: Path) -> tuple[int, str]:
-    """Hydra names jobs <num>_<overrides>: sort 2_ before 10_."""
-    number = run_dir.name.split("_")[0]
-    return (int(number) if number.isdigit() else -1, run_dir.name)
-
-
 def evaluate_run(run_dir: Path, cfg: DictConfig, split: str, checkpoint: Path | None = None) -> dict[str, float]:
     config = run_config(run_dir)
     checkpoint = checkpoint or find_checkpoint(run_dir, cfg.checkpoint)
     return score(checkpoint, data_config(config, cfg), split, run_dir / "eval", cfg)
-
-
-def run_config(run_dir: Path) -> DictConfig:
-    """The config the run was trained with (<run>/.hydra/config.yaml, as Hydra saved it)."""
-    path = run_dir / ".hydra" / "config.yaml"
-    if not run_dir.is_dir():
-        raise UserError(
-            f"Run folder {run_dir} does not exist. Pass run_dir=<a folder that train.py created>, "
-            "e.g. outputs/runs/<time>_<overrides>."
-        )
-    if not path.is_file():
-        raise UserError(
-            f"{run_dir} is not a train.py run folder: it has no .hydra/config.yaml to rebuild the model and data "
-            "from. Pass the run's own folder, or score a lone checkpoint with ckpt_path=<file.ckpt> data=<dataset>."
-        )
-    try:
-        config = OmegaConf.load(path)
-    except (YAMLError, OmegaConfBaseException) as e:
-        raise UserError(f"{path} is not a readable config ({e}). Restore it from the run's original folder.") from None
-    if not isinstance(config, DictConfig) or "data" not in config:
-        raise UserError(f"{path} holds no data config, so it was not written by this project's train.py.")
-    return config
-
-
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    found = sorted((run_dir / "checkpoints").glob("best-*.ckpt" if which == "best" else "last.ckpt"))
-    if not found:
-        other = "last" if which == "best" else "best"
-        raise UserError(
-            f"{run_dir} has no {which} checkpoint in checkpoints/ (training may have stopped early). "
-            f"Try checkpoint={other}, or pass ckpt_path=<file.ckpt>."
-        )
-    return found[-1]  # top-1 checkpointing keeps one best; if several, the newest epoch
-
-
-def data_config(run: DictConfig | None, cfg: DictConfig) -> DictConfig:
-    """The run's own data config. An evaluation override replaces it when it is a whole data config (`data=<name>`),
-    or changes keys in it (`+data.<key>=<value>`). Interpolations such as ${seed} resolve against the run's config,
-    so the split is the one the run was trained on."""
-    override = cfg.get("data")
-    if run is None:
-        if override is None or "_target_" not in override:
-            raise UserError(
-                f"ckpt_path={cfg.ckpt_path} is not inside a train.py run folder, so its data config is unknown. "
-                "Name the data to score on, e.g. data=mnist_subset (see conf/data/)."
-            )
-        return override
-    if override is not None:
-        whole = "_target_" in override
-        run.data = OmegaConf.to_container(override) if whole else OmegaConf.merge(run.data, override)
-    return run.data
-
-
-def build_data(config: DictConfig) -> ImageDataModule:
-    try:
-        data = instantiate(config)
-    except InstantiationException as e:
-        raise user_error(e) or UserError(f"Could not build the data ({e}). Check the data.* overrides.") from None
-    data.setup("test")
-    return data
 
 
 # Scoring ---------------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from autoencoders.data import ImageDataModule, save_cache
+from autoencoders.data import ImageDataModule
+from autoencoders.files import save_cache
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ Imported before torch (Hydra instantiates RunDirGuard at start-up), so checkpoin
 import hashlib
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from autoencoders.cli import exit_with
+from autoencoders.cli import created_run_dirs, exit_with
 from autoencoders.errors import UserError
 
 if TYPE_CHECKING:
@@ -140,16 +139,6 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model: "L.LightningM
     return path
 
 
-_created: list[Path] = []  # the run dir that this process's RunDirGuard created, if any
-
-
-def discard_created_run_dir() -> None:
-    """Remove the run dir that this process created, if it holds no checkpoint or metrics (a rejected command)."""
-    for run_dir in _created:
-        if not (list(run_dir.glob("checkpoints/*.ckpt")) or (run_dir / "metrics.json").exists()):
-            shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def claim(run_dir: Path, chosen: bool) -> Path:
     """Create a new run's dir exclusively. A dir the user named is used as it is; a default (timestamped) name that
     another run took in the same second gets a suffix, -2, -3, ..., so two runs never share a dir."""
@@ -162,7 +151,7 @@ def claim(run_dir: Path, chosen: bool) -> Path:
             if chosen:
                 return run_dir
             continue
-        _created.append(candidate)
+        created_run_dirs.append(candidate)
         return candidate
     raise UserError(f"Could not create a new run dir beside {run_dir}: 999 runs already have its name.")
 

@@ -1,4 +1,5 @@
-"""How train.py jobs end and share a machine under Hydra: failed sweep jobs, launchers, parallel jobs' threads.
+"""Sweeps under Hydra: the value a job returns to a sweeper, the end-of-sweep summary, launchers, parallel jobs'
+threads.
 
 Imported before torch (Hydra instantiates the callbacks here at start-up), so torch is imported only inside functions.
 """
@@ -8,56 +9,29 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import exit_with, user_error
+from autoencoders.cli import FAILURE_FILE, exit_with
 from autoencoders.errors import UserError
-from autoencoders.rundirs import discard_created_run_dir
 
 if TYPE_CHECKING:
     import lightning as L
 
 log = logging.getLogger(__name__)
 
-FAILURE_FILE = "failure.json"  # in a failed sweep job's dir
 STARTED_FILE = ".sweep_started"  # in the sweep dir: failures older than it belong to an earlier invocation
 
 
-@contextmanager
-def reported_failures() -> Iterator[None]:
-    """Wrap one train.py job.
-
-    A single run ends on a UserError with `exit_with`, removing the run dir it created (nothing was trained); other
-    errors keep their traceback and the dir, whose train.log holds it. A sweep job must not end the
-    process (Hydra would stop the whole sweep), so it logs any error, records it in <job dir>/failure.json and returns
-    normally; the job then has no result, which Optuna records as a failed trial, and FailureSummary lists it at the
-    end.
-    """
-    try:
-        yield
-    except Exception as e:
-        hydra, bad_input = HydraConfig.get(), user_error(e)
-        if hydra.mode != RunMode.MULTIRUN:
-            if bad_input is not None:
-                discard_created_run_dir()
-                exit_with(bad_input)
-            raise
-        reason = str(bad_input) if bad_input is not None else f"{type(e).__name__}: {e}"
-        log.error("Job %s failed: %s", hydra.job.num, reason, exc_info=bad_input is None)
-        record = {"job": hydra.job.num, "dir": hydra.runtime.output_dir, "error": reason}
-        (Path(hydra.runtime.output_dir) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
-
-
-def objective(metrics: dict[str, float], name: str) -> float:
-    """The metric that train.py returns to a sweeper (the config's `objective`)."""
+def objective(metrics: dict[str, float], cfg: DictConfig) -> float:
+    """The metric that train.py returns to a sweeper: `cfg.objective`, or if null the model's selection metric."""
+    name = cfg.objective or get_class(cfg.model._target_).selection[0]
     if name not in metrics:
         raise UserError(
             f"objective={name} is not among this run's metrics ({', '.join(sorted(metrics))}); its results are saved, "

@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.sweeps import FAILURE_FILE
+from autoencoders.cli import FAILURE_FILE
 
 METHODS = ("frozen", "finetune", "scratch", "random", "pixels")  # table order; classifier.py defines each
 JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started job, holding its run dir

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from autoencoders.faults import SafeCheckpointIO
-from autoencoders.models import AE
+from autoencoders.checkpoints import SafeCheckpointIO
+from autoencoders.models import AE, minimised
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 
     model = AE((1, 28, 28), latent_dim=args.latent_dim)
     optimizer = model.configure_optimizers()
-    model.loss_terms(torch.rand(8, 1, 28, 28))["loss"].backward()
+    minimised(model.loss_terms(torch.rand(8, 1, 28, 28))).backward()
     optimizer.step()  # Adam's state exists after a step: the checkpoint is as large as a real last.ckpt
     checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()]}
 

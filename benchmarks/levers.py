@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from train_speed import EpochTimer, compose_config, run_arguments, run_overrides
+from train_speed import EpochTimer, compose_config, run_arguments, run_overrides, test_loss
 
 from autoencoders.training import train
 
@@ -39,8 +39,8 @@ VARIANTS: dict[str, tuple[list[str], int | None, list[type[L.Callback]]]] = {
     "compile=true": (["compile=true"], None, []),
     "NCHW": ([], None, [ChannelsFirst]),
     "1 thread": ([], 1, []),
-    "batch 256, lr x2": (["data.batch_size=256", "model.lr=2e-3"], None, []),
-    "batch 512, lr x4": (["data.batch_size=512", "model.lr=4e-3"], None, []),
+    "batch 256, lr x2": (["data.batch_size=256", "optimizer.lr=2e-3"], None, []),
+    "batch 512, lr x4": (["data.batch_size=512", "optimizer.lr=4e-3"], None, []),
 }
 
 
@@ -56,7 +56,7 @@ def run(model: str, variant: str, overrides: list[str], out: Path) -> tuple[floa
     finally:
         torch.set_num_threads(default_threads)
     epochs = timer.epochs()
-    return statistics.fmean(epochs), statistics.median(epochs[1:] or epochs), metrics["test/loss"]
+    return statistics.fmean(epochs), statistics.median(epochs[1:] or epochs), test_loss(metrics)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Every test, and every train.py or evaluate.py it starts, caches data and FID feature nets in a temporary folder of
-this session, never in the user's ~/.cache."""
+this session, never in the user's ~/.cache; so does wandb, with its settings and staging files."""
 
 import os
 import shutil
@@ -9,8 +9,12 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ["AUTOENCODERS_CACHE"] = tempfile.mkdtemp(prefix="autoencoders-test-cache-")
+    os.environ["AUTOENCODERS_CACHE"] = cache = tempfile.mkdtemp(prefix="autoencoders-test-cache-")
+    for folder in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        os.environ[folder] = os.path.join(cache, folder.lower())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop("AUTOENCODERS_CACHE"), ignore_errors=True)
+    for folder in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        os.environ.pop(folder)

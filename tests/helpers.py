@@ -3,6 +3,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -28,3 +31,14 @@ def run_train(*overrides: str, cwd: Path, check: bool = True, tiny: bool = True)
     flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
     rest = [o for o in overrides if not o.startswith("-")]
     return run_script("train.py", *flags, *(TINY if tiny else []), *rest, cwd=cwd, check=check)
+
+
+def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
+    """What `python train.py <overrides>` composes, registered as Hydra's current run writing to `run_dir`: for
+    calling training.train in the test process."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", [f"hydra.runtime.output_dir={run_dir}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg

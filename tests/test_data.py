@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from autoencoders.data import ImageDataModule, ImageFolderSource, MNISTSubset, TorchvisionSource
@@ -249,9 +249,9 @@ def test_image_folder_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_configs_instantiate(path: Path, tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOENCODERS_CACHE", str(cache_dir))
-    cfg = OmegaConf.create({"seed": 3, "data": OmegaConf.load(path)})
-    if path.stem == "image_folder":
-        cfg.data.source.root = str(tmp_path)
+    overrides = [f"data={path.stem}", "seed=3"] + [f"data.source.root={tmp_path}"] * (path.stem == "image_folder")
+    with initialize_config_dir(str(CONF.parent), version_base="1.3"):
+        cfg = compose("train", overrides)
     dm = instantiate(cfg.data)
     assert isinstance(dm, ImageDataModule) and dm.hparams.seed == 3 and dm.hparams.batch_size == 128
     if path.stem == "mnist_subset":

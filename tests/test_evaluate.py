@@ -14,11 +14,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import autoencoders
+from autoencoders.cli import FAILURE_FILE
 from autoencoders.errors import UserError
-from autoencoders.evaluation import build_data, data_config, evaluate, run_config, vae_metrics
+from autoencoders.evaluation import evaluate, vae_metrics
 from autoencoders.metrics import FeatureNetSettings, SampleQuality, accuracy, active_units, feature_net
 from autoencoders.pictures import latent_traversal
-from autoencoders.sweeps import FAILURE_FILE
+from autoencoders.saved_runs import build_data, data_config, run_config
 from tests.helpers import ROOT, run_script, run_train
 
 FAST = ["k=20", "kid_subsets=10", "fid.epochs=1", "fid.batch_size=128", "images.num_samples=16"]

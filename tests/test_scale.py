@@ -81,7 +81,7 @@ def test_optuna_search_keeps_its_study_in_the_sweep_dir_resumes_it_and_records_f
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     first = optuna.load_study(study_name="vae", storage=storage).trials
     assert [t.state for t in first] == [TrialState.COMPLETE] * 2
-    assert {"latent_dim", "kl_weight", "model.lr"} == set(first[0].params)
+    assert {"latent_dim", "kl_weight", "optimizer.lr"} == set(first[0].params)
 
     # Run the same search again (it resumes), this time with a value that makes every trial fail.
     proc = run_train(*search, "kl_weight=-1", cwd=tmp_path, check=False)

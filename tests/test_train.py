@@ -106,7 +106,7 @@ def test_tensorboard_holds_the_image_summaries_and_hparams(vae_run):
         tags["images"]
     )
     assert {"train/loss_epoch", "val/loss", "val/elbo"} <= set(tags["scalars"])
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(tags["hparams"])
+    assert set(tags["hparams"]) == {"_hparams_/session_start_info"}  # no experiment record: see test_configure.py
 
 
 def test_load_returns_the_trained_model(vae_run):
@@ -128,19 +128,10 @@ def test_images_are_logged_every_n_epochs_and_after_the_last(tmp_path):
     run_train("trainer.max_epochs=4", "images_every_n_epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     acc.Reload()
-    steps_per_epoch = 2  # TINY's limit_train_batches
-    assert [e.step // steps_per_epoch for e in acc.Images("images/samples")] == [1, 3, 4]  # after epochs 0, 2, 3
+    steps_per_epoch = 2  # TINY's limit_train_batches; an epoch's values sit at the step of its last batch
+    assert [(e.step + 1) // steps_per_epoch - 1 for e in acc.Images("images/samples")] == [0, 2, 3]
     samples = Image.open(io.BytesIO(acc.Images("images/samples")[-1].encoded_image_string))
     assert (samples.mode, samples.size) == ("L", (8 * 30 + 2, 8 * 30 + 2))  # grey digits: 8 x 8, 2 px padding
-
-
-def test_multirun_sweep_runs_one_named_job_per_combination(tmp_path):
-    run_train("-m", "model=ae,vae", "latent_dim=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file())
-    assert len(runs) == 2
-    assert runs[0].startswith("0_") and "_latent_dim-2_model-ae_" in runs[0]
-    assert runs[1].startswith("1_") and "_latent_dim-2_model-vae_" in runs[1]
-    assert not any(c in name for name in runs for c in "=,/ ")  # can be passed back on a command line unquoted
 
 
 @pytest.mark.parametrize(
@@ -183,7 +174,7 @@ def test_seed_makes_runs_reproducible_including_seed_zero(tmp_path):
     runs = sorted(tmp_path.glob("*_seed-*"))
     first, again, other = (json.loads((run / "metrics.json").read_text()) for run in runs)
     assert first == again
-    assert first["test/loss"] != other["test/loss"]
+    assert first["test/recon"] != other["test/recon"]
 
 
 @pytest.mark.slow
@@ -194,6 +185,6 @@ def test_compile_trains_the_same_model_and_saves_plain_checkpoints(tmp_path):
             "model=conv_ae", "latent_dim=2", f"compile={name == 'compiled'}", f"hydra.run.dir={run_dir}", cwd=tmp_path
         )
     eager, compiled = (json.loads((run / "metrics.json").read_text()) for run in runs.values())
-    assert compiled["test/loss"] == pytest.approx(eager["test/loss"], rel=1e-3)
+    assert compiled["test/recon"] == pytest.approx(eager["test/recon"], rel=1e-3)
     model = autoencoders.load(runs["compiled"] / "checkpoints" / "last.ckpt")  # no torch.compile prefixes
     assert model.encode(torch.rand(2, 1, 28, 28)).shape == (2, 2)

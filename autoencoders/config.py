@@ -1,0 +1,127 @@
+"""The types of the configs, as structured configs in Hydra's ConfigStore: Hydra checks every value against them when
+it composes the config, before train.py or evaluate.py imports torch, and refuses e.g. `latent_dim=abc` or
+`compile=maybe` naming the key.
+
+The values themselves, with their comments, live in conf/*.yaml only; each yaml starts from its schema (its defaults
+list) and sets every field. Schemas cover the top-level keys and this project's own classes (data, models). The
+trainer, logger, callbacks, optimizer and scheduler groups configure Lightning's and torch's classes, which check
+their own arguments, and stay open so that any of those arguments can be added (`+trainer.gradient_clip_val=1`).
+Ranges (a positive latent_dim, a known likelihood) are checked where the values are used, with a message that says
+what to set instead."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainConfig:  # conf/train.yaml
+    data: Any = MISSING
+    model: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    seed: int = MISSING
+    latent_dim: int = MISSING
+    kl_weight: float = MISSING
+    images_every_n_epochs: int = MISSING
+    compile: bool = MISSING
+    ckpt_path: str | None = MISSING
+    encoder_ckpt: str | None = MISSING
+    objective: str | None = MISSING
+
+
+@dataclass
+class FIDConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    num_features: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class PicturesConfig:
+    num_images: int = MISSING
+    num_samples: int = MISSING
+    num_pairs: int = MISSING
+    steps: int = MISSING
+    traversal_dims: int = MISSING
+
+
+@dataclass
+class EvaluateConfig:  # conf/evaluate.yaml
+    data: Any = None
+    run_dir: str | None = MISSING
+    ckpt_path: str | None = MISSING
+    sweep_dir: str | None = MISSING
+    checkpoint: str = MISSING
+    split: str = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    k: int = MISSING
+    k_chunk: int = MISSING
+    num_samples: int | None = MISSING
+    kid_subsets: int = MISSING
+    sort_by: str = MISSING
+    cache_dir: str = MISSING
+    fid: FIDConfig = MISSING
+    images: PicturesConfig = MISSING
+
+
+@dataclass
+class DataConfig:  # conf/data/*.yaml: autoencoders.data.ImageDataModule
+    _target_: str = MISSING
+    source: Any = MISSING  # a Source of data.py, each with its own arguments
+    batch_size: int = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    labels_per_class: int | None = MISSING
+    split_seed: int = MISSING
+    seed: int = MISSING
+    binarize: str | None = MISSING
+    num_workers: int = MISSING
+
+
+@dataclass
+class AEConfig:  # conf/model/ae.yaml, conv_ae.yaml: autoencoders.models.AE
+    _target_: str = MISSING
+    latent_dim: int = MISSING
+    arch: str = MISSING
+    widths: list[int] | None = MISSING
+    likelihood: str | None = MISSING
+
+
+@dataclass
+class VAEConfig(AEConfig):  # conf/model/vae.yaml, conv_vae.yaml: autoencoders.models.VAE
+    kl_weight: float = MISSING
+    kl_warmup_epochs: int = MISSING
+    nll_samples: int = MISSING
+
+
+@dataclass
+class ClassifierConfig:  # conf/model/classifier.yaml: autoencoders.classifier.Classifier
+    _target_: str = MISSING
+    num_classes: int | None = MISSING
+    encoder_ckpt: str | None = MISSING
+    latent_dim: int = MISSING
+    arch: str = MISSING
+    widths: list[int] | None = MISSING
+    head: str = MISSING
+    head_width: int = MISSING
+    method: str | None = MISSING
+    encoder_lr: float = MISSING
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(group="data", name="schema", node=DataConfig)
+    for name, node in (("ae_schema", AEConfig), ("vae_schema", VAEConfig), ("classifier_schema", ClassifierConfig)):
+        store.store(group="model", name=name, node=node)

@@ -1,0 +1,49 @@
+"""The optimizer and learning-rate schedule a LightningModule builds from conf/optimizer and conf/scheduler.
+
+Both are `_partial_` configs: the optimizer is called with the module's parameter groups, the schedule with that
+optimizer. Settings that depend on the run are left null in the configs and filled here: `total_steps` with the
+run's optimizer steps, and a `monitor`/`mode` with the model's validation selection metric (e.g. val/elbo, max)."""
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+
+OptimizerFactory = Callable[[Iterable], Optimizer]
+default_optimizer: OptimizerFactory = partial(torch.optim.Adam, lr=1e-3, fused=True)  # conf/optimizer/adam.yaml
+
+
+def filled(factory: partial, **run_values: Any) -> partial:
+    """`factory` with each of `run_values` that it takes as a null keyword set (monitor, mode, total_steps)."""
+    unset = {k: v for k, v in run_values.items() if k in factory.keywords and factory.keywords[k] is None}
+    return partial(factory, **unset)
+
+
+def configure_optimizers(
+    make_optimizer: OptimizerFactory,
+    schedule: dict[str, Any] | None,
+    parameters: Iterable,
+    total_steps: int | float,
+    selection: tuple[str, str],
+) -> Optimizer | dict[str, Any]:
+    """What `LightningModule.configure_optimizers` returns: the optimizer, and Lightning's lr_scheduler config
+    (`scheduler`, `interval`, `frequency`, `monitor`) when `schedule` is one."""
+    optimizer = make_optimizer(parameters)
+    if schedule is None:
+        return optimizer
+    monitor, mode = selection
+    make_schedule = filled(schedule["scheduler"], total_steps=int(total_steps), mode=mode)
+    lr_scheduler = {**schedule, "scheduler": make_schedule(optimizer), "monitor": schedule.get("monitor") or monitor}
+    return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+
+def cosine_with_warmup(optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05) -> LRScheduler:
+    """A linear warm-up from 1% of the learning rate over `warmup_fraction` of `total_steps`, then cosine decay to 0:
+    torch's LinearLR followed by CosineAnnealingLR."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+    ramp = LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    decay = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
+    return SequentialLR(optimizer, [ramp, decay], milestones=[warmup])

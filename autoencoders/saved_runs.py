@@ -1,0 +1,92 @@
+"""Reading back what train.py wrote: a sweep's job folders, a run's saved config and checkpoints, and the data config
+rebuilt from them (with evaluate.py's data overrides), as evaluate.py scores them."""
+
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
+
+from autoencoders.cli import user_error
+from autoencoders.data import ImageDataModule
+from autoencoders.errors import UserError
+
+
+def sweep_jobs(sweep_dir: Path) -> list[Path]:
+    if not (sweep_dir / "multirun.yaml").is_file():
+        raise UserError(
+            f"sweep_dir={sweep_dir} is not a multirun sweep folder (it has no multirun.yaml). Pass the folder that "
+            "`python train.py -m ...` created, e.g. outputs/multirun/<time>, or run_dir=<folder> for a single run."
+        )
+    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
+    if not jobs:
+        raise UserError(f"The sweep folder {sweep_dir} holds no job folders yet; wait for train.py -m to start them.")
+    return sorted(jobs, key=_job_number)
+
+
+def _job_number(run_dir: Path) -> tuple[int, str]:
+    """Hydra names jobs <num>_<overrides>: sort 2_ before 10_."""
+    number = run_dir.name.split("_")[0]
+    return (int(number) if number.isdigit() else -1, run_dir.name)
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The config the run was trained with (<run>/.hydra/config.yaml, as Hydra saved it)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not run_dir.is_dir():
+        raise UserError(
+            f"Run folder {run_dir} does not exist. Pass run_dir=<a folder that train.py created>, "
+            "e.g. outputs/runs/<time>_<overrides>."
+        )
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} is not a train.py run folder: it has no .hydra/config.yaml to rebuild the model and data "
+            "from. Pass the run's own folder, or score a lone checkpoint with ckpt_path=<file.ckpt> data=<dataset>."
+        )
+    try:
+        config = OmegaConf.load(path)
+    except (YAMLError, OmegaConfBaseException) as e:
+        raise UserError(f"{path} is not a readable config ({e}). Restore it from the run's original folder.") from None
+    if not isinstance(config, DictConfig) or "data" not in config:
+        raise UserError(f"{path} holds no data config, so it was not written by this project's train.py.")
+    return config
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    found = sorted((run_dir / "checkpoints").glob("best-*.ckpt" if which == "best" else "last.ckpt"))
+    if not found:
+        other = "last" if which == "best" else "best"
+        raise UserError(
+            f"{run_dir} has no {which} checkpoint in checkpoints/ (training may have stopped early). "
+            f"Try checkpoint={other}, or pass ckpt_path=<file.ckpt>."
+        )
+    return found[-1]  # top-1 checkpointing keeps one best; if several, the newest epoch
+
+
+def data_config(run: DictConfig | None, cfg: DictConfig) -> DictConfig:
+    """The run's own data config. An evaluation override replaces it when it is a whole data config (`data=<name>`),
+    or changes keys in it (`+data.<key>=<value>`). Interpolations such as ${seed} resolve against the run's config,
+    so the split is the one the run was trained on."""
+    override = cfg.get("data")
+    if run is None:
+        if override is None or "_target_" not in override:
+            raise UserError(
+                f"ckpt_path={cfg.ckpt_path} is not inside a train.py run folder, so its data config is unknown. "
+                "Name the data to score on, e.g. data=mnist_subset (see conf/data/)."
+            )
+        return override
+    if override is not None:
+        whole = "_target_" in override
+        run.data = OmegaConf.to_container(override) if whole else OmegaConf.merge(run.data, override)
+    return run.data
+
+
+def build_data(config: DictConfig) -> ImageDataModule:
+    try:
+        data = instantiate(config)
+    except InstantiationException as e:
+        raise user_error(e) or UserError(f"Could not build the data ({e}). Check the data.* overrides.") from None
+    data.setup("test")
+    return data
