@@ -98,6 +98,12 @@ class ProgressBar(RichProgressBar):
         return metrics
 
 
+NO_PRIOR = (
+    "No samples while training: this model's prior over codes is fitted to its training codes after training "
+    "(a VQ-VAE's code prior). `python evaluate.py run_dir=<this run>` fits it and draws samples_prior."
+)
+
+
 class ImageLogger(L.Callback):
     """Every `every_n_epochs` validation epochs and after the last, log grids of a fixed batch of validation images
     and of fixed prior draws, to every logger that takes images, at the step of that epoch's validation scalars.
@@ -128,6 +134,7 @@ class ImageLogger(L.Callback):
         chosen = torch.randperm(len(images), generator=generator)[: self.num_codes]  # the split may be sorted by label
         self.images, self.labels = images[chosen], labels[chosen]
         self.prior_z = torch.randn(self.num_samples, pl_module.latent_dim, generator=generator)
+        self.has_prior = not pl_module.prior_sampler().needs_fit  # a VQ-VAE's is fitted after training
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -142,10 +149,13 @@ class ImageLogger(L.Callback):
         # Lightning logs an epoch's validation scalars at the index of its last training batch, not at global_step
         step, model = trainer.fit_loop.epoch_loop._batches_that_stepped, pl_module
         x = self.images[: self.num_images].to(model.device)
-        grids = {
-            "images/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x)),
-            "images/samples": image_grid(model.decode(self.prior_z.to(model.device)), nrow=8),
-        }
+        grids = {"images/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
+        if self.has_prior:
+            grids["images/samples"] = image_grid(model.decode(self.prior_z.to(model.device)), nrow=8)
+        elif trainer.current_epoch == 0:
+            for logger in trainer.loggers:  # said once, where text can go, instead of decoding noise
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("images/samples", NO_PRIOR, step)
         pairs = self.images[: 2 * self.num_pairs].to(model.device)
         rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
         grids["images/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)

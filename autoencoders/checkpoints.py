@@ -1,6 +1,7 @@
 """Checkpoint files: written so that neither a kill nor a power cut can corrupt them (SafeCheckpointIO), and read
 safely (weights_only=True: tensors and plain containers, no arbitrary code)."""
 
+import importlib
 import os
 import pickle
 import zipfile
@@ -14,11 +15,11 @@ import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor
 
-from autoencoders.classifier import Classifier
 from autoencoders.errors import UserError
-from autoencoders.models import AE, VAE
+from autoencoders.models import MODELS
 
-MODEL_CLASSES: dict[str, type[L.LightningModule]] = {"AE": AE, "VAE": VAE, "Classifier": Classifier}
+# the modules of the classes that checkpoints written before they recorded their module hold
+LEGACY_MODULES = {"AE": "autoencoders.models", "VAE": "autoencoders.models", "Classifier": "autoencoders.classifier"}
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -123,10 +124,14 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "It may be truncated by an interrupted copy or not be a checkpoint at all; use another .ckpt file."
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("autoencoders_class") not in MODEL_CLASSES:
+    kind = ckpt.get("autoencoders_class") if isinstance(ckpt, dict) else None
+    module = ckpt.get("autoencoders_module", LEGACY_MODULES.get(kind)) if kind else None
+    if isinstance(module, str) and module.startswith("autoencoders."):  # the model's module registers its class
+        importlib.import_module(module)
+    if kind not in MODELS:
         raise UserError(
             f"{str(path)!r} is not a checkpoint written by this project's train.py (no known 'autoencoders_class'). "
-            f"Use a checkpoint of one of: {', '.join(MODEL_CLASSES)}."
+            f"Use a checkpoint of one of: {', '.join(sorted(MODELS))}."
         )
     return ckpt
 
@@ -152,6 +157,6 @@ def load(path: str | Path) -> L.LightningModule:
     """Rebuild the right LightningModule for any checkpoint written by train.py, in eval mode on the CPU."""
     ckpt = read_checkpoint(path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "lr"}  # older versions' (now conf/optimizer)
-    model = MODEL_CLASSES[ckpt["autoencoders_class"]](**hparams)
+    model = MODELS[ckpt["autoencoders_class"]](**hparams)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

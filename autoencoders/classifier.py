@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from autoencoders.checkpoints import read_checkpoint
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
-from autoencoders.models import AE, SplitSteps
+from autoencoders.models import AE, MODELS, SplitSteps
 from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory
 
@@ -27,9 +28,10 @@ PRETRAINED = ("frozen", "finetune")
 
 class Classifier(SplitSteps):
     """A head (`linear` or `mlp`) on features chosen by `method` (see METHODS); null: `frozen` with an
-    `encoder_ckpt` (a checkpoint of any AE or VAE run), `scratch` without. The encoder has the architecture of an AE's,
-    with `latent_dim` outputs. A frozen encoder gets no gradients and stays in eval mode; `finetune` trains the
-    pretrained one at `encoder_lr`, `scratch` trains a fresh one at `lr`.
+    `encoder_ckpt` (a checkpoint of any autoencoder run), `scratch` without. The encoder has the architecture of an
+    AE's, with `latent_dim` outputs; with `encoder_ckpt`, a null `latent_dim`, `arch` or `widths` is the checkpoint's,
+    and another value is an error that names it. A frozen encoder gets no gradients and stays in eval mode; `finetune`
+    trains the pretrained one at `encoder_lr`, `scratch` a fresh one at the optimizer's learning rate.
 
     Training refuses an `encoder_ckpt` whose autoencoder trained on any of the data's validation or test images.
     """
@@ -40,8 +42,8 @@ class Classifier(SplitSteps):
         num_classes: int,
         encoder_ckpt: str | Path | None = None,
         method: str | None = None,
-        latent_dim: int = 16,
-        arch: str = "conv",
+        latent_dim: int | None = None,
+        arch: str | None = None,
         widths: Sequence[int] | None = None,
         head: str = "mlp",
         head_width: int = 128,
@@ -61,6 +63,10 @@ class Classifier(SplitSteps):
                 f"model.method={method} trains no pretrained encoder, but encoder_ckpt={encoder_ckpt} is given. "
                 "Use method frozen or finetune with encoder_ckpt, or drop encoder_ckpt."
             )
+        pretrained = read_checkpoint(encoder_ckpt) if encoder_ckpt is not None else None
+        if pretrained is not None:
+            latent_dim, arch, widths = encoder_settings(pretrained, encoder_ckpt, latent_dim, arch, widths)
+        latent_dim, arch = latent_dim or 16, arch or "mlp"
         # The pretrained weights end up in this module's own checkpoints, so rebuilding one (autoencoders.load)
         # must not need the autoencoder's file: encoder_ckpt is no hyperparameter (the run's config records it).
         self.save_hyperparameters(ignore=["encoder_ckpt", "optimizer", "scheduler"], logger=False)
@@ -71,9 +77,9 @@ class Classifier(SplitSteps):
             self.encoder, features = nn.Flatten(), math.prod(image_shape)
         else:
             self.encoder, features = build_nets(arch, image_shape, latent_dim, latent_dim, widths)[0], latent_dim
-        if encoder_ckpt is not None:
-            weights, self.pretraining_data = pretrained_encoder(encoder_ckpt, image_shape, self.encoder)
-            self.encoder.load_state_dict(weights)
+        if pretrained is not None:
+            self.encoder.load_state_dict(pretrained_encoder(pretrained, encoder_ckpt, image_shape, self.encoder))
+            self.pretraining_data = pretrained.get(ImageDataModule.__qualname__)
         self.encoder.requires_grad_(not self.frozen).train(not self.frozen)  # Lightning keeps modules' modes
         if head == "linear":
             self.head = nn.Linear(features, num_classes)
@@ -129,9 +135,6 @@ class Classifier(SplitSteps):
             groups.append({"params": self.encoder.parameters()})
         return groups
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["autoencoders_class"] = type(self).__name__
-
 
 def check_held_out(pretraining_data: dict | None, datamodule: ImageDataModule, encoder_ckpt: str | Path) -> None:
     """Refuse an encoder whose autoencoder trained on any validation or test image of `datamodule` (set up)."""
@@ -150,43 +153,56 @@ def check_held_out(pretraining_data: dict | None, datamodule: ImageDataModule, e
         )
 
 
-def pretrained_encoder(encoder_ckpt: str | Path, image_shape: Sequence[int], encoder: nn.Module) -> tuple[dict, dict]:
-    """The encoder weights of an AE or VAE checkpoint, checked to fit the data's `image_shape` and `encoder`, and the
-    record of its training data (the data module's state).
+def encoder_settings(
+    ckpt: dict, path: str | Path, latent_dim: int | None, arch: str | None, widths: Sequence[int] | None
+) -> tuple[int, str, Sequence[int] | None]:
+    """The encoder's latent_dim, arch and widths of an autoencoder checkpoint (read_checkpoint), for a classifier
+    that was given these values (None: take the checkpoint's); a given value that differs is an error."""
+    kind, hp = ckpt["autoencoders_class"], ckpt["hyper_parameters"]
+    if not issubclass(MODELS[kind], AE):
+        raise UserError(
+            f"encoder_ckpt={str(path)!r} is a {kind} checkpoint, not an autoencoder's. Pass the checkpoint "
+            "of an autoencoder run (model=ae, vae, ...; e.g. <run_dir>/checkpoints/last.ckpt); to continue "
+            "training a classifier, resume it with ckpt_path=... instead."
+        )
+    given = {"latent_dim": latent_dim, "arch": arch, "widths": None if widths is None else list(widths)}
+    saved = {key: hp[key] if key != "widths" or hp[key] is None else list(hp[key]) for key in given}
+    differ = [f"model.{k}={_override_value(v)} (the checkpoint's: {_override_value(saved[k])})"
+              for k, v in given.items() if v is not None and v != saved[k]]  # fmt: skip
+    if differ:
+        raise UserError(
+            f"encoder_ckpt={str(path)!r} holds an encoder that differs from the classifier's settings: "
+            f"{', '.join(differ)}. Drop those settings: with encoder_ckpt, the classifier's encoder is the "
+            "checkpoint's."
+        )
+    return saved["latent_dim"], saved["arch"], saved["widths"]
+
+
+def pretrained_encoder(ckpt: dict, path: str | Path, image_shape: Sequence[int], encoder: nn.Module) -> dict:
+    """The encoder weights of an autoencoder checkpoint (read_checkpoint), checked to fit the data's `image_shape`
+    and `encoder`.
 
     A VAE's encoder outputs (mean, log-variance); the code is the mean (VAE.posterior takes the first half), so only
     the output layer's rows for the mean are kept and the encoder becomes an AE-shaped one, like the baseline's.
     """
-    from autoencoders.checkpoints import MODEL_CLASSES, read_checkpoint  # checkpoints.py imports this module
-
-    ckpt = read_checkpoint(encoder_ckpt)
     kind, hp = ckpt["autoencoders_class"], ckpt["hyper_parameters"]
-    if not issubclass(MODEL_CLASSES[kind], AE):
-        raise UserError(
-            f"encoder_ckpt={str(encoder_ckpt)!r} is a {kind} checkpoint, not an autoencoder's. Pass the checkpoint "
-            "of a model=ae, conv_ae, vae or conv_vae run (e.g. <run_dir>/checkpoints/last.ckpt); to continue "
-            "training a classifier, resume it with ckpt_path=... instead."
-        )
     if tuple(hp["image_shape"]) != tuple(image_shape):
         raise UserError(
-            f"encoder_ckpt={str(encoder_ckpt)!r} was trained on images of shape {tuple(hp['image_shape'])} "
+            f"encoder_ckpt={str(path)!r} was trained on images of shape {tuple(hp['image_shape'])} "
             f"(channels, height, width), but the data's images are {tuple(image_shape)}. Train the classifier on "
             "the data the autoencoder was trained on (same data=...), or pretrain an autoencoder on this data."
         )
     weights = {k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
-    if MODEL_CLASSES[kind].code_multiplier > 1:
+    if MODELS[kind].code_multiplier > 1:
         *_, out_weight, out_bias = weights  # the output layer comes last in both nets.py encoders
         weights[out_weight], weights[out_bias] = (weights[k][: hp["latent_dim"]] for k in (out_weight, out_bias))
-    expected = {k: v.shape for k, v in encoder.state_dict().items()}
-    if {k: v.shape for k, v in weights.items()} != expected:
-        raise UserError(
-            f"encoder_ckpt={str(encoder_ckpt)!r} holds an encoder with arch={hp['arch']}, widths={hp['widths']} "
-            f"and latent_dim={hp['latent_dim']}, which does not fit the classifier's encoder. Pass "
-            f"latent_dim={hp['latent_dim']} model.arch={hp['arch']} model.widths={_override_value(hp['widths'])}: "
-            "these keys describe the classifier's encoder, the from-scratch baseline's too."
-        )
-    return weights, ckpt.get(ImageDataModule.__qualname__)
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in encoder.state_dict().items()}:
+        raise UserError(f"encoder_ckpt={str(path)!r} holds encoder weights that do not fit its own settings {hp}.")
+    return weights
 
 
-def _override_value(widths: Sequence[int] | None) -> str:
-    return "null" if widths is None else f"[{','.join(map(str, widths))}]"
+def _override_value(value: object) -> str:
+    """`value` as a command line would give it: null, [16,32], conv."""
+    if value is None:
+        return "null"
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list | tuple) else str(value)

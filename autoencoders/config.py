@@ -66,6 +66,8 @@ class EvaluateConfig:  # conf/evaluate.yaml
     batch_size: int = MISSING
     k: int = MISSING
     k_chunk: int = MISSING
+    samplers: list[str] = MISSING
+    gmm_components: int = MISSING
     num_samples: int | None = MISSING
     kid_subsets: int = MISSING
     sort_by: str = MISSING
@@ -105,12 +107,49 @@ class VAEConfig(AEConfig):  # conf/model/vae.yaml, conv_vae.yaml: autoencoders.m
 
 
 @dataclass
+class DAEConfig(AEConfig):  # conf/model/dae.yaml: autoencoders.zoo.DAE
+    corruption: str = MISSING
+    noise: float = MISSING
+
+
+@dataclass
+class SparseAEConfig(AEConfig):  # conf/model/sparse_ae.yaml: autoencoders.zoo.SparseAE
+    sparsity: float = MISSING
+
+
+@dataclass
+class WAEConfig(AEConfig):  # conf/model/wae.yaml: autoencoders.zoo.WAE
+    mmd_weight: float = MISSING
+
+
+@dataclass
+class IWAEConfig(AEConfig):  # conf/model/iwae.yaml: autoencoders.zoo.IWAE
+    k: int = MISSING
+    nll_samples: int = MISSING
+
+
+@dataclass
+class BetaTCVAEConfig(AEConfig):  # conf/model/beta_tcvae.yaml: autoencoders.zoo.BetaTCVAE
+    tc_weight: float = MISSING
+    nll_samples: int = MISSING
+
+
+@dataclass
+class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.zoo.VQVAE
+    codebook_size: int = MISSING
+    embedding_dim: int = MISSING
+    commitment: float = MISSING
+    ema: bool = MISSING
+    decay: float = MISSING
+
+
+@dataclass
 class ClassifierConfig:  # conf/model/classifier.yaml: autoencoders.classifier.Classifier
     _target_: str = MISSING
     num_classes: int | None = MISSING
     encoder_ckpt: str | None = MISSING
-    latent_dim: int = MISSING
-    arch: str = MISSING
+    latent_dim: int | None = MISSING
+    arch: str | None = MISSING
     widths: list[int] | None = MISSING
     head: str = MISSING
     head_width: int = MISSING
@@ -123,5 +162,7 @@ def register() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(group="data", name="schema", node=DataConfig)
-    for name, node in (("ae_schema", AEConfig), ("vae_schema", VAEConfig), ("classifier_schema", ClassifierConfig)):
-        store.store(group="model", name=name, node=node)
+    models = {"ae": AEConfig, "vae": VAEConfig, "dae": DAEConfig, "sparse_ae": SparseAEConfig, "wae": WAEConfig}
+    models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
+    for name, node in models.items():
+        store.store(group="model", name=f"{name}_schema", node=node)

@@ -8,6 +8,7 @@ goes to the sweep dir. A sweep is scored on both held-out splits and ranked on v
 reported, never used to choose.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from autoencoders.cli import FAILURE_FILE
 from autoencoders.console import SPLITS, metrics_table
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
-from autoencoders.files import write_json
+from autoencoders.files import save_cache, write_json
 from autoencoders.likelihoods import bits_per_dim, for_data
 from autoencoders.metrics import (
     METRICS,
@@ -39,7 +40,8 @@ from autoencoders.metrics import (
     metric_key,
 )
 from autoencoders.models import AE, VAE
-from autoencoders.pictures import Sampler, picture_grids, save_pictures
+from autoencoders.pictures import ImageSampler, picture_grids, save_pictures
+from autoencoders.samplers import SAMPLERS, make_sampler
 from autoencoders.saved_runs import build_data, data_config, find_checkpoint, run_config, sweep_jobs
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,11 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint={cfg.checkpoint} is not a checkpoint of a run. Use checkpoint=best or last.")
+    unknown = [name for name in cfg.samplers if name not in SAMPLERS]
+    if unknown:
+        raise UserError(f"samplers={list(cfg.samplers)}: {unknown[0]} is no sampler. Use any of {', '.join(SAMPLERS)}.")
+    if cfg.gmm_components < 1:
+        raise UserError(f"gmm_components={cfg.gmm_components} must be a positive number of mixture components.")
     if cfg.split not in SPLITS:
         raise UserError(f"split={cfg.split} is not a held-out split. Use split=val or split=test.")
     check_sort_by(cfg.sort_by)
@@ -181,13 +188,14 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
     metrics = reconstruction_metrics(model, images, cfg.batch_size)
     if isinstance(model, VAE):
         metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
-    draw = samplers(model, data, cfg.batch_size)
+    data_key = data_name(data_cfg, checkpoint)
+    draw = fitted_samplers(model, data, data_key, checkpoint, cfg)
     if cfg.num_samples != 0:
         metrics |= sample_metrics(draw, data, split, cfg)
     metrics = {f"{split}/{name}": value for name, value in metrics.items()}
     grids = picture_grids(model, images, draw, cfg.seed, **cfg.images)
 
-    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_name(data_cfg, checkpoint)}"
+    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_key}"
     staging = eval_dir / f".{out_dir.name}.{os.getpid()}.part"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -267,26 +275,39 @@ def vae_metrics(model: VAE, images: Tensor, k: int, k_chunk: int, batch_size: in
 
 
 @torch.no_grad()
-def samplers(model: AE, data: ImageDataModule, batch_size: int) -> dict[str, Sampler]:
-    """`prior` decodes z ~ N(0, I). A plain AE has no prior of its own, so it also gets `gaussian`: decoded z from a
-    full-covariance Gaussian fitted to its codes of the training images (binarised as it saw them)."""
-    found: dict[str, Sampler] = {"prior": model.sample}
-    if not isinstance(model, VAE):
-        train_images = data.train_set.tensors[0]
-        if data.hparams.binarize == "dynamic":
-            train_images = torch.bernoulli(train_images, generator=torch.Generator().manual_seed(0))
-        codes = torch.cat([model.encode(x) for x in _batches(train_images, batch_size, model)])
-        mean = codes.mean(0)
-        scale = torch.linalg.cholesky(codes.T.cov() + 1e-6 * torch.eye(len(mean), device=mean.device))
-
-        def gaussian(n: int, generator: torch.Generator) -> Tensor:
-            return model.decode(mean + torch.randn(n, len(mean), generator=generator).to(mean.device) @ scale.T)
-
-        found["gaussian"] = gaussian
+def fitted_samplers(
+    model: AE, data: ImageDataModule, data_key: str, checkpoint: Path, cfg: DictConfig
+) -> dict[str, ImageSampler]:
+    """`cfg.samplers` as image samplers, those other than `prior` fitted to the codes of the training images
+    (binarised as the model saw them), cached in <cache_dir>/samplers/ under a hash of the checkpoint's bytes, the
+    data (`data_key`, its data_name) and the settings."""
+    found: dict[str, ImageSampler] = {}
+    codes = None
+    identity = hashlib.blake2b(checkpoint.read_bytes(), digest_size=8)
+    identity.update(f"{data_key}-{cfg.gmm_components}-{cfg.seed}".encode())
+    for name in cfg.samplers:
+        sampler = (
+            model.prior_sampler()
+            if name == "prior"
+            else make_sampler(name, model.latent_dim, cfg.gmm_components, cfg.seed)
+        )
+        cache = Path(cfg.cache_dir).expanduser() / "samplers" / f"{checkpoint.stem}_{name}_{identity.hexdigest()}.pt"
+        if sampler.needs_fit and cache.is_file():
+            sampler.load_state_dict(torch.load(cache, weights_only=True))
+        elif sampler.needs_fit:
+            if codes is None:
+                images = data.train_set.tensors[0]
+                if data.hparams.binarize == "dynamic":
+                    images = torch.bernoulli(images, generator=torch.Generator().manual_seed(0))
+                codes = torch.cat([model.encode(x) for x in _batches(images, cfg.batch_size, model)])
+            save_cache(sampler.fit(codes).state_dict(), cache, f"the fitted {name} sampler")
+        found[name] = functools.partial(model.sample, sampler=sampler)
     return found
 
 
-def sample_metrics(draw: dict[str, Sampler], data: ImageDataModule, split: str, cfg: DictConfig) -> dict[str, float]:
+def sample_metrics(
+    draw: dict[str, ImageSampler], data: ImageDataModule, split: str, cfg: DictConfig
+) -> dict[str, float]:
     """FID and KID of each sampler's decoded images against the full train split, beside the floor (the split's
     real images against the same reference, as many as the samples) and the feature net's accuracy on the split."""
     if data.num_classes < 2:

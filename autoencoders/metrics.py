@@ -32,7 +32,7 @@ from autoencoders.files import save_cache
 log = logging.getLogger(__name__)
 
 # Every number evaluate.py writes, as `<split>/<name>` (split: val or test), in report order:
-# name -> (higher is better, meaning). `{sampler}`: prior, or gaussian for plain AEs.
+# name -> (higher is better, meaning). `{sampler}`: one of samplers.py's (evaluate.py's `samplers`).
 METRICS: dict[str, tuple[bool, str]] = {
     "nll": (False, "VAEs: -log p(x) bounded by importance sampling (IWAE, k samples), nats per image"),
     "bpd": (False, "VAEs: nll in bits per dimension (nll / (pixels x channels x ln 2))"),

@@ -14,16 +14,29 @@ from autoencoders.likelihoods import likelihood as get_likelihood
 from autoencoders.losses import gaussian_log_prob, kl_divergence
 from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory, configure_optimizers, default_optimizer
+from autoencoders.samplers import Sampler
+
+MODELS: dict[str, type["SplitSteps"]] = {}  # the registry: every model class by name, as its checkpoints record it
 
 
 class SplitSteps(L.LightningModule):
     """Training, validation and test steps that are one `_step(batch, split)`, differing only in the split's name,
     and the optimizer and schedule of conf/optimizer and conf/scheduler (optim.py) over `parameter_groups()`.
 
-    `selection` is the validation metric, and whether higher is better, that picks a run's best checkpoint.
+    `selection` is the validation metric, and whether higher is better, that picks a run's best checkpoint. Every
+    subclass registers itself in MODELS, and its checkpoints record its name and module, which is all that
+    `autoencoders.load` needs to rebuild it.
     """
 
     selection: tuple[str, str] = ("val/loss", "min")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        MODELS[cls.__name__] = cls
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["autoencoders_class"] = type(self).__name__
+        checkpoint["autoencoders_module"] = type(self).__module__
 
     def __init__(self, optimizer: OptimizerFactory | None = None, scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -90,7 +103,7 @@ class EpochMeanLogging(L.LightningModule):
 
 def minimised(terms: dict[str, Tensor]) -> Tensor:
     """Of a model's `loss_terms`, the one it minimises: `loss`, or `recon` for a plain AE, whose loss it is."""
-    return terms.get("loss", terms["recon"])
+    return terms["loss"] if "loss" in terms else terms["recon"]
 
 
 class AE(EpochMeanLogging, SplitSteps):
@@ -142,10 +155,14 @@ class AE(EpochMeanLogging, SplitSteps):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Decode z ~ N(0, I): a VAE's prior, and for a plain AE the lecture's 'random embedding'."""
-        z = torch.randn(n, self.latent_dim, generator=generator, device=generator.device if generator else None)
-        return self.decode(z.to(self.device))
+    def prior_sampler(self) -> Sampler:
+        """The model's own prior over codes: N(0, I) (a VQ-VAE's must be fitted to its codes first: `needs_fit`)."""
+        return Sampler(self.latent_dim)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, sampler: Sampler | None = None) -> Tensor:
+        """Decode n codes drawn from `sampler`, a fitted sampler of samplers.py (e.g. a Gaussian mixture of the
+        training codes); None: z ~ N(0, I), a VAE's prior, and for a plain AE the lecture's 'random embedding'."""
+        return self.decode((sampler or Sampler(self.latent_dim)).draw(n, generator).to(self.device))
 
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 10) -> Tensor:
         """Decode a*z1 + (1-a)*z2 for a from 1 to 0; returns (B, steps, C, H, W), row b going from x1[b] to x2[b]."""
@@ -163,13 +180,14 @@ class AE(EpochMeanLogging, SplitSteps):
         """Batch means, in nats per image; `minimised(terms)` is the training objective."""
         return {"recon": self.reconstruction_nll(x).mean()}
 
+    def test_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """What the test split reports beyond `loss_terms`, batch means (a VAE's likelihood bound)."""
+        return {}
+
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         terms = self.loss_terms(batch[0], split)
-        self.track(split, terms, len(batch[0]))
+        self.track(split, terms | (self.test_terms(batch[0]) if split == "test" else {}), len(batch[0]))
         return minimised(terms)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["autoencoders_class"] = type(self).__name__
 
 
 class VAE(AE):
@@ -223,22 +241,22 @@ class VAE(AE):
         recon, kl = self.elbo_terms(x)
         return -(recon + kl)
 
+    def log_weights(self, x: Tensor, n: int) -> Tensor:
+        """log p(x, z_i) - log q(z_i|x) for n draws z_i ~ q(z|x) of each image, nats, shape (n, B)."""
+        mu, logvar = self.posterior(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(n, *mu.shape, device=mu.device)  # (n, B, D)
+        log_px_z = -self.likelihood.nll(self.decoder(z.flatten(0, 1)), x.repeat(n, 1, 1, 1)).view(n, -1)
+        log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+        return log_px_z + log_pz - gaussian_log_prob(z, mu, logvar)
+
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, k: int = 1000, chunk: int = 100) -> Tensor:
         """Importance-weighted bound log p(x) >= log mean_k p(x, z_k)/q(z_k|x), nats per image, shape (B,).
 
         Samples are drawn `chunk` at a time so memory stays bounded for large k.
         """
-        mu, logvar = self.posterior(x)
-        log_w = []
-        for start in range(0, k, chunk):
-            n = min(chunk, k - start)
-            z = mu + torch.exp(0.5 * logvar) * torch.randn(n, *mu.shape, device=mu.device)  # (n, B, D)
-            params = self.decoder(z.flatten(0, 1))
-            log_px_z = -self.likelihood.nll(params, x.repeat(n, 1, 1, 1)).view(n, -1)
-            log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-            log_w.append(log_px_z + log_pz - gaussian_log_prob(z, mu, logvar))
-        return torch.logsumexp(torch.cat(log_w), 0) - math.log(k)
+        log_w = torch.cat([self.log_weights(x, min(chunk, k - start)) for start in range(0, k, chunk)])
+        return torch.logsumexp(log_w, 0) - math.log(k)
 
     def kl_beta(self) -> float:
         """kl_weight, ramped linearly from 0 over kl_warmup_epochs of training steps."""
@@ -250,8 +268,8 @@ class VAE(AE):
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         recon, kl = (t.mean() for t in self.elbo_terms(x))
-        terms = {"loss": recon + self.kl_beta() * kl, "recon": recon, "kl": kl, "elbo": -(recon + kl)}
-        if split == "test":
-            nll = -self.log_likelihood(x, self.hparams.nll_samples).mean()
-            terms |= {"nll": nll, "bpd": bits_per_dim(nll, math.prod(self.image_shape))}
-        return terms
+        return {"loss": recon + self.kl_beta() * kl, "recon": recon, "kl": kl, "elbo": -(recon + kl)}
+
+    def test_terms(self, x: Tensor) -> dict[str, Tensor]:
+        nll = -self.log_likelihood(x, self.hparams.nll_samples).mean()
+        return {"nll": nll, "bpd": bits_per_dim(nll, math.prod(self.image_shape))}

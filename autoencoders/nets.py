@@ -1,10 +1,11 @@
 """Encoder and decoder architectures. Decoders return a likelihood's parameters; the model maps them to images."""
 
+import math
 from collections.abc import Sequence
 from math import prod
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from autoencoders.errors import UserError
 
@@ -16,6 +17,14 @@ def conv_transpose_output_size(i: int, k: int, s: int = 1, p: int = 0, op: int =
 
 def conv_output_size(i: int, k: int, s: int = 1, p: int = 0) -> int:
     return (i + 2 * p - k) // s + 1
+
+
+def halved_sizes(h: int, w: int, stages: int) -> list[tuple[int, int]]:
+    """(h, w) and the sizes after each of `stages` stride-2, padding-1 3x3 convs: what a decoder must retrace."""
+    sizes = [(h, w)]
+    for _ in range(stages):
+        sizes.append(tuple(conv_output_size(i, 3, 2, 1) for i in sizes[-1]))
+    return sizes
 
 
 class MLPEncoder(nn.Sequential):
@@ -55,10 +64,7 @@ class ConvDecoder(nn.Sequential):
 
     def __init__(self, image_shape: Sequence[int], latent_dim: int, widths: Sequence[int] = (16, 32)):
         out_c, out_h, out_w = image_shape
-        sizes = [(out_h, out_w)]
-        for _ in widths:
-            h, w = sizes[-1]
-            sizes.append((conv_output_size(h, 3, 2, 1), conv_output_size(w, 3, 2, 1)))
+        sizes = halved_sizes(out_h, out_w, len(widths))
         layers: list[nn.Module] = [
             nn.Unflatten(1, (latent_dim, 1, 1)),
             nn.ConvTranspose2d(latent_dim, widths[-1], sizes[-1]),
@@ -73,9 +79,69 @@ class ConvDecoder(nn.Sequential):
         super().__init__(*layers)
 
 
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with GroupNorm and SiLU beside a skip connection; `stride` 2 halves the image (a strided conv),
+    `upsample` doubles it (a transposed conv whose output_padding gives exactly `size`)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, size: tuple[int, int] | None = None):
+        super().__init__()
+        if size is None:  # downsampling or same size
+            first = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+            self.skip = nn.Identity() if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride=stride)
+        else:  # upsampling to `size` from half of it
+            h, w = size
+            i_h, i_w = (h + 1) // 2, (w + 1) // 2  # what a stride-2, padding-1 3x3 conv made of size (h, w)
+            op = (h - conv_transpose_output_size(i_h, 3, 2, 1), w - conv_transpose_output_size(i_w, 3, 2, 1))
+            first = nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=op)
+            skip_op = (h - conv_transpose_output_size(i_h, 1, 2), w - conv_transpose_output_size(i_w, 1, 2))
+            self.skip = nn.ConvTranspose2d(c_in, c_out, 1, stride=2, output_padding=skip_op)
+        self.body = nn.Sequential(first, _norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1), _norm(c_out))
+        self.out = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x) + self.skip(x))
+
+
+class ResNetEncoder(nn.Sequential):
+    """A 3x3 stem, one stride-2 residual block per width, then one conv that covers what is left (as ConvEncoder)."""
+
+    def __init__(self, image_shape: Sequence[int], out_dim: int, widths: Sequence[int] = (32, 64)):
+        c, h, w = image_shape
+        layers: list[nn.Module] = [nn.Conv2d(c, widths[0], 3, padding=1), _norm(widths[0]), nn.SiLU()]
+        c = widths[0]
+        for ch in widths:
+            layers.append(ResidualBlock(c, ch, stride=2))
+            c, h, w = ch, conv_output_size(h, 3, 2, 1), conv_output_size(w, 3, 2, 1)
+        super().__init__(*layers, nn.Conv2d(c, out_dim, (h, w)), nn.Flatten())
+
+
+class ResNetDecoder(nn.Sequential):
+    """Mirror of ResNetEncoder: the code to the smallest grid by a transposed conv, one upsampling residual block per
+    width (output_padding solved from the transposed-conv formula, so every size is exact), a 3x3 conv to the output."""
+
+    def __init__(self, image_shape: Sequence[int], latent_dim: int, widths: Sequence[int] = (32, 64)):
+        out_c, out_h, out_w = image_shape
+        sizes = halved_sizes(out_h, out_w, len(widths))
+        layers: list[nn.Module] = [
+            nn.Unflatten(1, (latent_dim, 1, 1)),
+            nn.ConvTranspose2d(latent_dim, widths[-1], sizes[-1]),
+            _norm(widths[-1]),
+            nn.SiLU(),
+        ]
+        channels = list(reversed(widths))
+        for size, c_in, c_out in zip(reversed(sizes[:-1]), channels, channels[1:] + channels[-1:], strict=True):
+            layers.append(ResidualBlock(c_in, c_out, size=size))
+        super().__init__(*layers, nn.Conv2d(channels[-1], out_c, 3, padding=1))
+
+
 NETS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "mlp": (MLPEncoder, MLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),
+    "resnet": (ResNetEncoder, ResNetDecoder),
 }
 
 
@@ -90,20 +156,21 @@ def build_nets(
     """Encoder mapping images to `code_dim` numbers, and decoder mapping `latent_dim` codes to `decoder_shape`
     (default: the image shape) parameters of the likelihood, e.g. logits, or means and log-scales.
 
-    `widths` are hidden-layer sizes for `mlp` and channel counts for `conv`; None keeps the net's default.
+    `widths` are hidden-layer sizes for `mlp` and channel counts for `conv` and `resnet` (one stride-2 stage each);
+    None keeps the net's default.
     """
     if arch not in NETS:
         raise UserError(f"Unknown net architecture arch={arch!r}. Valid choices: {', '.join(NETS)}.")
     if widths is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
         raise UserError(
             f"model.widths={list(widths)} must be positive layer sizes, e.g. model.widths=[512,256] for arch=mlp or "
-            "[16,32] for arch=conv, or null for the defaults."
+            "[16,32] for arch=conv or resnet, or null for the defaults."
         )
     encoder_cls, decoder_cls = NETS[arch]
     kwargs = {} if widths is None else {"widths": tuple(widths)}
     decoder = decoder_cls(decoder_shape or image_shape, latent_dim, **kwargs)
     nets = encoder_cls(image_shape, code_dim, **kwargs), decoder
-    if arch == "conv":  # NHWC weights: 6-20% faster conv epochs on a 2-core CPU (benchmarks/levers.py)
+    if arch != "mlp":  # NHWC weights: 6-20% faster conv epochs on a 2-core CPU (benchmarks/levers.py)
         for net in nets:
             net.to(memory_format=torch.channels_last)
     return nets

@@ -14,14 +14,14 @@ from torchvision.utils import make_grid, save_image
 
 from autoencoders.models import AE
 
-Sampler = Callable[[int, torch.Generator], Tensor]  # (n, generator) -> n decoded images
+ImageSampler = Callable[[int, torch.Generator], Tensor]  # (n, generator) -> n decoded images
 
 
 @torch.no_grad()
 def picture_grids(
     model: AE,
     test_images: Tensor,
-    samplers: dict[str, Sampler],
+    samplers: dict[str, ImageSampler],
     seed: int,
     num_images: int = 16,
     num_samples: int = 64,

@@ -78,13 +78,16 @@ def check_config(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
     """The set-up data module, and the model built for it from `cfg` with its optimizer and schedule.
 
-    Every model gets the data's image shape. One whose config declares num_classes (the classifier) gets that too, and
-    an autoencoder whose likelihood is null gets the data's (bernoulli on binarised data)."""
+    Every model gets the data's image shape. One whose config declares num_classes (the classifier) gets that too; an
+    autoencoder whose likelihood is null gets the data's (bernoulli on binarised data); and a null latent_dim with no
+    encoder_ckpt to take it from (a classifier's) is the top-level latent_dim."""
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
     if "likelihood" in cfg.model:
         needs["likelihood"] = for_data(cfg.model.likelihood, datamodule.hparams.binarize)
+    if cfg.model.get("latent_dim", 0) is None and not cfg.model.get("encoder_ckpt"):
+        needs["latent_dim"] = cfg.latent_dim
     optimization = {
         "optimizer": instantiate(cfg.optimizer),
         "scheduler": instantiate(cfg.get("scheduler"), _convert_="all"),

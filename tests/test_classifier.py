@@ -12,12 +12,14 @@ import torch
 from omegaconf import OmegaConf
 
 import autoencoders
+from autoencoders.checkpoints import read_checkpoint
 from autoencoders.classifier import Classifier, pretrained_encoder
 from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
 from autoencoders.models import VAE
+from autoencoders.training import train
 from autoencoders.transfer import JOBS_DIR, Result, TransferStudy, markdown, pretraining_overrides, summarize
-from tests.helpers import run_train
+from tests.helpers import TINY, compose_train, run_train
 
 TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
 
@@ -76,9 +78,8 @@ def test_study_writes_its_table_and_plot(study: Path) -> None:
 
 
 def test_frozen_encoder_is_bit_identical_after_training_and_finetuned_is_not(study: Path) -> None:
-    pretrained, _ = pretrained_encoder(
-        study / "pretrain" / "checkpoints" / "last.ckpt", (1, 28, 28), Classifier((1, 28, 28), 10, arch="mlp").encoder
-    )
+    path = study / "pretrain" / "checkpoints" / "last.ckpt"
+    pretrained = pretrained_encoder(read_checkpoint(path), path, (1, 28, 28), Classifier((1, 28, 28), 10).encoder)
     frozen = encoder_state(job(study, "frozen") / "checkpoints" / "last.ckpt")
     finetuned = encoder_state(job(study, "finetune") / "checkpoints" / "last.ckpt")
     assert all(torch.equal(frozen[k], v) for k, v in pretrained.items())
@@ -139,7 +140,7 @@ def test_a_vae_encoder_codes_its_posterior_mean(tmp_path: Path, arch: str) -> No
     torch.save(
         {"autoencoders_class": "VAE", "hyper_parameters": dict(vae.hparams), "state_dict": vae.state_dict()}, ckpt
     )
-    classifier = Classifier((1, 12, 12), 10, encoder_ckpt=ckpt, latent_dim=3, arch=arch)
+    classifier = Classifier((1, 12, 12), 10, encoder_ckpt=ckpt)  # latent_dim and arch: the checkpoint's
     x = torch.rand(8, 1, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(classifier.encoder(x), vae.encode(x))
@@ -186,12 +187,31 @@ def test_a_classifier_checkpoint_is_no_encoder_but_loads_without_its_encoder(stu
 
 @pytest.mark.parametrize(
     "image_shape,latent_dim,match",
-    [((1, 32, 32), 16, r"shape \(1, 28, 28\)"), ((3, 28, 28), 16, "shape"), ((1, 28, 28), 8, "latent_dim=16")],
+    [
+        ((1, 32, 32), 16, r"shape \(1, 28, 28\)"),
+        ((3, 28, 28), 16, "shape"),
+        ((1, 28, 28), 8, r"model.latent_dim=8 \(the checkpoint's: 16\)"),
+    ],  # fmt: skip
 )
 def test_an_encoder_that_does_not_fit_is_a_clear_error(study: Path, image_shape, latent_dim, match) -> None:
     ckpt = study / "pretrain" / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError, match=match):
         Classifier(image_shape, 10, encoder_ckpt=ckpt, latent_dim=latent_dim, arch="mlp")
+
+
+def test_the_classifier_takes_its_encoder_from_the_checkpoint_and_names_a_conflicting_setting(tmp_path) -> None:
+    """python train.py model=conv_vae latent_dim=3, then model=classifier encoder_ckpt=<that run> with no arch or
+    latent size repeated."""
+    vae_run, classifier_run = tmp_path / "vae", tmp_path / "classifier"
+    train(compose_train(vae_run, *TINY, "model=conv_vae", "latent_dim=3", "model.widths=[8,16]"))
+    ckpt = vae_run / "checkpoints" / "last.ckpt"
+    metrics = train(compose_train(classifier_run, *TINY, "model=classifier", f"encoder_ckpt={ckpt}",
+                                  "data.labels_per_class=10"))  # fmt: skip
+    assert 0 <= metrics["test/acc"] <= 1
+    model = autoencoders.load(classifier_run / "checkpoints" / "last.ckpt")
+    assert (model.hparams.arch, model.hparams.latent_dim, model.hparams.widths) == ("conv", 3, [8, 16])
+    with pytest.raises(UserError, match=r"model.arch=mlp \(the checkpoint's: conv\)"):
+        Classifier((1, 28, 28), 10, encoder_ckpt=ckpt, arch="mlp")
 
 
 def test_unknown_head_is_a_clear_error() -> None:

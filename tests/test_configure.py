@@ -134,7 +134,7 @@ def test_the_optimizer_group_builds_the_optimizer_with_the_models_parameters(nam
     assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("override", ["compile=maybe", "latent_dim=abc", "model.widths=[a]", "data.batch_size=x"])
+@pytest.mark.parametrize("override", ["compile=maybe", "model.widths=[a]"])
 def test_hydra_rejects_a_value_of_the_wrong_type_naming_it_before_importing_torch(override, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", str(ROOT / "train.py"), override], cwd=tmp_path, capture_output=True,

@@ -77,7 +77,8 @@ def test_each_run_gets_metrics_pictures_and_tensorboard_events_in_eval_only(swee
     metrics = json.loads((out / "metrics.json").read_text())
     expected = {"test/mse", "test/recon", "test/fid_prior", "test/kid_prior", "test/kid_prior_std", "test/fid_floor"}
     expected |= {"test/kid_floor", "test/fid_net_accuracy"}
-    expected |= {"test/fid_gaussian"} if model == "ae" else {"test/elbo", "test/nll", "test/bpd", "test/kl"}
+    expected |= {f"test/{score}_{sampler}" for score in ("fid", "kid") for sampler in ("gaussian", "gmm")}
+    expected |= set() if model == "ae" else {"test/elbo", "test/nll", "test/bpd", "test/kl"}
     assert expected <= set(metrics)
     assert 0 < metrics["test/mse"] < 1 and metrics["test/recon"] > 0 and metrics["test/fid_prior"] > 0
     assert metrics["test/fid_floor"] < metrics["test/fid_prior"]  # real held-out digits beat an untrained model's
@@ -99,7 +100,10 @@ def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_pat
     shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
     (val,) = evaluate(evaluate_config(f"run_dir={run}", "split=val", "num_samples=0", f"cache_dir={tmp_path}"))
     assert set(val) == {"val/nll", "val/bpd", "val/elbo", "val/recon", "val/kl", "val/active_units", "val/mse"}
+    fitted = {p.name.split("_")[1]: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()}
+    assert set(fitted) == {"gaussian", "gmm"}  # fitted to the checkpoint's training codes, for its picture grids
     (test,) = evaluate(evaluate_config(f"run_dir={run}", "num_samples=0", f"cache_dir={tmp_path}"))
+    assert {p.name.split("_")[1]: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()} == fitted
     assert all(name.startswith("test/") for name in test)
     assert len(list((run / "eval").iterdir())) == 2
     assert json.loads((eval_dir(run, "val") / "metrics.json").read_text()) == val

@@ -11,6 +11,7 @@ from autoencoders.losses import kl_divergence
 from autoencoders.models import AE, VAE, minimised
 
 MODELS = {"ae": (AE, "mlp"), "conv_ae": (AE, "conv"), "vae": (VAE, "mlp"), "conv_vae": (VAE, "conv")}
+MODELS |= {"resnet_ae": (AE, "resnet"), "resnet_vae": (VAE, "resnet")}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -66,7 +67,7 @@ def test_elbo_is_negative_nats_per_image_and_sums_over_pixels():
 
 
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("arch", ["mlp", "conv", "resnet"])
 def test_every_likelihood_trains_with_every_net_and_grids_show_its_mean(likelihood, arch):
     """The decoder outputs the likelihood's parameters (two per pixel for gaussian and logistic); decode returns the
     distribution's mean in [0, 1], and the loss is that likelihood's NLL of the input."""

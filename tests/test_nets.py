@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from autoencoders.errors import UserError
-from autoencoders.nets import ConvDecoder, ConvEncoder, build_nets, conv_transpose_output_size
+from autoencoders.nets import ConvDecoder, ConvEncoder, ResidualBlock, build_nets, conv_transpose_output_size
 
 
 @pytest.mark.parametrize(
@@ -30,8 +30,8 @@ def test_default_conv_net_is_the_lectures_for_mnist():
     ]
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 27, 31), (3, 64, 48)])
+@pytest.mark.parametrize("arch", ["mlp", "conv", "resnet"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 27, 31), (3, 64, 48)])
 def test_decoder_returns_the_input_shape(arch, shape):
     encoder, decoder = build_nets(arch, shape, code_dim=6, latent_dim=3)
     x = torch.rand(2, *shape)
@@ -40,5 +40,17 @@ def test_decoder_returns_the_input_shape(arch, shape):
 
 
 def test_unknown_arch_is_a_clear_error():
-    with pytest.raises(UserError, match="arch='resnet'.*mlp, conv"):
-        build_nets("resnet", (1, 28, 28), 4, 4)
+    with pytest.raises(UserError, match="arch='vit'.*mlp, conv, resnet"):
+        build_nets("vit", (1, 28, 28), 4, 4)
+
+
+def test_resnet_blocks_are_residual_with_normalisation_and_train():
+    encoder, decoder = build_nets("resnet", (3, 64, 64), 6, 6, widths=[16, 32, 64])
+    blocks = [m for m in [*encoder.modules(), *decoder.modules()] if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 6 and all(any(isinstance(m, torch.nn.GroupNorm) for m in b.modules()) for b in blocks)
+    block = blocks[0]
+    x = torch.randn(2, 16, 64, 64)
+    torch.testing.assert_close(block(x), torch.nn.functional.silu(block.body(x) + block.skip(x)))
+    out = decoder(encoder(torch.rand(2, 3, 64, 64)))
+    out.mean().backward()
+    assert all(p.grad is not None for p in encoder.parameters())

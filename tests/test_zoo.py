@@ -1,0 +1,284 @@
+"""Each zoo objective against an independent computation (torch.distributions, brute-force sums, closed forms)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.distributions import Bernoulli, MultivariateNormal, Normal
+
+import autoencoders
+from autoencoders.classifier import Classifier
+from autoencoders.errors import UserError
+from autoencoders.evaluation import evaluate
+from autoencoders.losses import imq_mmd, kl_decomposition
+from autoencoders.models import VAE
+from autoencoders.samplers import CodePrior
+from autoencoders.training import train
+from autoencoders.zoo import DAE, IWAE, VQVAE, WAE, BetaTCVAE, SparseAE
+from tests.helpers import ROOT, TINY, compose_train
+
+SHAPE = (1, 8, 8)
+
+
+def binary_images(n: int = 6) -> torch.Tensor:
+    return torch.bernoulli(torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(0)))
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x | logits) per image, from torch's own cross-entropy."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_a_fully_masked_dae_reconstructs_every_image_from_a_blank_one(arch):
+    model = DAE(SHAPE, corruption="masking", noise=1.0, latent_dim=3, arch=arch)
+    x = binary_images()
+    blank = model.decoder(model.encode(torch.zeros_like(x)))
+    torch.testing.assert_close(model.loss_terms(x)["loss"], bernoulli_nll(blank, x).mean())
+    terms = model.loss_terms(x, "val")
+    torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(model.encode(x)), x).mean())
+
+
+def test_gaussian_corruption_feeds_a_noisy_image_and_scores_the_clean_one():
+    model = DAE(SHAPE, corruption="gaussian", noise=0.5, latent_dim=3)
+    x = binary_images()
+    torch.manual_seed(1)
+    loss = model.loss_terms(x)["loss"]
+    torch.manual_seed(1)
+    noisy = x + 0.5 * torch.randn(x.shape)
+    torch.testing.assert_close(loss, bernoulli_nll(model.decoder(model.encode(noisy)), x).mean())
+
+
+def test_the_sparse_ae_adds_the_weighted_l1_norm_of_its_codes():
+    model = SparseAE(SHAPE, sparsity=0.25, latent_dim=4)
+    x = binary_images()
+    terms = model.loss_terms(x)
+    z = model.encode(x)
+    torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(z), x).mean())
+    torch.testing.assert_close(terms["loss"], terms["recon"] + 0.25 * torch.linalg.vector_norm(z, 1, dim=1).mean())
+
+
+def test_the_imq_mmd_equals_the_brute_force_double_sum():
+    generator = torch.Generator().manual_seed(0)
+    z, p = torch.randn(7, 3, generator=generator) + 0.5, torch.randn(7, 3, generator=generator)
+    scales = (0.5, 1.0, 2.0)
+
+    def k(a, b):
+        return sum(s * 6 / (s * 6 + float(((a - b) ** 2).sum())) for s in scales)
+
+    n = len(z)
+    same = sum(k(z[i], z[j]) + k(p[i], p[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    cross = sum(k(z[i], p[j]) for i in range(n) for j in range(n)) / n**2
+    assert imq_mmd(z, p, scales).item() == pytest.approx(same - 2 * cross, rel=1e-5)
+
+
+def test_the_mmd_is_near_zero_for_the_prior_and_large_for_shifted_codes():
+    generator = torch.Generator().manual_seed(0)
+    prior = torch.randn(400, 4, generator=generator)
+    assert abs(imq_mmd(torch.randn(400, 4, generator=generator), prior).item()) < 0.02
+    assert imq_mmd(torch.randn(400, 4, generator=generator) + 2, prior).item() > 0.5
+
+
+def test_the_wae_loss_is_recon_plus_the_weighted_mmd_to_prior_draws():
+    model = WAE(SHAPE, mmd_weight=3.0, latent_dim=2)
+    x = binary_images()
+    torch.manual_seed(2)
+    terms = model.loss_terms(x)
+    z = model.encode(x)
+    torch.manual_seed(2)
+    prior = torch.randn(len(x), 2)
+    torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(z), x).mean())
+    torch.testing.assert_close(terms["loss"], terms["recon"] + 3.0 * imq_mmd(z, prior))
+
+
+def test_the_iwae_loss_is_the_k_sample_bound_from_torch_distributions():
+    model = IWAE(SHAPE, k=4, latent_dim=3)
+    x = binary_images()
+    torch.manual_seed(3)
+    terms = model.loss_terms(x)
+    torch.manual_seed(3)
+    mu, logvar = model.posterior(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    z = mu + q.stddev * torch.randn(4, *mu.shape)  # (k, B, D): the model's draws; the densities are torch's
+    logits = model.decoder(z.flatten(0, 1)).view(4, len(x), *SHAPE)
+    log_w = (
+        Bernoulli(logits=logits).log_prob(x).flatten(2).sum(2) + Normal(0, 1).log_prob(z).sum(2) - q.log_prob(z).sum(2)
+    )
+    bound = (torch.logsumexp(log_w, 0) - math.log(4)).mean()
+    torch.testing.assert_close(terms["iwae"], bound)
+    torch.testing.assert_close(terms["loss"], -bound)
+    assert terms["iwae"] >= terms["elbo"] - 5  # in expectation the k-sample bound is the tighter one
+
+
+def test_the_total_correlation_estimate_matches_the_exact_tc_of_a_correlated_gaussian():
+    """Codes of 3000 'images' whose posteriors N(mu_n, s^2 I) have means mu_n ~ N(0, A): the aggregate posterior is
+    N(0, A + s^2 I), whose total correlation is 1/2 (sum_d log S_dd - log det S)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.tensor([[1.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 1.0]])
+    n, variance = 3000, 0.3
+    mu = MultivariateNormal(torch.zeros(3), a).sample((n,))
+    logvar = torch.full_like(mu, math.log(variance))
+    z = mu + math.sqrt(variance) * torch.randn(n, 3, generator=generator)
+    s = a + variance * torch.eye(3)
+    exact_tc = 0.5 * (torch.log(torch.diagonal(s)).sum() - torch.logdet(s))
+    parts = kl_decomposition(z, mu, logvar, dataset_size=n)  # the whole set as one batch
+    assert parts["tc"].item() == pytest.approx(exact_tc.item(), abs=0.03)
+    # a batch of 500 standing for the 3000: the same within the estimator's noise
+    assert kl_decomposition(z[:500], mu[:500], logvar[:500], n)["tc"].item() == pytest.approx(exact_tc.item(), abs=0.1)
+    exact_kl = 0.5 * (torch.trace(s) - 3 - torch.logdet(s)).item()  # KL(q(z) || N(0, I)) = tc + dim_kl
+    assert (parts["tc"] + parts["dim_kl"]).item() == pytest.approx(exact_kl, abs=0.05)
+
+
+def test_beta_tcvae_weights_the_total_correlation_and_keeps_the_analytic_elbo():
+    model = BetaTCVAE(SHAPE, tc_weight=6.0, latent_dim=3)
+    x = binary_images(16)
+    torch.manual_seed(4)
+    terms = model.loss_terms(x)
+    torch.testing.assert_close(terms["loss"], terms["recon"] + terms["mi"] + 6 * terms["tc"] + terms["dim_kl"])
+    torch.manual_seed(4)
+    mu, logvar = model.posterior(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(z), x).mean())
+    kl = torch.distributions.kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0, 1)).sum(1).mean()
+    torch.testing.assert_close(terms["elbo"], -(terms["recon"] + kl))
+
+
+def compose_evaluate(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=list(overrides))
+
+
+def test_the_vqvae_loss_quantizes_to_the_nearest_codebook_vectors_with_straight_through_gradients():
+    model = VQVAE(SHAPE, codebook_size=5, embedding_dim=2, ema=False, latent_dim=4)
+    x = binary_images()
+    terms = model.loss_terms(x)
+    z = model.encode(x)
+    book = model.codebook.detach()
+
+    def closest(token):
+        return book[min(range(5), key=lambda k: float(((token - book[k]) ** 2).sum()))]
+
+    nearest = torch.stack([torch.cat([closest(token) for token in row.view(2, 2)]) for row in z.detach()])
+    torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(nearest), x).mean())
+    torch.testing.assert_close(terms["commitment"], ((z - nearest) ** 2).sum(1).mean())
+    torch.testing.assert_close(terms["loss"], terms["recon"] + 0.25 * terms["commitment"] + terms["codebook"])
+    terms["loss"].backward()
+    assert model.codebook.grad is not None and all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_vqvae_perplexity_and_usage_count_the_codebook_vectors_a_batch_uses():
+    model = VQVAE(SHAPE, codebook_size=4, embedding_dim=1, latent_dim=4)
+    with torch.no_grad():
+        model.codebook.copy_(torch.tensor([[-3.0], [-1.0], [1.0], [3.0]]))
+    model.encode = lambda x: torch.tensor([[-3.0, -1.0, 1.0, 3.0]]).repeat(len(x), 1)  # every vector once per image
+    terms = model.loss_terms(binary_images(2), "val")
+    assert terms["perplexity"].item() == pytest.approx(4.0) and terms["usage"].item() == 1.0
+    model.encode = lambda x: torch.full((len(x), 4), 2.9)
+    terms = model.loss_terms(binary_images(2), "val")
+    assert terms["perplexity"].item() == pytest.approx(1.0) and terms["usage"].item() == 0.25
+
+
+def test_the_ema_codebook_moves_to_the_mean_of_its_tokens():
+    model = VQVAE(SHAPE, codebook_size=2, embedding_dim=1, latent_dim=2, decay=0.5)
+    with torch.no_grad():
+        model.codebook.copy_(torch.tensor([[-1.0], [1.0]]))
+    model.encode = lambda x: torch.tensor([[-2.0, 4.0]]).repeat(len(x), 1)
+    for _ in range(40):
+        model.loss_terms(binary_images(3))
+    torch.testing.assert_close(model.codebook.detach(), torch.tensor([[-2.0], [4.0]]), atol=1e-3, rtol=0)
+
+
+def test_the_code_prior_learns_the_dependence_between_tokens_and_a_vqvae_samples_only_with_it():
+    generator = torch.Generator().manual_seed(0)
+    codebook = torch.arange(4.0).view(4, 1)
+    first = torch.multinomial(torch.tensor([0.7, 0.1, 0.1, 0.1]), 2000, replacement=True, generator=generator)
+    codes = torch.stack([first, (first + 1) % 4], 1).float()  # the second token always follows the first
+    prior = CodePrior(codebook, n_tokens=2, epochs=10).fit(codes)
+    draws = prior.draw(1000, torch.Generator().manual_seed(1))
+    assert ((draws[:, 1] - draws[:, 0]) % 4 == 1).float().mean().item() > 0.97
+    assert (draws[:, 0] == 0).float().mean().item() == pytest.approx(0.7, abs=0.05)
+    restored = CodePrior(codebook, n_tokens=2).load_state_dict(prior.state_dict())
+    torch.testing.assert_close(
+        restored.draw(5, torch.Generator().manual_seed(2)), prior.draw(5, torch.Generator().manual_seed(2))
+    )
+
+    model = VQVAE(SHAPE, codebook_size=4, embedding_dim=1, latent_dim=2)
+    with pytest.raises(UserError, match="no N\\(0, I\\) prior"):
+        model.sample(4)
+    fitted = model.prior_sampler().fit(model.encode(binary_images(64)))
+    assert model.sample(4, sampler=fitted).shape == (4, *SHAPE)
+
+
+# Every zoo model through train.py's and evaluate.py's code, and as a classifier's encoder ----------------------------
+ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae": BetaTCVAE, "vqvae": VQVAE}
+
+
+@pytest.fixture(scope="module")
+def zoo_runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zoo")
+    for name in ZOO:
+        own = ["model.embedding_dim=1"] if name == "vqvae" else []  # 2 tokens of 1 number
+        train(compose_train(root / name, *TINY, f"model={name}", "latent_dim=2", "model.arch=conv", *own))
+    return {name: root / name for name in ZOO}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_each_zoo_model_trains_tests_and_loads_from_its_checkpoint(zoo_runs, name):
+    metrics = json.loads((zoo_runs[name] / "metrics.json").read_text())
+    assert {"val/recon", "test/recon"} <= set(metrics) and math.isfinite(metrics["test/recon"])
+    if issubclass(ZOO[name], VAE):
+        assert {"val/elbo", "test/nll", "test/bpd"} <= set(metrics)
+    model = autoencoders.load(zoo_runs[name] / "checkpoints" / "last.ckpt")
+    assert type(model) is ZOO[name] and model.hparams.arch == "conv"
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_each_zoo_model_is_scored_by_evaluate_py(zoo_runs, name, tmp_path):
+    ckpt = zoo_runs[name] / "checkpoints" / "last.ckpt"  # a lone checkpoint: the in-process run saved no .hydra/
+    cfg = compose_evaluate(f"ckpt_path={ckpt}", "data=mnist_subset", "split=val", "num_samples=0",
+                           f"cache_dir={tmp_path}", "k=10", "images.num_samples=4", "samplers=[gaussian]")  # fmt: skip
+    (metrics,) = evaluate(cfg)
+    assert math.isfinite(metrics["val/recon"]) and ("val/nll" in metrics) == issubclass(ZOO[name], VAE)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_each_zoo_models_encoder_serves_a_classifier_with_its_own_code(zoo_runs, name):
+    ckpt = zoo_runs[name] / "checkpoints" / "last.ckpt"
+    classifier, model = Classifier((1, 28, 28), 10, encoder_ckpt=ckpt), autoencoders.load(ckpt)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier.encoder(x), model.encode(x))
+
+
+def test_the_readmes_new_model_example_trains_and_loads_back(tmp_path, monkeypatch):
+    """The README's "A new model" class and config, as a module of the user's own."""
+    import re
+    import sys
+    import types
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**A new model**") :]
+    code, config = re.findall(r"```(?:python|yaml)\n(.*?)```", section, re.DOTALL)[:2]
+    module = types.ModuleType("my_models")
+    exec("from autoencoders.models import AE\n" + code, module.__dict__)
+    monkeypatch.setitem(sys.modules, "my_models", module)
+    cfg = OmegaConf.create(config.replace("autoencoders.zoo.", "my_models."))
+    cfg.latent_dim = 2
+    model = instantiate(cfg, image_shape=SHAPE, likelihood="bernoulli", _convert_="all")  # as train.py builds it
+    x = binary_images(32)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(len(x))), batch_size=8)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = autoencoders.load(tmp_path / "model.ckpt")
+    assert type(loaded).__name__ == "ContractiveAE" and loaded.hparams.penalty == 0.1
+    assert set(model.loss_terms(x)) == {"loss", "recon", "l2"}
