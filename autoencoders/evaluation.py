@@ -43,6 +43,7 @@ from autoencoders.models import AE, VAE
 from autoencoders.pictures import ImageSampler, picture_grids, save_pictures
 from autoencoders.samplers import SAMPLERS, make_sampler
 from autoencoders.saved_runs import build_data, data_config, find_checkpoint, run_config, sweep_jobs
+from autoencoders.zoo import VQVAE
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
     metrics = reconstruction_metrics(model, images, cfg.batch_size)
     if isinstance(model, VAE):
         metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
+    if isinstance(model, VQVAE):
+        metrics |= codebook_metrics(model, images, cfg.batch_size)
     data_key = data_name(data_cfg, checkpoint)
     draw = fitted_samplers(model, data, data_key, checkpoint, cfg)
     if cfg.num_samples != 0:
@@ -272,6 +275,16 @@ def vae_metrics(model: VAE, images: Tensor, k: int, k_chunk: int, batch_size: in
         "kl": kl.mean().item(),
         "active_units": active_units(torch.cat(means)),
     }
+
+
+@torch.no_grad()
+def codebook_metrics(model: VQVAE, images: Tensor, batch_size: int) -> dict[str, float]:
+    """The codebook's perplexity (exp of the entropy of its use over the split's tokens) and usage (the share of its
+    vectors that any token uses)."""
+    tokens = torch.cat([model.tokens(model.encode(x)).flatten() for x in _batches(images, batch_size, model)])
+    use = torch.bincount(tokens, minlength=len(model.codebook)).double() / len(tokens)
+    entropy = -(use[use > 0] * use[use > 0].log()).sum()
+    return {"perplexity": entropy.exp().item(), "usage": (use > 0).double().mean().item()}
 
 
 @torch.no_grad()

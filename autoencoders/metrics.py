@@ -40,6 +40,11 @@ METRICS: dict[str, tuple[bool, str]] = {
     "recon": (False, "AEs: -log p(x | decode(encode(x))); VAEs: E_q[-log p(x|z)]; nats per image"),
     "kl": (False, "VAEs: KL(q(z|x) || N(0, I)), nats per image"),
     "active_units": (True, "VAEs: latent dims u with Cov_x(E_q[z_u|x]) > 0.01 (Burda et al.)"),
+    "perplexity": (
+        True,
+        "VQ-VAEs: exp of the entropy of the codebook's use over the split's tokens (at most its size)",
+    ),
+    "usage": (True, "VQ-VAEs: share of the codebook's vectors that the split's tokens use"),
     "mse": (False, "squared error of the mean reconstruction per pixel, images in [0, 1] (not a likelihood)"),
     "fid_{sampler}": (False, "FID of decoded samples against the train split, in the feature net's space"),
     "kid_{sampler}": (False, "KID (unbiased, mean over subsets) of decoded samples against the train split"),

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autoencoders.errors import UserError, check_positive
+from autoencoders.errors import UserError, check_non_negative, check_positive
 from autoencoders.losses import imq_mmd, kl_decomposition, kl_divergence
 from autoencoders.models import AE, VAE
 from autoencoders.samplers import CodePrior, Sampler, nearest_codes
@@ -46,36 +46,49 @@ class DAE(AE):
         return terms if split == "train" else terms | {"recon": self.reconstruction_nll(x).mean()}
 
 
-class SparseAE(AE):
-    """An AE with an L1 penalty on its codes: `loss` = recon + sparsity * |z|_1 (Ng's sparse coding, the L1 form)."""
+class CodePenaltyAE(AE):
+    """An AE whose loss adds a weighted penalty on its codes: `loss` = recon + weight * penalty(z), the penalty logged
+    as `term` and its weight the hyperparameter `weight_key`."""
 
-    def __init__(self, image_shape: Sequence[int], sparsity: float = 1.0, **base: Any):
-        if sparsity < 0:
-            raise UserError(f"model.sparsity={sparsity} is negative. Use a weight >= 0, e.g. model.sparsity=1.")
-        super().__init__(image_shape, **base)
+    term: str
+    weight_key: str
+
+    def penalty(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         z = self.encode(x)
         recon = self.likelihood.nll(self.decoder(z), x).mean()
-        l1 = z.abs().sum(1).mean()
-        return {"loss": recon + self.hparams.sparsity * l1, "recon": recon, "l1": l1}
+        penalty = self.penalty(z)
+        return {"loss": recon + self.hparams[self.weight_key] * penalty, "recon": recon, self.term: penalty}
 
 
-class WAE(AE):
+class SparseAE(CodePenaltyAE):
+    """An AE with an L1 penalty on its codes: `loss` = recon + sparsity * |z|_1 (Ng's sparse coding, the L1 form)."""
+
+    term, weight_key = "l1", "sparsity"
+
+    def __init__(self, image_shape: Sequence[int], sparsity: float = 1.0, **base: Any):
+        check_non_negative("model.sparsity", sparsity, "1")
+        super().__init__(image_shape, **base)
+
+    def penalty(self, z: Tensor) -> Tensor:
+        return z.abs().sum(1).mean()
+
+
+class WAE(CodePenaltyAE):
     """Wasserstein autoencoder, WAE-MMD (Tolstikhin et al., 2018): a deterministic encoder whose codes are pulled to
     the prior N(0, I) by `loss` = recon + mmd_weight * MMD^2 (inverse multiquadric kernels, losses.imq_mmd), against
     as many prior draws as the batch has images."""
 
+    term, weight_key = "mmd", "mmd_weight"
+
     def __init__(self, image_shape: Sequence[int], mmd_weight: float = 10.0, **base: Any):
-        if mmd_weight < 0:
-            raise UserError(f"model.mmd_weight={mmd_weight} is negative. Use a weight >= 0, e.g. 10.")
+        check_non_negative("model.mmd_weight", mmd_weight, "10")
         super().__init__(image_shape, **base)
 
-    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        z = self.encode(x)
-        recon = self.likelihood.nll(self.decoder(z), x).mean()
-        mmd = imq_mmd(z, torch.randn_like(z)) if len(z) > 1 else z.new_zeros(())
-        return {"loss": recon + self.hparams.mmd_weight * mmd, "recon": recon, "mmd": mmd}
+    def penalty(self, z: Tensor) -> Tensor:
+        return imq_mmd(z, torch.randn_like(z)) if len(z) > 1 else z.new_zeros(())
 
 
 class IWAE(VAE):

@@ -51,3 +51,13 @@ def test_checkpoint_save_reports_each_way(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["size_mb"] > 10 and all(figures["ms"][way] > 0 for way in ("no_crc", "crc", "safe", "safe_wait"))
     assert "x no_crc" in stdout
+
+
+@pytest.mark.slow
+def test_model_zoo_trains_scores_and_reuses_each_model_and_prints_the_table(tmp_path):
+    stdout = run_benchmark("model_zoo.py", "--quick", "--out", str(tmp_path / "zoo"), "--models", "ae", "vqvae",
+                           cwd=tmp_path)  # fmt: skip
+    rows = [line for line in stdout.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["ae", "vqvae"]
+    assert all(" % | " in row and row.endswith(" s |") for row in rows)
+    assert (tmp_path / "zoo" / "table.md").read_text().strip() in stdout

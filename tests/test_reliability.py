@@ -264,6 +264,9 @@ BAD_INPUT = {
     "no epochs": (["trainer.max_epochs=0"], "trainer.max_epochs=0 is no number of epochs"),
     "a zero-width layer": (["model.widths=[0]"], r"model.widths=\[0\] must be positive layer sizes"),
     "negative KL warm-up": (["model.kl_warmup_epochs=-5"], "model.kl_warmup_epochs=-5 is not a number of epochs"),
+    "negative sparsity": (["model=sparse_ae", "model.sparsity=-1"], r"model.sparsity=-1(\.0)? is negative"),
+    "tokens that do not divide the code": (["model=vqvae", "latent_dim=6"], "model.embedding_dim=4 does not divide"),
+    "unknown corruption": (["model=dae", "model.corruption=blur"], "model.corruption='blur' is unknown"),
     "image folder root is a file": (["data=image_folder", "data.source.root={file}"], "is a file, not a folder"),
     **(
         {}

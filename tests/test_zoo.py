@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -217,13 +218,27 @@ def test_the_code_prior_learns_the_dependence_between_tokens_and_a_vqvae_samples
 ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae": BetaTCVAE, "vqvae": VQVAE}
 
 
+def zoo_config(name: str) -> list[str]:
+    own = ["model.embedding_dim=1"] if name == "vqvae" else []  # 2 tokens of 1 number
+    return [*TINY, f"model={name}", "latent_dim=2", "model.arch=conv", *own]
+
+
 @pytest.fixture(scope="module")
 def zoo_runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("zoo")
     for name in ZOO:
-        own = ["model.embedding_dim=1"] if name == "vqvae" else []  # 2 tokens of 1 number
-        train(compose_train(root / name, *TINY, f"model={name}", "latent_dim=2", "model.arch=conv", *own))
+        train(compose_train(root / name, *zoo_config(name)))
     return {name: root / name for name in ZOO}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_each_zoo_model_resumes_from_its_last_checkpoint(zoo_runs, name, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(zoo_runs[name], run)
+    before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    train(compose_train(run, *zoo_config(name), "trainer.max_epochs=2", "ckpt_path=last"))
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (before["epoch"], after["epoch"]) == (0, 1) and after["global_step"] == 2 * before["global_step"]
 
 
 @pytest.mark.parametrize("name", ZOO)
