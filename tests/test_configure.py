@@ -18,7 +18,7 @@ from werkzeug.test import Client
 
 from autoencoders.cli import user_error
 from autoencoders.loggers import build_loggers
-from autoencoders.training import build, train
+from autoencoders.training import build, build_callbacks, train
 from tests.helpers import ROOT, TINY, compose_train, run_train
 
 README = (ROOT / "README.md").read_text()
@@ -86,6 +86,15 @@ def test_a_logger_whose_package_is_missing_is_an_error_naming_the_install(monkey
     with pytest.raises(Exception) as raised:
         build_loggers(cfg.logger, "run")
     assert 'pip install -e ".[wandb]"' in str(user_error(raised.value))
+
+
+def test_callbacks_are_added_and_dropped_from_the_command_line_with_the_models_selection_filled_in(tmp_path):
+    cfg = compose_train(tmp_path, "model=ae", "+callbacks=[early_stopping,lr_monitor]", "~callbacks.images")
+    callbacks = {type(c).__name__: c for c in build_callbacks(cfg.callbacks, ("val/recon", "min"))}
+    assert "ImageLogger" not in callbacks and {"EarlyStopping", "LearningRateMonitor", "BestCheckpoint"} <= set(
+        callbacks
+    )
+    assert (callbacks["EarlyStopping"].monitor, callbacks["BestCheckpoint"].monitor) == ("val/recon", "val/recon")
 
 
 def test_early_stopping_stops_when_the_selection_metric_stops_improving(tmp_path):
