@@ -193,6 +193,13 @@ class ImageLogger(L.Callback):
                 )  # fmt: skip
 
 
+def last_checkpoint_on_disk(trainer: L.Trainer) -> Path | None:
+    """The run's last.ckpt beside its checkpoint callback's files, if one has been written."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    last = Path(dirpath, "last.ckpt") if dirpath else None
+    return last if last and last.is_file() else None
+
+
 class NanGuard(L.Callback):
     """Stop at the first non-finite training loss, before its backward pass and optimizer step change the weights.
 
@@ -204,9 +211,8 @@ class NanGuard(L.Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         if torch.isfinite(loss):  # one device sync per step
             return
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        last = Path(dirpath, "last.ckpt") if dirpath else None
-        kept = f"the last good checkpoint, {last}, is kept" if last and last.is_file() else "no checkpoint was written"
+        last = last_checkpoint_on_disk(trainer)
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
         raise UserError(
             f"The training loss became non-finite (loss = {loss.item():.4g}) at step {trainer.global_step} "
             f"(epoch {trainer.current_epoch}), so training stopped before that step changed the weights, and {kept}. "
@@ -224,11 +230,10 @@ class Preemption(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        last = Path(dirpath, "last.ckpt") if dirpath else None
+        last = last_checkpoint_on_disk(trainer)
         kept = (
             f"{last} holds the last finished epoch; resume it with ckpt_path=last hydra.run.dir={last.parent.parent}"
-            if last and last.is_file()
+            if last
             else "no epoch had finished, so there is nothing to resume"
         )
         print(f"error: stopped by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch}); {kept}.",

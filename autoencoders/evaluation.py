@@ -279,12 +279,9 @@ def vae_metrics(model: VAE, images: Tensor, k: int, k_chunk: int, batch_size: in
 
 @torch.no_grad()
 def codebook_metrics(model: VQVAE, images: Tensor, batch_size: int) -> dict[str, float]:
-    """The codebook's perplexity (exp of the entropy of its use over the split's tokens) and usage (the share of its
-    vectors that any token uses)."""
+    """The codebook's perplexity and usage over all the split's tokens (VQVAE.codebook_use)."""
     tokens = torch.cat([model.tokens(model.encode(x)).flatten() for x in _batches(images, batch_size, model)])
-    use = torch.bincount(tokens, minlength=len(model.codebook)).double() / len(tokens)
-    entropy = -(use[use > 0] * use[use > 0].log()).sum()
-    return {"perplexity": entropy.exp().item(), "usage": (use > 0).double().mean().item()}
+    return {name: value.item() for name, value in model.codebook_use(tokens).items()}
 
 
 @torch.no_grad()

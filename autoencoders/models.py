@@ -161,8 +161,9 @@ class AE(EpochMeanLogging, SplitSteps):
 
     def sample(self, n: int, generator: torch.Generator | None = None, sampler: Sampler | None = None) -> Tensor:
         """Decode n codes drawn from `sampler`, a fitted sampler of samplers.py (e.g. a Gaussian mixture of the
-        training codes); None: z ~ N(0, I), a VAE's prior, and for a plain AE the lecture's 'random embedding'."""
-        return self.decode((sampler or Sampler(self.latent_dim)).draw(n, generator).to(self.device))
+        training codes); None: `prior_sampler()`, z ~ N(0, I): a VAE's prior, and for a plain AE the lecture's
+        'random embedding'."""
+        return self.decode((sampler or self.prior_sampler()).draw(n, generator).to(self.device))
 
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 10) -> Tensor:
         """Decode a*z1 + (1-a)*z2 for a from 1 to 0; returns (B, steps, C, H, W), row b going from x1[b] to x2[b]."""

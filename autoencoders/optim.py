@@ -4,7 +4,7 @@ Both are `_partial_` configs: the optimizer is called with the module's paramete
 optimizer. Settings that depend on the run are left null in the configs and filled here: `total_steps` with the
 run's optimizer steps, and a `monitor`/`mode` with the model's validation selection metric (e.g. val/elbo, max)."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -16,10 +16,10 @@ OptimizerFactory = Callable[[Iterable], Optimizer]
 default_optimizer: OptimizerFactory = partial(torch.optim.Adam, lr=1e-3, fused=True)  # conf/optimizer/adam.yaml
 
 
-def filled(factory: partial, **run_values: Any) -> partial:
-    """`factory` with each of `run_values` that it takes as a null keyword set (monitor, mode, total_steps)."""
-    unset = {k: v for k, v in run_values.items() if k in factory.keywords and factory.keywords[k] is None}
-    return partial(factory, **unset)
+def run_values(settings: Mapping[str, Any], **values: Any) -> dict[str, Any]:
+    """Those of `values` whose key `settings` (a config, or a partial's keywords) has and leaves null: the settings
+    that the run fills in (monitor, mode, total_steps)."""
+    return {k: v for k, v in values.items() if k in settings and settings[k] is None}
 
 
 def configure_optimizers(
@@ -35,8 +35,9 @@ def configure_optimizers(
     if schedule is None:
         return optimizer
     monitor, mode = selection
-    make_schedule = filled(schedule["scheduler"], total_steps=int(total_steps), mode=mode)
-    lr_scheduler = {**schedule, "scheduler": make_schedule(optimizer), "monitor": schedule.get("monitor") or monitor}
+    make_schedule = schedule["scheduler"]
+    scheduler = make_schedule(optimizer, **run_values(make_schedule.keywords, total_steps=int(total_steps), mode=mode))
+    lr_scheduler = {**schedule, "scheduler": scheduler, "monitor": schedule.get("monitor") or monitor}
     return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
 

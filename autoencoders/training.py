@@ -21,6 +21,7 @@ from autoencoders.errors import UserError, check_positive
 from autoencoders.files import write_json
 from autoencoders.likelihoods import for_data
 from autoencoders.loggers import build_loggers, finish, log_hparams, run_hparams
+from autoencoders.optim import run_values
 from autoencoders.rundirs import check_run_dir, finished, last_checkpoint, resume_checkpoint, resumes_in_place
 from autoencoders.sweeps import check_launchable
 
@@ -98,12 +99,12 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
 
 def build_callbacks(configs: DictConfig, selection: tuple[str, str]) -> list[L.Callback]:
     """The callbacks of the `callbacks` node, in order; a null `monitor` and `mode` are the model's `selection`."""
-    callbacks = []
-    for config in configs.values():
-        if config is not None:  # callbacks.<name>=null drops one
-            run_values = dict(zip(("monitor", "mode"), selection, strict=True))
-            callbacks.append(instantiate(config, **{k: v for k, v in run_values.items() if config.get(k, 0) is None}))
-    return callbacks
+    monitor, mode = selection
+    return [
+        instantiate(config, **run_values(config, monitor=monitor, mode=mode))
+        for config in configs.values()
+        if config is not None  # callbacks.<name>=null drops one
+    ]
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, float]:
@@ -140,9 +141,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     # The best checkpoint by validation is tested; without one (fast_dev_run, or no best_checkpoint callback), the
     # weights as they are, with the validation metrics of the last epoch.
     best = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)
-    test_ckpt = best.best_model_path if best else None
+    test_ckpt = (best.best_model_path if best else "") or None
     val = best.val_metrics if test_ckpt else latest_val_metrics(trainer)
-    test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt or None, verbose=False, weights_only=True)
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True)
     metrics = {**val, **test[0]}
     if trainer.is_global_zero:
         finish(loggers)

@@ -206,9 +206,14 @@ class VQVAE(AE):
         else:
             terms["codebook"] = (z.detach() - chosen).pow(2).sum(1).mean()
             loss = loss + terms["codebook"]
+        return {"loss": loss, **terms, **self.codebook_use(index)}
+
+    def codebook_use(self, index: Tensor) -> dict[str, Tensor]:
+        """Of the codebook indices `index`: `perplexity`, exp of the entropy of the codebook's use (at most its size),
+        and `usage`, the share of its vectors used."""
         use = torch.bincount(index.flatten(), minlength=len(self.codebook)).float() / index.numel()
-        perplexity = torch.exp(-(use * torch.log(use.clamp_min(1e-12))).sum())
-        return {"loss": loss, **terms, "perplexity": perplexity, "usage": (use > 0).float().mean()}
+        entropy = -(use * use.clamp_min(1e-12).log()).sum()  # unused vectors add 0, with no data-dependent shape
+        return {"perplexity": entropy.exp(), "usage": (use > 0).float().mean()}
 
     @torch.no_grad()
     def _ema_update(self, tokens: Tensor, index: Tensor) -> None:

@@ -20,6 +20,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from autoencoders import report
+from autoencoders.saved_runs import run_config, sweep_jobs
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["ae", "conv_ae", "vae", "conv_vae", "dae", "sparse_ae", "wae", "iwae", "beta_tcvae", "vqvae"]
 SAMPLERS = ("prior", "gaussian", "gmm")
@@ -41,16 +44,13 @@ def wall_time(run_dir: Path) -> float:
 
 
 def jobs(sweep: Path) -> dict[str, Path]:
-    """The model choice of each job of a sweep -> its dir."""
-    found = {}
-    for job in sweep.iterdir():
-        overrides = (job / ".hydra" / "overrides.yaml").read_text() if (job / ".hydra").is_dir() else ""
-        for line in overrides.splitlines():
-            if line.startswith("- model="):
-                found[line.removeprefix("- model=")] = job
-            elif line.startswith("- encoder_ckpt="):
-                found[Path(line.split("=", 1)[1].strip("'\"")).parent.parent.name] = job
-    return found
+    """The model choice of each job of a train.py sweep -> its dir."""
+    return {report.describe(job)["model"]: job for job in sweep_jobs(sweep)}
+
+
+def classifier_jobs(sweep: Path) -> dict[str, Path]:
+    """The autoencoder run whose encoder each classifier job of a sweep uses -> the classifier job's dir."""
+    return {Path(run_config(job).encoder_ckpt).parent.parent.name: job for job in sweep_jobs(sweep)}
 
 
 def cell(value: float | None, digits: int = 1) -> str:
@@ -59,7 +59,7 @@ def cell(value: float | None, digits: int = 1) -> str:
 
 def table(out: Path, models: list[str]) -> str:
     rows = {row["run"]: row for row in csv.DictReader(open(out / "sweep" / "summary.csv"))}
-    classifiers = jobs(out / "classifiers")
+    classifiers = classifier_jobs(out / "classifiers")
     lines = [
         "| model | val nll (recon) | **test nll (recon)** | best sampler: val FID | its val KID | active units / "
         "perplexity | 10-label test acc | train time |",
