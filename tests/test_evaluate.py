@@ -208,6 +208,8 @@ def test_no_target_exits_with_a_clear_error(tmp_path):
         (["run_dir=a", "sort_by=test/nll"], "would rank the runs, and so choose among them, on the test split"),
         (["run_dir=a", "split=train"], "split=train"),
         (["run_dir=a", "device=tpu"], "device=tpu"),
+        (["run_dir=a", "samplers=[prior,flow]"], "flow is no sampler"),
+        (["run_dir=a", "gmm_components=0"], "gmm_components=0"),
         (["run_dir=no/such/run"], "does not exist"),
     ],
 )

@@ -267,6 +267,15 @@ BAD_INPUT = {
     "negative sparsity": (["model=sparse_ae", "model.sparsity=-1"], r"model.sparsity=-1(\.0)? is negative"),
     "tokens that do not divide the code": (["model=vqvae", "latent_dim=6"], "model.embedding_dim=4 does not divide"),
     "unknown corruption": (["model=dae", "model.corruption=blur"], "model.corruption='blur' is unknown"),
+    "masking beyond 1": (["model=dae", "model.corruption=masking", "model.noise=1.5"], "model.noise=1.5 is no masking"),
+    "negative MMD weight": (["model=wae", "model.mmd_weight=-1"], r"model.mmd_weight=-1(\.0)? is negative"),
+    "no importance samples": (["model=iwae", "model.k=0"], "model.k=0 must be a positive number"),
+    "zero TC weight": (["model=beta_tcvae", "model.tc_weight=0"], r"model.tc_weight=0(\.0)? is not a positive"),
+    "a one-vector codebook": (["model=vqvae", "model.codebook_size=1"], "use at least 2 codebook vectors"),
+    "a classifier that contradicts its encoder": (
+        ["model=classifier", "encoder_ckpt={ckpt}", "model.arch=conv"],
+        r"model.arch=conv \(the checkpoint's: mlp\)",
+    ),
     "image folder root is a file": (["data=image_folder", "data.source.root={file}"], "is a file, not a folder"),
     **(
         {}
