@@ -11,6 +11,7 @@ config.register()  # the schemas of conf/*.yaml (autoencoders/config.py), before
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("attempt_subdir", attempt_subdir, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("job_log", job_log, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("gpu_precision", config.gpu_precision, replace=True)  # conf/trainer/gpu.yaml
 
 
 def load(path):

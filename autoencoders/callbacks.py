@@ -66,36 +66,41 @@ def latest_val_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 class ProgressBar(RichProgressBar):
     """Lightning's RichProgressBar, updated and redrawn at most `refresh_rate` times a second, showing the training
-    loss and the model's validation selection metric (e.g. val/elbo) from the last epoch end.
+    loss last logged (every `trainer.log_every_n_steps` steps) and the model's validation selection metric (e.g.
+    val/elbo) from the last validation.
 
     `refresh_rate` is also how often the bar's drawing thread wakes to see whether to redraw. At Lightning's default of
     100, each wake-up takes a core from torch's threads: on a 2-core CPU that alone slows a small model's steps by
-    10-20%. The stock bar also updates its metrics after every training batch; this one skips the batches that end
-    within 1/refresh_rate seconds of the last one shown (an epoch's last batch always shows), so reading the loss
-    (a device sync) happens at most `refresh_rate` times a second.
+    10-20%. The stock bar also updates after every training batch; this one skips the batches that end within
+    1/refresh_rate seconds of the last one shown (an epoch's last batch always shows). It reads only values that
+    are already on the host, so it never syncs a step with the GPU.
     """
 
     def __init__(self, refresh_rate: int = 2):
         super().__init__(refresh_rate=refresh_rate)
         self._shown_at = 0.0
-        self._loss: float | None = None
+        self._selection: dict[str, str] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
         now = time.monotonic()
         if now - self._shown_at >= 1 / self.refresh_rate or batch_idx + 1 == self.total_train_batches:
             self._shown_at = now
-            self._loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else None
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        selection = getattr(pl_module, "selection", (None,))[0]
+        if selection in trainer.callback_metrics:
+            self._selection = {selection: f"{trainer.callback_metrics[selection].item():.4g}"}
+        super().on_validation_end(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # a logger's version id: the run dir says where the run is
-        if self._loss is not None:
-            metrics["loss"] = f"{self._loss:.4g}"
-        selection = getattr(pl_module, "selection", (None,))[0]
-        if selection in trainer.callback_metrics:
-            metrics[selection] = f"{trainer.callback_metrics[selection].item():.4g}"
-        return metrics
+        logged = getattr(pl_module, "logged_step_metrics", {})
+        loss = logged.get("train/loss_step", logged.get("train/recon_step"))
+        if loss is not None:
+            metrics["loss"] = f"{loss:.4g}"
+        return metrics | self._selection
 
 
 NO_PRIOR = (
@@ -129,7 +134,7 @@ class ImageLogger(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, AE):
             return
-        images, labels = trainer.datamodule.val_set.tensors
+        images, labels = trainer.datamodule.inputs("val"), trainer.datamodule.val_set.labels
         generator = torch.Generator().manual_seed(0)
         chosen = torch.randperm(len(images), generator=generator)[: self.num_codes]  # the split may be sorted by label
         self.images, self.labels = images[chosen], labels[chosen]
@@ -201,23 +206,76 @@ def last_checkpoint_on_disk(trainer: L.Trainer) -> Path | None:
 
 
 class NanGuard(L.Callback):
-    """Stop at the first non-finite training loss, before its backward pass and optimizer step change the weights.
+    """Stop every process at the first non-finite training loss, naming its step, and never save a non-finite state.
 
-    The error names the step; nothing is saved after it, so the last checkpoint on disk is the last good state. The
-    gradients are not read: that costs 5% of a small model's step, and a non-finite gradient shows up as a non-finite
-    loss one step later (its weights are then never saved, as SafeCheckpointIO refuses them).
+    Each step only keeps its (detached) loss: no host-device sync, no kernel. The losses are read every
+    `every_n_steps` steps (those at which the loss is logged, so the two share one sync; 0: never) and before
+    anything is saved (at validation's start and the epoch's end, when checkpoints are written), gathered from all
+    processes, so every DDP process stops with the same error instead of the others hanging in their next
+    all-reduce. Before a save the weights are checked too: a non-finite gradient can make them non-finite while the
+    loss was still finite.
     """
 
+    def __init__(self, every_n_steps: int = 10):
+        if every_n_steps < 0:
+            raise UserError(
+                f"callbacks.nan_guard.every_n_steps={every_n_steps} must be a number of steps (0: check only before "
+                "each save), e.g. 10."
+            )
+        self.every_n_steps = every_n_steps
+        self._losses: list[Tensor] = []  # the training losses since the last check ...
+        self._steps: list[tuple[int, int]] = []  # ... and the (step, epoch) of each
+        self._trained = False
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        if torch.isfinite(loss):  # one device sync per step
+        self._losses.append(loss.detach())
+        self._steps.append((trainer.global_step, trainer.current_epoch))
+        self._trained = True
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._check(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._check(trainer, pl_module, weights=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module, weights=True)
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, weights: bool = False) -> None:
+        if not self._trained:  # no training step yet (the same on every process)
+            return
+        n, parameters = len(self._steps), list(pl_module.parameters())
+        bad_weights = torch.zeros(1, device=parameters[0].device)
+        if weights:  # a sum is non-finite if any of its terms is (12x faster than isfinite(p).all() on a CPU)
+            bad_weights += ~torch.isfinite(torch.stack([p.detach().sum() for p in parameters])).all()
+        own = torch.cat([torch.stack(self._losses).float(), bad_weights]) if n else bad_weights
+        rows = _from_every_process(trainer, own).cpu()
+        steps, self._steps, self._losses = self._steps, [], []
+        losses, bad = rows[:, :n], ~torch.isfinite(rows[:, :n])
+        if bad.any():
+            first = int(bad.any(0).int().argmax())
+            step, epoch = steps[first]
+            loss = losses[bad[:, first], first][0]
+            stop = f"The training loss became non-finite (loss = {loss:.4g}) at step {step} (epoch {epoch})"
+        elif rows[:, n].any():
+            stop = "The weights became non-finite (a non-finite gradient, with a finite loss)"
+        else:
             return
         last = last_checkpoint_on_disk(trainer)
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
         raise UserError(
-            f"The training loss became non-finite (loss = {loss.item():.4g}) at step {trainer.global_step} "
-            f"(epoch {trainer.current_epoch}), so training stopped before that step changed the weights, and {kept}. "
+            f"{stop}, so training stopped (at step {trainer.global_step}) with nothing saved after it, and {kept}. "
             "Start again with a lower optimizer.lr, or for a VAE a smaller kl_weight or model.kl_warmup_epochs>0."
         )
+
+
+def _from_every_process(trainer: L.Trainer, tensor: Tensor) -> Tensor:
+    """`tensor` of every process, stacked (Lightning's all_gather goes through autograd's deprecated all_gather)."""
+    if trainer.world_size == 1:
+        return tensor[None]
+    gathered = [torch.empty_like(tensor) for _ in range(trainer.world_size)]
+    torch.distributed.all_gather(gathered, tensor)
+    return torch.stack(gathered)
 
 
 class Preemption(L.Callback):
@@ -254,4 +312,5 @@ class EpochSeeds(L.Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        torch.manual_seed(hash((self.seed, trainer.current_epoch)))  # deterministic for ints, in torch's range
+        # deterministic for ints, in torch's range; each DDP process draws its own noise
+        torch.manual_seed(hash((self.seed, trainer.current_epoch, trainer.global_rank)))

@@ -29,15 +29,15 @@ class SafeCheckpointIO(TorchCheckpointIO):
     since the tensors change with the next step. A background thread then makes the file durable (fsync), gives it
     the target's name atomically, and makes the rename durable (fsync of the folder); the replaced file is gone only
     then. So at every moment the target is a complete checkpoint that survives a kill and a power cut or node crash,
-    and the training thread does not wait for the disk. One save is in flight at a time: the next save, a removal, a
-    load and the end of training wait for it. A checkpoint whose weights or optimizer state hold NaN or Inf is
-    refused, so the last good one is never replaced by a broken model.
+    and the training thread does not wait for the disk. One save per file is in flight at a time: the next save of
+    that file and its removal wait for it, a load and the end of training for all. A checkpoint whose weights or
+    optimizer state hold NaN or Inf is refused, so the last good one is never replaced by a broken model.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-fsync")
-        self._pending: Future | None = None
+        self._pending: dict[Path, Future] = {}  # by target file
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
@@ -46,21 +46,22 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f"The model's weights or optimizer state hold NaN or Inf values, so {path} was not written and the "
                 "previous checkpoint is kept. Start again with a lower optimizer.lr."
             )
-        self.wait()
+        self.wait(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(f".{path.name}.part")  # one writer per target (rank 0), so a fixed name suffices
         with open(part, "wb") as f:
             torch.save(checkpoint, f)
-        self._pending = self._disk.submit(_durably_replace, part, path)
+        self._pending[path] = self._disk.submit(_durably_replace, part, path)
 
-    def wait(self) -> None:
-        """Until the save in flight, if any, is durable in place (re-raising its error)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def wait(self, path: Path | None = None) -> None:
+        """Until the saves in flight (of `path`, or all of them) are durable in place, re-raising an error."""
+        for target in [path] if path is not None else list(self._pending):
+            pending = self._pending.pop(target, None)
+            if pending is not None:
+                pending.result()
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
-        self.wait()
+        self.wait(Path(path))
         super().remove_checkpoint(path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None):

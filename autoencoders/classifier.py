@@ -9,24 +9,22 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from autoencoders.checkpoints import read_checkpoint
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
-from autoencoders.models import AE, MODELS, SplitSteps
+from autoencoders.models import AE, MODELS, EpochMeanLogging, SplitSteps
 from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory
 
 HEADS = ("linear", "mlp")
-SPLITS = ("train", "val", "test")
 # How the classifier gets the features its head reads: the pretrained encoder frozen or fine-tuned, the same encoder
 # trained from scratch, a frozen encoder at its random initialisation, or the raw pixels.
 METHODS = ("frozen", "finetune", "scratch", "random", "pixels")
 PRETRAINED = ("frozen", "finetune")
 
 
-class Classifier(SplitSteps):
+class Classifier(EpochMeanLogging, SplitSteps):
     """A head (`linear` or `mlp`) on features chosen by `method` (see METHODS); null: `frozen` with an
     `encoder_ckpt` (a checkpoint of any autoencoder run), `scratch` without. The encoder has the architecture of an
     AE's, with `latent_dim` outputs; with `encoder_ckpt`, a null `latent_dim`, `arch` or `widths` is the checkpoint's,
@@ -85,14 +83,11 @@ class Classifier(SplitSteps):
             self.head = nn.Linear(features, num_classes)
         else:
             self.head = nn.Sequential(nn.Linear(features, head_width), nn.ReLU(), nn.Linear(head_width, num_classes))
-        # nn.ModuleDict keys may not shadow Module attributes such as `train`, hence the suffix.
-        self.accuracy = nn.ModuleDict(
-            {f"{split}_acc": MulticlassAccuracy(num_classes, average="micro") for split in SPLITS}
-        )
 
     def setup(self, stage: str) -> None:
         """Before training: a pretrained method needs its encoder, and that encoder must not have seen the held-out
         images."""
+        super().setup(stage)
         if stage == "fit" and self.frozen:  # Lightning warns of modules in eval mode: here they are meant to be
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         if stage != "fit" or self.method not in PRETRAINED:
@@ -119,11 +114,7 @@ class Classifier(SplitSteps):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        accuracy = self.accuracy[f"{split}_acc"]
-        accuracy(logits, y)
-        on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, batch_size=len(x))
-        self.log(f"{split}/acc", accuracy, on_step=on_step, on_epoch=True, batch_size=len(x))
+        self.track(split, {"loss": loss, "acc": (logits.argmax(1) == y).float().mean()}, len(x))
         return loss
 
     def parameter_groups(self) -> list[dict]:

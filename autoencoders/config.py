@@ -87,7 +87,7 @@ class DataConfig:  # conf/data/*.yaml: autoencoders.data.ImageDataModule
     split_seed: int = MISSING
     seed: int = MISSING
     binarize: str | None = MISSING
-    num_workers: int = MISSING
+    device_cap_gb: float = MISSING
 
 
 @dataclass
@@ -155,6 +155,16 @@ class ClassifierConfig:  # conf/model/classifier.yaml: autoencoders.classifier.C
     head_width: int = MISSING
     method: str | None = MISSING
     encoder_lr: float = MISSING
+
+
+def gpu_precision() -> str:
+    """trainer=gpu's precision: bf16-mixed on GPUs that compute in bf16 (compute capability 8.0, Ampere, and newer),
+    where it needs no loss scaling; elsewhere 16-mixed, which Lightning runs with a gradient scaler (bf16 is emulated
+    there, slowly)."""
+    import torch  # here, not at the top: composing a config must not import torch
+
+    native_bf16 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    return "bf16-mixed" if native_bf16 else "16-mixed"
 
 
 def register() -> None:

@@ -1,15 +1,18 @@
 """Image data: one LightningDataModule fed by interchangeable sources (bundled MNIST subset, torchvision sets, folders).
 
-Every split lives in memory as float32 images in [0, 1] (N x C x H x W) with int64 labels, and batches are cut by
-indexing those tensors with a whole list of indices at once, so loading costs nothing per sample.
+Every split lives in memory as uint8 images (N x C x H x W) with int64 labels, on the accelerator when it fits under
+`device_cap_gb`. Batches are cut from them by index, with the order drawn on the split's device, and become float images
+in [0, 1] per batch, on the device (`on_after_batch_transfer`): nothing is loaded per sample and nothing syncs the host.
 
 The train/val/test split depends on `split_seed` alone, so every run of a study, whatever its `seed`, is scored on the
 same held-out images, and no image that one run trains on is another run's validation or test image.
 """
 
+import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from autoencoders.errors import UserError
 from autoencoders.files import save_cache
@@ -221,23 +223,94 @@ class ImageFolderSource(Source):
         return files, labels, max(len(class_dirs), 1)
 
 
-class _BatchedTensorDataset(TensorDataset):
-    """A TensorDataset that DataLoader indexes with a whole batch of indices at once (via `__getitems__`)."""
+@dataclass
+class ImageSplit:
+    """One split: uint8 images (N x C x H x W, 255 = white; binarised images are 0 or 255) and int64 labels."""
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
-        index = torch.as_tensor(indices, device=self.tensors[0].device)
-        return tuple(t[index] for t in self.tensors)
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes
+
+    def to(self, device: torch.device) -> "ImageSplit":
+        return ImageSplit(self.images.to(device), self.labels.to(device))
 
 
-def _already_collated(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return batch
+class Batches:
+    """One process's share of a split, as (uint8 images, labels) batches: what a DataLoader would serve, with no
+    host-device sync and no duplicates.
+
+    Training (`shuffle_seed` set): each pass draws a permutation on the split's device from (shuffle_seed, epoch), the
+    same on every process; process `rank` of `world` takes every world-th image of it, trimmed so that all processes
+    take equally many steps. Held-out splits are cut in order into batches of `batch_size` (smaller if there are
+    fewer batches than processes), and process `rank` takes batches rank, rank + world, ... (`split_position`): every
+    image exactly once, where Lightning's DistributedSampler would pad with repeats. A split kept on the host is
+    cut into pinned memory, so its copy to the accelerator does not block.
+    """
+
+    def __init__(
+        self,
+        split: ImageSplit,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_seed: int | None = None,
+        epoch: Callable[[], int] | None = None,
+        pin: bool = False,
+    ):
+        if len(split) < world:
+            raise UserError(
+                f"A split of {len(split)} images cannot be shared by {world} processes. Use more images, larger "
+                "data.val_fraction / data.test_fraction, or fewer trainer.devices."
+            )
+        self.split, self.rank, self.world, self.pin = split, rank, world, pin
+        self.shuffle_seed, self.epoch, self._passes = shuffle_seed, epoch, 0
+        if shuffle_seed is None:
+            self.batch_size = min(batch_size, len(split) // world)
+            self._count = len(range(rank, math.ceil(len(split) / self.batch_size), world))
+        else:
+            self.batch_size = batch_size
+            self._count = math.ceil(len(split) // world / batch_size)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        images, labels = self.split.images, self.split.labels
+        if self.shuffle_seed is None:
+            for position in range(self.rank, self.rank + self._count * self.world, self.world):
+                cut = slice(position * self.batch_size, (position + 1) * self.batch_size)
+                yield self._pinned(images[cut]), self._pinned(labels[cut])
+            return
+        epoch = self.epoch() if self.epoch is not None else self._passes
+        self._passes += 1
+        generator = torch.Generator(images.device).manual_seed(hash((self.shuffle_seed, epoch)))
+        order = torch.randperm(len(images), generator=generator, device=images.device)
+        mine = order[self.rank :: self.world][: len(images) // self.world]
+        for index in mine.split(self.batch_size):
+            yield self._pinned(images.index_select(0, index)), self._pinned(labels.index_select(0, index))
+
+    def _pinned(self, t: Tensor) -> Tensor:
+        return t.pin_memory() if self.pin else t
+
+
+def split_position(batch_idx: int, rank: int, world: int) -> int:
+    """Which batch of a held-out split the `batch_idx`-th one of process `rank` is (see Batches): the same images
+    whatever the number of processes, so per-batch random draws seeded by it are too."""
+    return batch_idx * world + rank
 
 
 BINARIZE = (None, "dynamic", "static")
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Deterministic, label-stratified train/val/test splits of any `Source`, served as in-memory (x, y) batches.
+    """Deterministic, label-stratified train/val/test splits of any `Source`, served as in-memory (x, y) batches
+    (`Batches`): float images in [0, 1] and int64 labels.
 
     With an official test split the source's test set is used as is and val is carved out of train (`val_fraction`);
     otherwise val and test are both carved out (`val_fraction`, `test_fraction`). The split depends on `split_seed`
@@ -249,13 +322,16 @@ class ImageDataModule(L.LightningDataModule):
     training image every time it is used, `static` binarises the training images once; in both cases val and test are
     binarised once with a generator fixed by `split_seed`, so their scores are reproducible. `real_split(split)`
     always returns the grey images, which sample-quality metrics compare against.
+
+    On an accelerator, the splits move to its memory once, train first, while their uint8 bytes fit within
+    `device_cap_gb` (per process); a split that does not fit stays in host memory and is copied per batch.
     """
 
     image_shape: tuple[int, int, int]
     num_classes: int
-    train_set: TensorDataset
-    val_set: TensorDataset
-    test_set: TensorDataset
+    train_set: ImageSplit  # what the model sees (binarised if so), uint8
+    val_set: ImageSplit
+    test_set: ImageSplit
     split_index: dict[str, Tensor]  # positions in the source's images; no "test" when the source has its own test set
 
     def __init__(
@@ -268,7 +344,7 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: int = 0,
         seed: int = 0,
         binarize: str | None = None,
-        num_workers: int = 0,
+        device_cap_gb: float = 4.0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -291,27 +367,23 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.binarize={binarize!r} is unknown. Use dynamic (a fresh binary sample of each training image "
                 "every time), static (binarised once) or null (grey images in [0, 1])."
             )
-        if num_workers < 0:
-            raise UserError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
+        if device_cap_gb < 0:
+            raise UserError(
+                f"data.device_cap_gb={device_cap_gb} must be 0 (keep every split in host memory) or a size in GB."
+            )
         self.save_hyperparameters(ignore=["source"], logger=False)
         self.source = source
-        # Each new training loader shuffles from this state: the seed's, or a checkpoint's (load_state_dict).
-        self.shuffle_state = torch.Generator().manual_seed(seed).get_state()
-        self.shuffle_generator: torch.Generator | None = None  # the latest training loader's
+        self._device: torch.device | None = None  # the accelerator that _move_to copied the splits to that fit
+        self._on_device: dict[str, ImageSplit] = {}
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The shuffle's random state travels in checkpoints, so a resumed run draws the batches that a run which never
-        stopped would draw. The training split travels too, so a classifier can check that the autoencoder whose
-        encoder it uses never trained on its validation or test images (`held_out_overlap`)."""
-        live = self.shuffle_generator
-        return {
-            "shuffle_state": live.get_state() if live is not None else self.shuffle_state,
-            "source": self.source.identity,
-            "train_index": self.split_index["train"],
-        }
+        """The training split travels in checkpoints, so a classifier can check that the autoencoder whose encoder it
+        uses never trained on its validation or test images (`held_out_overlap`). (The shuffle needs no state: each
+        epoch's order is drawn from (seed, epoch), so a resumed run draws what a run that never stopped would.)"""
+        return {"source": self.source.identity, "train_index": self.split_index["train"]}
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        self.shuffle_state = state_dict["shuffle_state"]
+        pass
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -342,40 +414,46 @@ class ImageDataModule(L.LightningDataModule):
         self.split_index = {"train": train, "val": val, **({} if test is None else {"test": test})}
         # The grey images of every split, which sample quality is measured against ...
         self._real = {
-            "full_train": (_to_unit_float(images[full_train]), labels[full_train]),
-            "val": (_to_unit_float(images[val]), labels[val]),
-            "test": (_to_unit_float(test_images), test_labels),
+            "full_train": ImageSplit(images[full_train], labels[full_train]),
+            "val": ImageSplit(images[val], labels[val]),
+            "test": ImageSplit(test_images, test_labels),
         }
-        self._real["train"] = self._real["full_train"] if train is full_train else (
-            _to_unit_float(images[train]), labels[train]
-        )  # fmt: skip
+        self._real["train"] = (
+            self._real["full_train"] if train is full_train else ImageSplit(images[train], labels[train])
+        )
         # ... and what the model sees: binarised once with a generator fixed by split_seed (val, test, and train if
         # static; a dynamic train split is binarised per batch, in on_after_batch_transfer), or the grey images.
         binarized = torch.Generator().manual_seed(hp.split_seed)
         held_out = {name: self._binarized(name, binarized) for name in ("val", "test")}
-        self.train_set = _BatchedTensorDataset(
-            self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"][0],
-            self._real["train"][1],
-        )
-        self.val_set = _BatchedTensorDataset(held_out["val"], labels[val])
-        self.test_set = _BatchedTensorDataset(held_out["test"], test_labels)
+        self.train_set = self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"]
+        self.val_set, self.test_set = held_out["val"], held_out["test"]
         self.image_shape = tuple(images.shape[1:])
         self.num_classes = data.num_classes
 
-    def _binarized(self, split: str, generator: torch.Generator) -> Tensor:
-        real = self._real[split][0]
-        return real if self.hparams.binarize is None else torch.bernoulli(real, generator=generator)
+    def _binarized(self, split: str, generator: torch.Generator) -> ImageSplit:
+        real = self._real[split]
+        if self.hparams.binarize is None:
+            return real
+        binary = torch.bernoulli(to_unit_float(real.images), generator=generator).to(torch.uint8).mul_(255)
+        return ImageSplit(binary, real.labels)
 
     def real_split(self, split: str) -> tuple[Tensor, Tensor]:
-        """The grey images and labels of `split` (train, val, test, or full_train: the train split before
-        labels_per_class), whatever `binarize` is."""
-        return self._real[split]
+        """The grey images (float, in [0, 1]) and labels of `split` (train, val, test, or full_train: the train split
+        before labels_per_class), whatever `binarize` is."""
+        real = self._real[split]
+        return to_unit_float(real.images), real.labels
+
+    def inputs(self, split: str) -> Tensor:
+        """The float images in [0, 1] that the model sees of `split` (train, val or test): binarised if so (a dynamic
+        train split: its grey images)."""
+        return to_unit_float(getattr(self, f"{split}_set").images)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        x = to_unit_float(x)
         if self.hparams.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
-            x, y = batch
-            return torch.bernoulli(x), y
-        return batch
+            x = torch.bernoulli(x)
+        return x, y
 
     def held_out_overlap(self, trained_on: dict) -> int:
         """How many of this module's val and test images are in `trained_on["train_index"]` of a run on the same
@@ -385,38 +463,39 @@ class ImageDataModule(L.LightningDataModule):
         seen = set(trained_on["train_index"].tolist())
         return sum(i in seen for name in ("val", "test") for i in self.split_index.get(name, torch.empty(0)).tolist())
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> Batches:
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        return self._batches("train", shuffle_seed=self.hparams.seed, epoch=epoch)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def val_dataloader(self) -> Batches:
+        return self._batches("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def test_dataloader(self) -> Batches:
+        return self._batches("test")
 
-    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
-        if device is not None and device.type != "cpu" and self.hparams.num_workers == 0:
-            # The whole split moves to the accelerator once; batches are then cut there, with no copy per step.
-            dataset.tensors = tuple(t.to(device) for t in dataset.tensors)
-        # A plain DataLoader (not a custom sampler), so Lightning can still swap in its DistributedSampler for DDP.
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=self._new_shuffle_generator() if shuffle else None,
-            collate_fn=_already_collated,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+    def _batches(self, name: str, **shuffle) -> Batches:
+        trainer, split = self.trainer, getattr(self, f"{name}_set")
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if device.type != "cpu" and self._device != device:
+            self._move_to(device)
+        split = self._on_device.get(name, split)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        pin = split.images.device.type == "cpu" and device.type == "cuda"
+        return Batches(split, self.hparams.batch_size, rank, world, pin=pin, **shuffle)
 
-    def _new_shuffle_generator(self) -> torch.Generator:
-        self.shuffle_generator = torch.Generator()
-        self.shuffle_generator.set_state(self.shuffle_state)
-        return self.shuffle_generator
+    def _move_to(self, device: torch.device) -> None:
+        """Copy the splits to the accelerator once, train first, while their bytes fit within device_cap_gb; batches
+        are then cut there, with no copy per step."""
+        self._device, self._on_device = device, {}
+        room = self.hparams.device_cap_gb * 1e9
+        for name in ("train", "val", "test"):
+            split = getattr(self, f"{name}_set")
+            if split.nbytes <= room:
+                self._on_device[name], room = split.to(device), room - split.nbytes
 
 
-def _to_unit_float(images: Tensor) -> Tensor:
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 images (0-255) as float32 in [0, 1]."""
     return images.float().div_(255)
 
 

@@ -185,7 +185,7 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
         )
     for_data(model.hparams.likelihood, data.hparams.binarize)  # e.g. a Bernoulli model on grey images: an error
     torch.manual_seed(cfg.seed)
-    images = (data.val_set if split == "val" else data.test_set).tensors[0]
+    images = data.inputs(split)
     metrics = reconstruction_metrics(model, images, cfg.batch_size)
     if isinstance(model, VAE):
         metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
@@ -306,7 +306,7 @@ def fitted_samplers(
             sampler.load_state_dict(torch.load(cache, weights_only=True))
         elif sampler.needs_fit:
             if codes is None:
-                images = data.train_set.tensors[0]
+                images = data.inputs("train")
                 if data.hparams.binarize == "dynamic":
                     images = torch.bernoulli(images, generator=torch.Generator().manual_seed(0))
                 codes = torch.cat([model.encode(x) for x in _batches(images, cfg.batch_size, model)])

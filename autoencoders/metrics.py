@@ -194,12 +194,14 @@ class SampleQuality:
         device = next(net.parameters()).device
         subset_size = min(1000, sample_size, len(reference))
         # normalize=True: inputs are floats in [0, 1]; with a custom net torchmetrics passes them on unchanged.
-        self.metrics = [
-            FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=True).to(device),
-            KernelInceptionDistance(
-                feature=net, subsets=subsets, subset_size=subset_size, reset_real_features=False, normalize=True
-            ).to(device),
-        ]
+        with warnings.catch_warnings():  # that KID keeps its features: a few thousand small vectors here
+            warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted")
+            self.metrics = [
+                FrechetInceptionDistance(feature=net, reset_real_features=False, normalize=True).to(device),
+                KernelInceptionDistance(
+                    feature=net, subsets=subsets, subset_size=subset_size, reset_real_features=False, normalize=True
+                ).to(device),
+            ]
         self.device = device
         with torch.no_grad():
             for batch in reference.split(batch_size):

@@ -77,6 +77,7 @@ def data_config(run: DictConfig | None, cfg: DictConfig) -> DictConfig:
                 "Name the data to score on, e.g. data=mnist_subset (see conf/data/)."
             )
         return override
+    run.data.pop("num_workers", None)  # DataLoader workers, in runs from before data.device_cap_gb: no longer used
     if override is not None:
         whole = "_target_" in override
         run.data = OmegaConf.to_container(override) if whole else OmegaConf.merge(run.data, override)

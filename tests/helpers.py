@@ -17,9 +17,12 @@ TINY = [
 ]
 
 
-def run_script(script: str, *overrides: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *overrides: str, cwd: Path, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """Run train.py / evaluate.py as a user would, in a subprocess; on failure show its output."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True, text=True)
+    command = [sys.executable, str(ROOT / script), *overrides]
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(
             f"{script} {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -27,10 +30,12 @@ def run_script(script: str, *overrides: str, cwd: Path, check: bool = True) -> s
     return proc
 
 
-def run_train(*overrides: str, cwd: Path, check: bool = True, tiny: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    *overrides: str, cwd: Path, check: bool = True, tiny: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
     rest = [o for o in overrides if not o.startswith("-")]
-    return run_script("train.py", *flags, *(TINY if tiny else []), *rest, cwd=cwd, check=check)
+    return run_script("train.py", *flags, *(TINY if tiny else []), *rest, cwd=cwd, check=check, timeout=timeout)
 
 
 def compose_train(run_dir: Path, *overrides: str) -> DictConfig:

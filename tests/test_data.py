@@ -1,5 +1,7 @@
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +11,19 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from autoencoders.data import ImageDataModule, ImageFolderSource, MNISTSubset, TorchvisionSource
+from autoencoders.data import (
+    Batches,
+    ImageDataModule,
+    ImageFolderSource,
+    MNISTSubset,
+    TorchvisionSource,
+    split_position,
+    to_unit_float,
+)
 from autoencoders.errors import UserError
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -36,18 +47,18 @@ def test_mnist_subset_splits(cache_dir: Path) -> None:
     assert dm.image_shape == (1, 28, 28) and dm.num_classes == 10
     sets = {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}
     assert {k: len(s) for k, s in sets.items()} == {"train": 4000, "val": 500, "test": 500}
-    for images, labels in (s.tensors for s in sets.values()):
-        assert images.dtype == torch.float32 and labels.dtype == torch.int64
-        assert images.min() >= 0 and images.max() <= 1 and images.max() > 0.9
-    assert torch.bincount(dm.val_set.tensors[1]).tolist() == [50] * 10
-    assert torch.bincount(dm.test_set.tensors[1]).tolist() == [50] * 10
-    all_hashes = [h for s in sets.values() for h in hashes(s.tensors[0])]
+    for split in sets.values():
+        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64  # float only per batch
+        assert split.images.max() > 230
+    assert torch.bincount(dm.val_set.labels).tolist() == [50] * 10
+    assert torch.bincount(dm.test_set.labels).tolist() == [50] * 10
+    all_hashes = [h for s in sets.values() for h in hashes(s.images)]
     assert len(set(all_hashes)) == 5000  # disjoint, and together the whole subset
 
     again, other = subset_module(cache_dir), subset_module(cache_dir, split_seed=1)
-    assert torch.equal(again.val_set.tensors[0], dm.val_set.tensors[0])
-    assert torch.equal(again.train_set.tensors[1], dm.train_set.tensors[1])
-    assert set(hashes(other.val_set.tensors[0])) != set(hashes(dm.val_set.tensors[0]))
+    assert torch.equal(again.inputs("val"), dm.inputs("val"))
+    assert torch.equal(again.train_set.labels, dm.train_set.labels)
+    assert set(hashes(other.inputs("val"))) != set(hashes(dm.inputs("val")))
 
 
 def test_the_split_depends_on_split_seed_only_and_label_subsets_on_seed(cache_dir: Path) -> None:
@@ -56,7 +67,7 @@ def test_the_split_depends_on_split_seed_only_and_label_subsets_on_seed(cache_di
     for dm in runs[1:]:
         for name in ("train", "val", "test"):
             assert torch.equal(dm.split_index.get(name, torch.empty(0)), runs[0].split_index.get(name, torch.empty(0)))
-        assert torch.equal(dm.test_set.tensors[0], runs[0].test_set.tensors[0])  # binarised alike, too
+        assert torch.equal(dm.inputs("test"), runs[0].inputs("test"))  # binarised alike, too
         assert dm.held_out_overlap(runs[0].state_dict()) == 0
     few = [subset_module(cache_dir, seed=seed, labels_per_class=10) for seed in (0, 1, 2)]
     assert len({tuple(dm.split_index["train"].tolist()) for dm in few}) == 3
@@ -80,19 +91,20 @@ def test_binarized_val_and_test_are_fixed_and_training_images_dynamic_or_static(
     dm = subset_module(cache_dir, binarize=binarize, seed=3)
     grey = subset_module(cache_dir)
     for split in ("val", "test"):
-        images = getattr(dm, f"{split}_set").tensors[0]
+        images = dm.inputs(split)
         assert set(images.unique().tolist()) == {0.0, 1.0}
-        assert torch.equal(dm.real_split(split)[0], getattr(grey, f"{split}_set").tensors[0])
+        assert torch.equal(dm.real_split(split)[0], grey.inputs(split))
         # a Bernoulli draw of each pixel's intensity: as bright on average as the grey images
         assert abs(images.mean() - dm.real_split(split)[0].mean()) < 0.01
-    assert torch.equal(dm.test_set.tensors[0], subset_module(cache_dir, binarize=binarize, seed=4).test_set.tensors[0])
+    assert torch.equal(dm.inputs("test"), subset_module(cache_dir, binarize=binarize, seed=4).inputs("test"))
 
     class Fitting:  # the data module binarises dynamically only while a Trainer trains
         training = True
 
     dm.trainer = Fitting()
-    x = dm.train_set.tensors[0][:64]
-    draws = [dm.on_after_batch_transfer((x, None), 0)[0] for _ in range(2)]
+    batch = dm.train_set.images[:64]  # uint8, as batches come
+    x = to_unit_float(batch)
+    draws = [dm.on_after_batch_transfer((batch, None), 0)[0] for _ in range(2)]
     if binarize == "static":
         assert set(x.unique().tolist()) == {0.0, 1.0} and all(torch.equal(d, x) for d in draws)
     else:
@@ -112,10 +124,10 @@ def test_setup_is_idempotent(cache_dir: Path) -> None:
 def test_labels_per_class(cache_dir: Path) -> None:
     full = subset_module(cache_dir)
     few, more = subset_module(cache_dir, labels_per_class=5), subset_module(cache_dir, labels_per_class=20)
-    assert torch.bincount(few.train_set.tensors[1]).tolist() == [5] * 10
-    assert set(hashes(few.train_set.tensors[0])) <= set(hashes(more.train_set.tensors[0]))
-    assert torch.equal(few.val_set.tensors[0], full.val_set.tensors[0])
-    assert torch.equal(few.test_set.tensors[0], full.test_set.tensors[0])
+    assert torch.bincount(few.train_set.labels).tolist() == [5] * 10
+    assert set(hashes(few.inputs("train"))) <= set(hashes(more.inputs("train")))
+    assert torch.equal(few.inputs("val"), full.inputs("val"))
+    assert torch.equal(few.inputs("test"), full.inputs("test"))
     with pytest.raises(UserError, match="labels_per_class=401"):
         subset_module(cache_dir, labels_per_class=401)
 
@@ -141,15 +153,82 @@ def test_batches_cover_each_train_image_once(cache_dir: Path) -> None:
     batches = list(dm.train_dataloader())
     assert [len(x) for x, _ in batches] == [128] * 31 + [32]
     x, y = batches[0]
-    assert x.shape == (128, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (128,) and y.dtype == torch.int64
+    assert x.shape == (128, 1, 28, 28) and x.dtype == torch.uint8 and y.shape == (128,) and y.dtype == torch.int64
     seen = [h for x, _ in batches for h in hashes(x)]
-    assert sorted(seen) == sorted(hashes(dm.train_set.tensors[0]))
-    assert seen != hashes(dm.train_set.tensors[0])  # shuffled
+    assert sorted(seen) == sorted(hashes(dm.train_set.images))
+    assert seen != hashes(dm.train_set.images)  # shuffled
     first_epoch = [h for x, _ in dm.train_dataloader() for h in hashes(x)]
     assert first_epoch == seen  # the shuffle is seeded
     val = torch.cat([x for x, _ in dm.val_dataloader()])
-    assert torch.equal(val, dm.val_set.tensors[0])  # val and test keep their order
+    assert torch.equal(val, dm.val_set.images)  # val and test keep their order
     assert sum(len(y) for _, y in dm.test_dataloader()) == 500
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_processes_share_each_split_exactly_with_equal_training_steps(cache_dir: Path, world: int) -> None:
+    """What DDP's processes get: every val image once (no padding), batches numbered as one process numbers them,
+    and training shards of one permutation, disjoint and of equal length."""
+    dm = subset_module(cache_dir, batch_size=128)
+    alone = list(Batches(dm.val_set, 128))
+    positions = {}
+    for rank in range(world):
+        for batch_idx, (x, _) in enumerate(Batches(dm.val_set, 128, rank, world)):
+            positions[split_position(batch_idx, rank, world)] = x
+    assert sorted(positions) == list(range(len(alone)))
+    assert all(torch.equal(positions[i], x) for i, (x, _) in enumerate(alone))
+
+    shards = [list(Batches(dm.train_set, 128, rank, world, shuffle_seed=0)) for rank in range(world)]
+    assert len({len(shard) for shard in shards}) == 1  # every process takes as many steps
+    seen = [h for shard in shards for x, _ in shard for h in hashes(x)]
+    assert len(seen) == len(set(seen)) == len(dm.train_set) // world * world
+    assert set(seen) <= set(hashes(dm.train_set.images))
+
+
+def test_a_split_smaller_than_the_batch_still_gives_every_process_a_batch(cache_dir: Path) -> None:
+    dm = subset_module(cache_dir, batch_size=1000)
+    shares = [list(Batches(dm.val_set, 1000, rank, 2)) for rank in range(2)]
+    assert [[len(y) for _, y in share] for share in shares] == [[250], [250]]
+    with pytest.raises(UserError, match="cannot be shared by 501 processes"):
+        Batches(dm.val_set, 128, 0, 501)
+
+
+def test_splits_move_to_the_accelerator_train_first_while_they_fit_under_the_cap(cache_dir: Path) -> None:
+    mb = 1e-3  # GB; train holds 4000 28x28 uint8 images (3.1 MB with labels), val and test 500 each (0.4 MB)
+
+    class OnAnAccelerator:  # the meta device stands in for a GPU: tensors without memory
+        strategy = type("Strategy", (), {"root_device": torch.device("meta")})
+        global_rank, world_size, current_epoch = 0, 1, 0
+
+    for cap_mb, moved in ((10, {"train", "val", "test"}), (3.6, {"train", "val"}), (3, {"val", "test"}), (0, set())):
+        dm = subset_module(cache_dir, device_cap_gb=cap_mb * mb)
+        dm.trainer = OnAnAccelerator()
+        loaders = {name: getattr(dm, f"{name}_dataloader")() for name in ("val", "train", "test")}
+        on_device = {name for name, batches in loaders.items() if batches.split.images.is_meta}
+        assert on_device == moved, cap_mb
+        assert dm.train_set.images.device.type == "cpu"  # the host copy stays
+
+
+def test_host_memory_holds_a_large_image_set_as_uint8(tmp_path: Path) -> None:
+    """8,000 RGB 64x64 images: 98 MB as uint8, which float32 would make 393 MB."""
+    code = """
+import psutil, torch
+from autoencoders.data import ImageDataModule, Source, SourceData
+
+class Noise(Source):
+    def load(self):
+        return SourceData(torch.randint(0, 256, (8000, 3, 64, 64), dtype=torch.uint8), torch.arange(8000) % 10, 10)
+
+process = psutil.Process()
+before = process.memory_info().rss
+dm = ImageDataModule(Noise(), binarize=None)
+dm.setup()
+for _ in dm.train_dataloader():
+    pass
+print((process.memory_info().rss - before) / (8000 * 3 * 64 * 64))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    held = float(result.stdout)
+    assert 0.9 < held < 1.3  # the uint8 images once (float32 would be 4)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
@@ -180,9 +259,9 @@ def test_torchvision_from_idx_files(tmp_path: Path, name: str, folder: str) -> N
     dm.setup()
     assert dm.image_shape == (1, 28, 28) and dm.num_classes == 10
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50, 10, 20)  # test = the official t10k files
-    assert torch.bincount(dm.val_set.tensors[1]).tolist() == [1] * 10
+    assert torch.bincount(dm.val_set.labels).tolist() == [1] * 10
     x, y = next(iter(dm.test_dataloader()))
-    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32 and x.max() <= 1
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.uint8  # float per batch: on_after_batch_transfer
     assert y.tolist() == [i % 10 for i in range(16)]
 
 

@@ -117,7 +117,7 @@ def data(sweep):
 
 def test_iwae_bound_is_above_the_elbo_and_grows_with_k(sweep, data):
     model = autoencoders.load(run_dirs(sweep)["vae"] / "checkpoints" / "last.ckpt")
-    x = data.test_set.tensors[0][:200]
+    x = data.inputs("test")[:200]
     torch.manual_seed(0)
     log_px = {k: -vae_metrics(model, x, k, k_chunk=7, batch_size=50)["nll"] for k in (1, 10, 100)}
     assert log_px[1] < log_px[10] < log_px[100]

@@ -277,6 +277,8 @@ BAD_INPUT = {
         r"model.arch=conv \(the checkpoint's: mlp\)",
     ),
     "image folder root is a file": (["data=image_folder", "data.source.root={file}"], "is a file, not a folder"),
+    "negative device cap": (["data.device_cap_gb=-1"], r"data.device_cap_gb=-1(\.0)? must be 0"),
+    "a NaN check that never runs": (["callbacks.nan_guard.every_n_steps=-1"], "every_n_steps=-1 must be"),
     **(
         {}
         if torch.cuda.is_available()

@@ -1,7 +1,9 @@
 """Scaling out on Hydra launchers and sweepers and Lightning strategies: parallel and SLURM sweeps, DDP, Optuna."""
 
+import json
 import re
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from tests.helpers import ROOT, run_train
 THREADS_LINE = re.compile(r"^\[(.{23})\].*torch uses (\d+) thread\(s\) in this job \(process (\d+)\)", re.M)
 
 
+@pytest.mark.slow  # in `pytest -m slow`: the default run must stay under 6 minutes
 def test_joblib_sweep_runs_jobs_in_parallel_processes_that_share_the_cores(tmp_path):
     sweep = tmp_path / "sweep"
     run_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=ae,vae", "latent_dim=2",
@@ -63,17 +66,39 @@ def test_submitit_local_launcher_runs_a_sweep_offline_sharing_the_cores_and_says
     assert f"sweep {sweep}: 1 job(s) ran to the end" in proc.stdout
 
 
-def test_ddp_with_two_cpu_processes_writes_one_run_dir_from_rank_zero(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train("trainer=ddp", "trainer.devices=2", "latent_dim=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # rank 1 made no run dir of its own
-    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in (run_dir / "train.log").read_text()
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
-    assert (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-    writers = {p.name.split(".")[-2] for p in run_dir.glob("events.out.tfevents.*")}  # ...<host>.<pid>.<n>
-    assert len(writers) == 1  # TensorBoard scalars and images come from one process, rank 0
+def test_ddp_test_metrics_equal_one_process_and_only_rank_zero_writes(tmp_path):
+    """The test split scored by 2 DDP processes (no padded repeats; sums and counts added up over processes; a VAE's
+    noise seeded per batch) equals one process's scores of the same checkpoint."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    # the whole test split
+    run = ["model=vae", "latent_dim=2", "model.nll_samples=10", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+           "trainer.limit_val_batches=1", "trainer.accelerator=cpu"]  # fmt: skip
+    run_train(*run, f"hydra.run.dir={single}", cwd=tmp_path, tiny=False)
+    shutil.copytree(single, ddp)
+    ddp_run = ["trainer=ddp", "trainer.devices=2", "ckpt_path=last", f"hydra.run.dir={ddp}"]  # trained: it only tests
+    run_train(*run, *ddp_run, cwd=tmp_path, tiny=False)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (ddp / "train_ddp_process_1.log").read_text()
+    expected, got = (json.loads((run / "metrics.json").read_text()) for run in (single, ddp))
+    assert got.keys() == expected.keys() and {"test/elbo", "test/nll", "test/recon"} <= got.keys()
+    assert all(abs(got[k] - expected[k]) < 1e-5 for k in got), (got, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]  # rank 1 made no run dir of its own
+    new = {p.name for p in ddp.glob("events.out.tfevents.*")} - {p.name for p in single.iterdir()}
+    writers = {name.split(".")[-2] for name in new}
+    assert len(writers) == 1  # ...<host>.<pid>.<n>: TensorBoard hears from one process, rank 0
 
 
+def test_a_non_finite_loss_on_any_ddp_process_stops_them_all_with_the_error_and_no_hang(tmp_path):
+    started = time.monotonic()
+    proc = run_train("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=ae", "latent_dim=2",
+                     "optimizer=sgd", "optimizer.lr=1e6", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path, check=False, tiny=False, timeout=60)  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert re.search(r"^error: The training loss became non-finite \(loss = \S+\) at step \d+", proc.stderr, re.M)
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))  # diverged in the first epoch: nothing saved
+
+
+@pytest.mark.slow  # in `pytest -m slow`: the default run must stay under 6 minutes
 def test_optuna_search_keeps_its_study_in_the_sweep_dir_resumes_it_and_records_failed_trials(tmp_path):
     sweep = tmp_path / "study"
     search = ["-m", "hparams_search=vae_optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
