@@ -1,15 +1,16 @@
 """The few-label transfer study, `python train.py experiment=transfer` (conf/experiment/transfer.yaml).
 
-The experiment is one Hydra multirun of classifier jobs (method x labels per class x seed). `TransferStudy`, a Hydra
-callback, pretrains the encoder with a train.py run before the jobs start, checks that the autoencoder never trained on
-the classifiers' validation or test images, and tabulates their test accuracy after they end: transfer.csv,
-transfer.md and transfer.png in the sweep dir. Every job must deliver its result: one that does not fails the study.
+The experiment is one Hydra multirun of classifier jobs (method x labels per class x seed). Its sweeper
+(hydra_plugins/autoencoders_transfer.py) first pretrains the encoder with one job of the configured launcher, into
+<sweep dir>/pretrain, and checks with `check_unseen` that the autoencoder never trained on the classifiers' validation
+or test images. `TransferStudy`, a Hydra callback, tabulates the classifiers' test accuracy after they end:
+transfer.csv, transfer.md and transfer.png in the sweep dir. Every job must deliver its result: one that does not
+fails the study.
 """
 
 import csv
 import json
 import statistics
-import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from autoencoders.cli import FAILURE_FILE
 
 METHODS = ("frozen", "finetune", "scratch", "random", "pixels")  # table order; classifier.py defines each
-JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started job, holding its run dir
+JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started classifier job, holding its run dir
+PRETRAIN_DIR = "pretrain"  # the pretraining job's hydra.sweep.subdir
 # Command-line overrides that the pretraining run shares with the classifiers: what must agree between them, and the
 # machine. The rest (model, seed, data.labels_per_class, the trainer's schedule, ...) concerns the classifiers only.
 SHARED = (
@@ -51,25 +53,12 @@ class Cell(NamedTuple):
 
 
 class TransferStudy(Callback):
-    """Pretrain before the sweep; tabulate and plot after it.
-
-    The pretraining run gets the command line's `SHARED` overrides, then `pretrain`. So `data=fashion_mnist`,
-    `latent_dim=32` or `trainer=gpu` apply to the whole study, and the autoencoder learns from every training image.
-    """
-
-    def __init__(self, run_dir: str, pretrain: Sequence[str] = ()):
-        self.run_dir, self.pretrain = Path(run_dir), list(pretrain)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        overrides = [*pretraining_overrides(config.hydra.overrides.task), *self.pretrain]
-        command = [sys.executable, sys.argv[0], *overrides, f"hydra.run.dir='{self.run_dir}'"]
-        print(f"transfer study: pretraining the encoder: {' '.join(command[1:])}", flush=True)
-        if subprocess.run(command).returncode != 0:
-            sys.exit(f"error: pretraining the encoder failed (see above), so the study stops. Run dir: {self.run_dir}")
-        check_unseen(config, self.run_dir / "checkpoints" / "last.ckpt")
+    """Record where each classifier job runs; tabulate and plot their results after the sweep."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         hydra = HydraConfig.get()
+        if hydra.sweep.subdir == PRETRAIN_DIR:
+            return  # the pretraining job, no classifier
         jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
         jobs.mkdir(parents=True, exist_ok=True)
         (jobs / str(hydra.job.num)).write_text(hydra.runtime.output_dir)

@@ -34,7 +34,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "seed=0,1",
         "trainer.max_steps=2",
         "trainer.val_check_interval=1",
-        f"hydra.callbacks.transfer_study.pretrain={TINY_PRETRAIN}",
+        f"hydra.sweeper.pretrain={TINY_PRETRAIN}",
         f"hydra.sweep.dir={sweep}",
         cwd=sweep.parent,
     )
@@ -106,7 +106,7 @@ def test_the_study_stops_before_any_classifier_when_the_pretraining_split_differ
         "data.labels_per_class=1",
         "seed=0",
         "transfer=frozen",
-        f"hydra.callbacks.transfer_study.pretrain={pretrain}",
+        f"hydra.sweeper.pretrain={pretrain}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
         check=False,
@@ -126,11 +126,11 @@ def test_a_study_with_a_job_lacking_its_result_exits_nonzero_naming_it(study: Pa
     (lost / "metrics.json").unlink()
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
     with pytest.raises(SystemExit, match=rf"1 job\(s\) of the transfer study .* no result(.|\n)*job 3 \({lost}\)"):
-        TransferStudy(str(sweep / "pretrain")).on_multirun_end(config)
+        TransferStudy().on_multirun_end(config)
     for marker in markers:
         marker.write_text(str(tmp_path / "elsewhere" / marker.name))
     with pytest.raises(SystemExit, match="10 job.* no table was written"):
-        TransferStudy(str(sweep / "pretrain")).on_multirun_end(config)
+        TransferStudy().on_multirun_end(config)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])

@@ -1,0 +1,97 @@
+"""The transfer study's sweeper: the pretraining is a job of the configured launcher (tests/test_classifier.py runs
+the whole study under the default launcher)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import HydraContext, RunMode
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from autoencoders.cli import FAILURE_FILE
+from tests.helpers import ROOT, run_train
+
+TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
+
+
+class FailingLauncher:
+    """Runs nothing: the one job it gets fails as train.py records a failed sweep job, or is lost (`lost`)."""
+
+    def __init__(self, run_dir: Path, lost: bool) -> None:
+        self.run_dir, self.lost, self.launched = run_dir, lost, []
+
+    def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        self.launched.append([list(o) for o in job_overrides])
+        if self.lost:
+            raise RuntimeError("job 1234 has state CANCELLED")
+        self.run_dir.mkdir(parents=True)
+        (self.run_dir / FAILURE_FILE).write_text(json.dumps({"error": "kl_weight=-1.0 is negative."}))
+        return [JobReturn(overrides=job_overrides[0], status=JobStatus.COMPLETED)]  # train.py's value: None
+
+
+@pytest.mark.parametrize("lost,reason", [(False, "kl_weight=-1.0 is negative"), (True, "RuntimeError: job 1234")])
+def test_the_pretraining_is_the_launchers_first_job_and_a_failed_one_stops_the_study(
+    tmp_path, monkeypatch, lost, reason
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the study's default sweep dir, outputs/transfer/<time>
+    overrides = ["experiment=transfer", "latent_dim=8", "seed=0,1"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        config = loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
+        sweeper = instantiate(config.hydra.sweeper)
+        sweeper.config, sweeper.hydra_context = config, HydraContext(config_loader=loader, callbacks=None)
+        sweeper.launcher = FailingLauncher(Path(config.hydra.sweep.dir) / "pretrain", lost)
+        with pytest.raises(SystemExit, match=rf"^error: pretraining the encoder failed, so the study stops .*{reason}"):
+            sweeper.sweep(list(config.hydra.overrides.task))
+        (batch,) = sweeper.launcher.launched  # no classifier job was launched
+        assert batch == [
+            [
+                "latent_dim=8",
+                "model=vae",
+                "model.arch=mlp",
+                "trainer.max_epochs=30",
+                "hydra/sweeper=transfer",
+                "hydra.mode=MULTIRUN",
+                f"hydra.sweep.dir='{config.hydra.sweep.dir}'",
+                "hydra.sweep.subdir=pretrain",
+            ]
+        ]
+        job = loader.load_sweep_config(config, batch[0])  # what train.py runs: a VAE, not experiment=transfer's
+    assert (job.model._target_, job.latent_dim, job.hydra.mode) == ("autoencoders.models.VAE", 8, RunMode.MULTIRUN)
+    assert job.hydra.sweep.dir == config.hydra.sweep.dir
+
+
+@pytest.mark.slow  # 40-60 s on 2 cores: three processes (the sweeper and two submitit jobs) each import torch
+def test_a_study_under_submitit_local_pretrains_in_a_submitit_job_of_its_own(tmp_path: Path) -> None:
+    """The README's command (tests/helpers.py's TINY and these), into the default sweep dir."""
+    run_train(
+        "experiment=transfer",
+        "hydra/launcher=submitit_local",
+        "transfer=frozen",
+        "data.labels_per_class=1",
+        "seed=0",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1",
+        f"hydra.sweeper.pretrain={TINY_PRETRAIN}",
+        cwd=tmp_path,
+    )
+    (sweep,) = (tmp_path / "outputs" / "transfer").iterdir()
+    pretrain = OmegaConf.load(sweep / "pretrain" / ".hydra" / "hydra.yaml").hydra
+    assert "experiment=transfer" not in pretrain.overrides.task
+    assert OmegaConf.load(sweep / "pretrain" / ".hydra" / "config.yaml").model._target_ == "autoencoders.models.VAE"
+    (classifier,) = (p.parent.parent for p in sweep.glob("0_*/.hydra/hydra.yaml"))
+    job_ids = [pretrain.job.id, OmegaConf.load(classifier / ".hydra" / "hydra.yaml").hydra.job.id]
+    for job_id in job_ids:  # submitit's job ids; its record of each job's result and output
+        assert (sweep / ".submitit" / job_id / f"{job_id}_0_result.pkl").is_file()
+        assert (sweep / ".submitit" / job_id / f"{job_id}_0_log.out").is_file()
+    assert job_ids[0] != job_ids[1]
+    with (sweep / "transfer.csv").open() as f:
+        (row,) = csv.DictReader(f)
+    test_acc = json.loads((classifier / "metrics.json").read_text())["test/acc"]
+    assert (row["method"], row["labels_per_class"], row["runs"]) == ("frozen", "1", "1")
+    assert row["test_acc_mean_pct"] == f"{100 * test_acc:.2f}"
