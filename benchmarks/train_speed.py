@@ -36,8 +36,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchvision.transforms.functional import to_tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
 
 from autoencoders.data import ImageDataModule
 from autoencoders.models import AE, VAE, minimised
@@ -66,26 +66,27 @@ class EpochTimer(L.Callback):
 
 
 class PILImages(Dataset):
-    """One image at a time: uint8 array -> PIL image -> ToTensor, as torchvision.datasets.MNIST does."""
+    """One image at a time: uint8 array -> PIL image -> tensor, as torchvision.datasets.MNIST does (uint8 here: the
+    data module makes float images of every batch, as for pipeline a)."""
 
     def __init__(self, images: Tensor, labels: Tensor):
-        self.images = images.mul(255).round().to(torch.uint8).squeeze(1).numpy()
+        self.images = images.squeeze(1).numpy()
         self.labels = labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return to_tensor(Image.fromarray(self.images[i])), self.labels[i]
+        return pil_to_tensor(Image.fromarray(self.images[i])), self.labels[i]
 
 
 class PILDataModule(ImageDataModule):
     """ImageDataModule's splits, served per sample through PIL and the default collate (pipeline c)."""
 
-    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+    def _batches(self, name: str, **shuffle) -> DataLoader:
+        split, generator = getattr(self, f"{name}_set"), torch.Generator().manual_seed(self.hparams.seed)
         return DataLoader(
-            PILImages(*dataset.tensors), batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator
+            PILImages(split.images, split.labels), self.hparams.batch_size, shuffle=bool(shuffle), generator=generator
         )
 
 
@@ -138,7 +139,7 @@ def run_plain_loop(cfg: DictConfig, clock: Callable[[], float]) -> tuple[dict[st
     """Pipeline b: shuffled index slices of the training tensor, the model's own loss and optimizer, nothing else."""
     datamodule, model = data_and_model(cfg)
     optimizer = model.configure_optimizers()
-    x, x_val, x_test = (split.tensors[0] for split in (datamodule.train_set, datamodule.val_set, datamodule.test_set))
+    x, x_val, x_test = (datamodule.inputs(split) for split in ("train", "val", "test"))
     batch_size = cfg.data.batch_size
     generator = torch.Generator().manual_seed(cfg.seed)
     dynamic = datamodule.hparams.binarize == "dynamic"  # a fresh binary draw of every training batch, as in a

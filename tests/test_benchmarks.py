@@ -35,6 +35,7 @@ def test_startup_reports_help_and_config_times(tmp_path):
     assert figures["train.py --help s"] > 0 and figures["train.py --cfg job s"] > 0
 
 
+@pytest.mark.slow  # in `pytest -m slow`: the default run must stay under 6 minutes
 def test_levers_report_each_variant_against_the_baseline(tmp_path):
     out = tmp_path / "levers.json"
     variants = ["baseline", "NCHW", "1 thread", "batch 256, lr x2"]
@@ -45,12 +46,20 @@ def test_levers_report_each_variant_against_the_baseline(tmp_path):
     assert all(figures[v]["s/epoch"] > 0 and figures[v]["test loss"] > 0 for v in variants)
 
 
+@pytest.mark.slow  # in `pytest -m slow`: the default run must stay under 6 minutes
 def test_checkpoint_save_reports_each_way(tmp_path):
     out = tmp_path / "save.json"
     stdout = run_benchmark("checkpoint_save.py", "--quick", "--json", str(out), cwd=tmp_path)
     figures = json.loads(out.read_text())
     assert figures["size_mb"] > 10 and all(figures["ms"][way] > 0 for way in ("no_crc", "crc", "safe", "safe_wait"))
     assert "x no_crc" in stdout
+
+
+@pytest.mark.slow  # in `pytest -m slow`: the default run must stay under 6 minutes
+def test_callback_costs_times_every_hook_of_train_pys_callbacks(tmp_path):
+    stdout = run_benchmark("callback_costs.py", "--quick", cwd=tmp_path)
+    assert "ae: " in stdout and "ms per epoch" in stdout
+    assert "NanGuard.on_before_backward" in stdout and "all hooks within epochs" in stdout
 
 
 @pytest.mark.slow
