@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from autoencoders.errors import UserError
+from autoencoders.errors import EveryProcessError, UserError
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
 from autoencoders.pictures import image_grid
@@ -263,7 +263,7 @@ class NanGuard(L.Callback):
             return
         last = last_checkpoint_on_disk(trainer)
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
-        raise UserError(
+        raise EveryProcessError(
             f"{stop}, so training stopped (at step {trainer.global_step}) with nothing saved after it, and {kept}. "
             "Start again with a lower optimizer.lr, or for a VAE a smaller kl_weight or model.kl_warmup_epochs>0."
         )

@@ -15,7 +15,7 @@ from typing import NoReturn
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from autoencoders.errors import UserError
+from autoencoders.errors import EveryProcessError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,14 @@ created_run_dirs: list[Path] = []  # the run dir that this process created (rund
 
 
 def exit_with(error: UserError) -> NoReturn:
-    """How a single run ends on bad input: the message as one paragraph on stderr, exit code 2."""
+    """How a single run ends on bad input: the message as one paragraph on stderr, exit code 2 (an error that every
+    DDP process raises: on rank 0's stderr, and in the other processes' logs)."""
+    if isinstance(error, EveryProcessError):
+        from lightning.pytorch.utilities import rank_zero_only  # loaded already: such errors come from training
+
+        if rank_zero_only.rank != 0:
+            log.error("error: %s", error)
+            sys.exit(2)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
