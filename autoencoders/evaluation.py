@@ -26,7 +26,7 @@ from autoencoders import report
 from autoencoders.checkpoints import load
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.console import SPLITS, metrics_table
-from autoencoders.data import ImageDataModule
+from autoencoders.data import ImageDataModule, to_unit_float
 from autoencoders.errors import UserError
 from autoencoders.files import save_cache, write_json
 from autoencoders.likelihoods import bits_per_dim, for_data
@@ -185,7 +185,7 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
         )
     for_data(model.hparams.likelihood, data.hparams.binarize)  # e.g. a Bernoulli model on grey images: an error
     torch.manual_seed(cfg.seed)
-    images = data.inputs(split)
+    images = getattr(data, f"{split}_set").images  # uint8, made float one batch at a time
     metrics = reconstruction_metrics(model, images, cfg.batch_size)
     if isinstance(model, VAE):
         metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
@@ -239,7 +239,8 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 def _batches(images: Tensor, batch_size: int, model: AE):
-    return (batch.to(model.device) for batch in images.split(batch_size))
+    """uint8 images as float batches in [0, 1] on the model's device: one batch's float copy at a time."""
+    return (to_unit_float(batch.to(model.device)) for batch in images.split(batch_size))
 
 
 @torch.no_grad()
@@ -306,10 +307,11 @@ def fitted_samplers(
             sampler.load_state_dict(torch.load(cache, weights_only=True))
         elif sampler.needs_fit:
             if codes is None:
-                images = data.inputs("train")
-                if data.hparams.binarize == "dynamic":
-                    images = torch.bernoulli(images, generator=torch.Generator().manual_seed(0))
-                codes = torch.cat([model.encode(x) for x in _batches(images, cfg.batch_size, model)])
+                batches = _batches(data.train_set.images, cfg.batch_size, model)
+                if data.hparams.binarize == "dynamic":  # one fixed binary draw of the grey training images
+                    generator = torch.Generator(model.device).manual_seed(0)
+                    batches = (torch.bernoulli(x, generator=generator) for x in batches)
+                codes = torch.cat([model.encode(x) for x in batches])
             save_cache(sampler.fit(codes).state_dict(), cache, f"the fitted {name} sampler")
         found[name] = functools.partial(model.sample, sampler=sampler)
     return found

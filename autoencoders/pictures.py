@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.io import encode_png
 from torchvision.utils import make_grid, save_image
 
+from autoencoders.data import to_unit_float
 from autoencoders.models import AE
 
 ImageSampler = Callable[[int, torch.Generator], Tensor]  # (n, generator) -> n decoded images
@@ -32,14 +33,15 @@ def picture_grids(
     """Grids named `reconstructions` (test images above their reconstructions), `samples_<sampler>`,
     `interpolations` (one row per pair of test images) and `traversal` (see `latent_traversal`).
 
-    The test images are drawn at random with `seed`: a split may be ordered by class."""
+    The test images (uint8, as the data module holds them) are drawn at random with `seed`: a split may be ordered
+    by class."""
     order = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(seed))
-    x = test_images[order[:num_images]].to(model.device)
+    x = to_unit_float(test_images[order[:num_images]]).to(model.device)
     grids = {"reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
     for name, sample in samplers.items():
         images = sample(num_samples, torch.Generator().manual_seed(seed))
         grids[f"samples_{name}"] = image_grid(images, nrow=math.ceil(math.sqrt(num_samples)))
-    pairs = test_images[order[: 2 * num_pairs]].to(model.device)
+    pairs = to_unit_float(test_images[order[: 2 * num_pairs]]).to(model.device)
     rows = model.interpolate(pairs[0::2], pairs[1::2], steps)
     grids["interpolations"] = image_grid(rows.flatten(0, 1), nrow=steps)
     grids["traversal"] = image_grid(latent_traversal(model, x[:1], steps, traversal_dims), nrow=steps)

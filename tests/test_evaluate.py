@@ -117,9 +117,10 @@ def data(sweep):
 
 def test_iwae_bound_is_above_the_elbo_and_grows_with_k(sweep, data):
     model = autoencoders.load(run_dirs(sweep)["vae"] / "checkpoints" / "last.ckpt")
+    test_images = data.test_set.images[:200]  # uint8, as evaluate.py passes them
     x = data.inputs("test")[:200]
     torch.manual_seed(0)
-    log_px = {k: -vae_metrics(model, x, k, k_chunk=7, batch_size=50)["nll"] for k in (1, 10, 100)}
+    log_px = {k: -vae_metrics(model, test_images, k, k_chunk=7, batch_size=50)["nll"] for k in (1, 10, 100)}
     assert log_px[1] < log_px[10] < log_px[100]
     elbo = torch.stack([model.elbo(x) for _ in range(10)]).mean().item()
     assert log_px[100] > elbo
