@@ -41,7 +41,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
-        if not _all_finite(_float_tensors([checkpoint.get("state_dict"), checkpoint.get("optimizer_states")])):
+        if not all_finite(_float_tensors([checkpoint.get("state_dict"), checkpoint.get("optimizer_states")])):
             raise UserError(
                 f"The model's weights or optimizer state hold NaN or Inf values, so {path} was not written and the "
                 "previous checkpoint is kept. Start again with a lower optimizer.lr."
@@ -86,7 +86,7 @@ def _durably_replace(src: Path, dst: Path) -> None:
         os.close(folder)
 
 
-def _all_finite(tensors: Iterable[Tensor]) -> bool:
+def all_finite(tensors: Iterable[Tensor]) -> bool:
     """No NaN or Inf in any of `tensors`, with one reduction per tensor and one device sync in the usual case.
 
     A NaN or Inf makes a sum non-finite, so a finite sum proves every element finite; only a sum that overflows needs
