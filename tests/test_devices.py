@@ -46,8 +46,9 @@ def test_trainer_gpu_uses_bf16_where_the_gpu_computes_it_else_16_bit_with_a_grad
 def fit_a_step(tmp_path, *overrides: str) -> L.LightningModule:
     cfg = compose_train(tmp_path, *overrides)
     datamodule, model = build(cfg)
-    L.Trainer(accelerator=cfg.trainer.accelerator, max_steps=1, limit_val_batches=0, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False).fit(model, datamodule)  # fmt: skip
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, max_steps=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, datamodule)
     return model
 
 
