@@ -54,9 +54,11 @@ class BestCheckpoint(ModelCheckpoint):
         self._noting_a_new_best(super().on_validation_end, trainer, pl_module)
 
     def _noting_a_new_best(self, save, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        before = self.best_model_path
+        before = self.best_model_score
         save(trainer, pl_module)
-        if self.best_model_path != before:  # a new best has a new file name (epoch, or a -v1 suffix)
+        # A new best has a strictly better score; not always a new file name: a second best in the same epoch (when
+        # validation runs more than once an epoch) replaces the first under its name.
+        if self.best_model_score is not None and (before is None or bool(self.best_model_score != before)):
             self.val_metrics = latest_val_metrics(trainer)
 
 
@@ -162,9 +164,10 @@ class ImageLogger(L.Callback):
             for logger in trainer.loggers:  # said once, where text can go, instead of decoding noise
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text("images/samples", NO_PRIOR, step)
-        pairs = self.images[: 2 * self.num_pairs].to(model.device)
-        rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
-        grids["images/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)
+        pairs = self.images[: 2 * min(self.num_pairs, len(self.images) // 2)].to(model.device)  # a small val split
+        if len(pairs):
+            rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
+            grids["images/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)
         if model.latent_dim == 2:
             grids["latent/scatter"] = self._scatter(model.encode(self.images.to(model.device)).cpu())
         for tag, grid in grids.items():

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 FAILURE_FILE = "failure.json"  # in a failed sweep job's dir
 created_run_dirs: list[Path] = []  # the run dir that this process created (rundirs.claim), if any
+training_started: list[Path] = []  # the run dirs whose training began in this process: kept whatever happens next
 
 
 def exit_with(error: UserError) -> NoReturn:
@@ -43,19 +44,45 @@ def user_error(error: BaseException | None) -> UserError | None:
     return error
 
 
+def instantiated(config: Any, group: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate of the `group` node, a bad setting in it (an unknown key, a value the class refuses)
+    being a UserError that names the group instead of a raw exception."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise user_error(e) or UserError(
+            f"The {group} settings could not be built: {type(cause).__name__}: {str(cause).strip()}. Check the "
+            f"{group}.* overrides (`python train.py --cfg job` prints the composed config; a +{group}.<key> must be "
+            "an argument that its class takes)."
+        ) from None
+
+
 def discard_created_run_dir() -> None:
-    """Remove the run dir that this process created, if it holds no checkpoint or metrics (a rejected command)."""
+    """Remove the run dir that this process created, if its training never started (a rejected command)."""
     for run_dir in created_run_dirs:
-        if not (list(run_dir.glob("checkpoints/*.ckpt")) or (run_dir / "metrics.json").exists()):
+        if run_dir not in training_started:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def to_log_file(message: str) -> None:
+    """Write `message` to the run's train.log only (Hydra's file handler), not again to the console."""
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @contextmanager
 def reported_failures() -> Iterator[None]:
     """Wrap one train.py job.
 
-    A single run ends on a UserError with `exit_with`, removing the run dir it created (nothing was trained); other
-    errors keep their traceback and the dir, whose train.log holds it. A sweep job must not end the
+    A single run ends on a UserError with `exit_with`, removing the run dir it created if its training never started
+    (a rejected command); once training has started the dir stays, with the error in its train.log. Other errors keep
+    their traceback and the dir, whose train.log holds it. A sweep job must not end the
     process (Hydra would stop the whole sweep), so it logs any error, records it in <job dir>/failure.json and returns
     normally; the job then has no result, which Optuna records as a failed trial, and sweeps.FailureSummary lists it
     at the end.
@@ -66,7 +93,8 @@ def reported_failures() -> Iterator[None]:
         hydra, bad_input = HydraConfig.get(), user_error(e)
         if hydra.mode != RunMode.MULTIRUN:
             if bad_input is not None:
-                discard_created_run_dir()
+                discard_created_run_dir()  # a run whose training started keeps its dir, with the error in train.log
+                to_log_file(f"error: {bad_input}")
                 exit_with(bad_input)
             raise
         reason = str(bad_input) if bad_input is not None else f"{type(e).__name__}: {e}"

@@ -15,6 +15,9 @@ from autoencoders.errors import UserError
 
 
 class Likelihood(ABC):
+    """Computes in float32 whatever dtype comes in: under bf16 or fp16 autocast the decoder's outputs are half
+    precision (a sigmoid is not on autocast's fp32 list), which would move a logistic's centre by up to half a pixel."""
+
     name: str
     param_multiplier: int  # decoder output channels per image channel
     discrete: bool  # True: a probability mass over pixel values; False: a density on [0, 1] or R
@@ -24,15 +27,23 @@ class Likelihood(ABC):
         expected = (x.shape[0], self.param_multiplier * x.shape[1], *x.shape[2:])
         if params.shape != expected:
             raise ValueError(f"{self.name} needs params of shape {expected} for x of shape {tuple(x.shape)}")
-        return -self._log_prob(params, x).flatten(1).sum(1)
+        return -self._log_prob(_at_least_fp32(params), _at_least_fp32(x)).flatten(1).sum(1)
 
-    @abstractmethod
     def mean(self, params: Tensor) -> Tensor:
         """E[x | params], the shape of x, in [0, 1]."""
+        return self._mean(_at_least_fp32(params))
+
+    @abstractmethod
+    def _mean(self, params: Tensor) -> Tensor:
+        """E[x | params] of float32 (or float64) params."""
 
     @abstractmethod
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         """Per-pixel log p(x | params), the shape of x."""
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class Bernoulli(Likelihood):
@@ -40,7 +51,7 @@ class Bernoulli(Likelihood):
     param_multiplier = 1
     discrete = True
 
-    def mean(self, params: Tensor) -> Tensor:
+    def _mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
 
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
@@ -64,7 +75,7 @@ class ContinuousBernoulli(Likelihood):
     param_multiplier = 1
     discrete = False
 
-    def mean(self, params: Tensor) -> Tensor:
+    def _mean(self, params: Tensor) -> Tensor:
         """1/(1 - e^-eta) - 1/eta, in terms of |eta| so that nothing overflows (nor its gradient) for large |eta|."""
         small = params.abs() < _MEAN_SERIES_BELOW
         a = torch.where(small, torch.ones_like(params), params.abs())  # keeps the unused branch (and its grad) finite
@@ -99,7 +110,7 @@ class Gaussian(Likelihood):
     param_multiplier = 2
     discrete = False
 
-    def mean(self, params: Tensor) -> Tensor:
+    def _mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params.chunk(2, dim=1)[0])
 
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
@@ -120,7 +131,7 @@ class DiscretisedLogistic(Likelihood):
     param_multiplier = 2
     discrete = True
 
-    def mean(self, params: Tensor) -> Tensor:
+    def _mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params.chunk(2, dim=1)[0])  # the location: the mean, up to the mass piled on edge bins
 
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
@@ -153,7 +164,8 @@ def bits_per_dim(nll: Tensor, num_dims: int) -> Tensor:
 def for_data(name: str | None, binarize: str | None) -> str:
     """The likelihood of a model trained or scored on data with this `binarize` setting: `name`, or for null the
     data's natural one (bernoulli on binarised data, the discretised logistic on 8-bit intensities). A Bernoulli on
-    intensities in [0, 1] is no normalised likelihood, so it is refused."""
+    intensities in [0, 1] is no normalised likelihood, and a density on binary pixels has no maximum (it collapses onto
+    0 and 1 at its scale floor), so both are refused."""
     binary = binarize is not None
     if name is None:
         return "bernoulli" if binary else "logistic"
@@ -163,5 +175,11 @@ def for_data(name: str | None, binarize: str | None) -> str:
             "model.likelihood=bernoulli is a likelihood of binary images, but data.binarize=null gives intensities in "
             "[0, 1], on which its nats are no likelihood. Set data.binarize=dynamic (or static), or choose a "
             "likelihood of [0, 1] data: model.likelihood=continuous_bernoulli, logistic or gaussian."
+        )
+    if binary and name in ("gaussian", "continuous_bernoulli"):
+        raise UserError(
+            f"model.likelihood={name} is a density of intensities in [0, 1], but data.binarize={binarize} gives binary "
+            "pixels, on which a density grows without bound as it collapses onto 0 and 1 (here: to its scale floor). "
+            "Use model.likelihood=bernoulli (or null) on binarised data, or data.binarize=null to model intensities."
         )
     return name

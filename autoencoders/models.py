@@ -186,8 +186,13 @@ class AE(EpochMeanLogging, SplitSteps):
         """The mean image of p(x|z), in [0, 1]."""
         return self.likelihood.mean(self.decoder(z))
 
+    def decoder_params(self, x: Tensor) -> Tensor:
+        """The parameters of p(x | code of x) that the decoder outputs: the one decoding that training, evaluation and
+        pictures all go through (a VQ-VAE quantises the code first)."""
+        return self.decoder(self.encode(x))
+
     def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        return self.likelihood.mean(self.decoder_params(x))
 
     def prior_sampler(self) -> Sampler:
         """The model's own prior over codes: N(0, I) (a VQ-VAE's must be fitted to its codes first: `needs_fit`)."""
@@ -208,7 +213,7 @@ class AE(EpochMeanLogging, SplitSteps):
 
     def reconstruction_nll(self, x: Tensor) -> Tensor:
         """-log p(x | decode(encode(x))) per image, nats, shape (B,)."""
-        return self.likelihood.nll(self.decoder(self.encode(x)), x)
+        return self.likelihood.nll(self.decoder_params(x), x)
 
     # Training -----------------------------------------------------------------------------------------------
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
@@ -248,8 +253,8 @@ class VAE(AE):
         kl_warmup_epochs: int = 0,
         nll_samples: int = 100,
     ):
-        if kl_weight < 0:
-            raise UserError(f"kl_weight={kl_weight} is negative. Use kl_weight>=0 (1 is the standard VAE).")
+        if not 0 <= kl_weight < math.inf:
+            raise UserError(f"kl_weight={kl_weight} is no weight: use a finite kl_weight>=0 (1 is the standard VAE).")
         if kl_warmup_epochs < 0:
             raise UserError(
                 f"model.kl_warmup_epochs={kl_warmup_epochs!r} is not a number of epochs. Use 0 (no warm-up) or more."
@@ -298,7 +303,9 @@ class VAE(AE):
         warmup = self.hparams.kl_warmup_epochs
         if not warmup or self._trainer is None:
             return self.hparams.kl_weight
-        progress = self.trainer.global_step / max(1, warmup * self.trainer.num_training_batches)
+        # optimizer steps per epoch: under gradient accumulation, fewer than batches
+        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        progress = self.trainer.global_step / max(1, warmup * steps_per_epoch)
         return self.hparams.kl_weight * min(1.0, progress)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
@@ -307,4 +314,7 @@ class VAE(AE):
 
     def test_terms(self, x: Tensor) -> dict[str, Tensor]:
         nll = -self.log_likelihood(x, self.hparams.nll_samples).mean()
-        return {"nll": nll, "bpd": bits_per_dim(nll, math.prod(self.image_shape))}
+        terms = {"nll": nll, "nll_k": torch.tensor(float(self.hparams.nll_samples), device=nll.device)}
+        if self.likelihood.discrete:  # bits per dimension of a probability mass; a density's would be no code length
+            terms["bpd"] = bits_per_dim(nll, math.prod(self.image_shape))
+        return terms

@@ -41,9 +41,10 @@ def picture_grids(
     for name, sample in samplers.items():
         images = sample(num_samples, torch.Generator().manual_seed(seed))
         grids[f"samples_{name}"] = image_grid(images, nrow=math.ceil(math.sqrt(num_samples)))
-    pairs = to_unit_float(test_images[order[: 2 * num_pairs]]).to(model.device)
-    rows = model.interpolate(pairs[0::2], pairs[1::2], steps)
-    grids["interpolations"] = image_grid(rows.flatten(0, 1), nrow=steps)
+    pairs = to_unit_float(test_images[order[: 2 * min(num_pairs, len(test_images) // 2)]]).to(model.device)
+    if len(pairs):
+        rows = model.interpolate(pairs[0::2], pairs[1::2], steps)
+        grids["interpolations"] = image_grid(rows.flatten(0, 1), nrow=steps)
     grids["traversal"] = image_grid(latent_traversal(model, x[:1], steps, traversal_dims), nrow=steps)
     return grids
 

@@ -4,6 +4,7 @@ writes over an older run's results, and a command rejected before training leave
 Imported before torch (Hydra instantiates RunDirGuard at start-up), so checkpoints.py is imported only inside functions.
 """
 
+import fcntl
 import hashlib
 import os
 import re
@@ -139,6 +140,49 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, model: "L.LightningM
     return path
 
 
+def is_first_process() -> bool:
+    """Whether this is rank 0 of its run (Lightning's DDP launcher and SLURM start the other ranks with the same
+    run dir), read from the environment as Lightning reads it, before torch is imported."""
+    return all(int(os.environ.get(key, 0)) == 0 for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+LOCK_FILE = ".lock"
+_held_locks: dict[Path, int] = {}  # run dir -> the open file whose lock this process holds
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an OS lock (flock) on `run_dir` while this process trains in it; the OS releases it on any exit, SIGKILL
+    included. A second process that would train in the same dir gets a UserError naming the PID that holds it."""
+    if run_dir in _held_locks or not is_first_process():
+        return
+    path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"Cannot write into the run dir {run_dir} ({e.strerror}). Make it writable, or train in "
+                        "another folder.") from None  # fmt: skip
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(
+            f"{run_dir} is in use: process {holder} is training in it (it holds {path}). Wait for it to end, or "
+            f"stop it (kill {holder}) before resuming; two processes training one run would overwrite each other's "
+            "checkpoints."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_locks[run_dir] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _held_locks.pop(run_dir, None)
+    if fd is not None:
+        os.close(fd)  # closing the file releases its lock
+
+
 def claim(run_dir: Path, chosen: bool) -> Path:
     """Create a new run's dir exclusively. A dir the user named is used as it is; a default (timestamped) name that
     another run took in the same second gets a suffix, -2, -3, ..., so two runs never share a dir."""
@@ -148,9 +192,15 @@ def claim(run_dir: Path, chosen: bool) -> Path:
         try:
             candidate.mkdir()
         except FileExistsError:
-            if chosen:
-                return run_dir
-            continue
+            if not chosen:
+                continue
+            if is_first_process() and any(run_dir.iterdir()):
+                raise UserError(
+                    f"hydra.run.dir={run_dir} is a folder that already holds files ({next(run_dir.iterdir()).name}, "
+                    "...), and a new run must not write into them. Choose a new or empty folder, or leave "
+                    "hydra.run.dir at its default (a new timestamped folder). Nothing was changed."
+                ) from None
+            return run_dir
         created_run_dirs.append(candidate)
         return candidate
     raise UserError(f"Could not create a new run dir beside {run_dir}: 999 runs already have its name.")
@@ -165,6 +215,11 @@ class RunDirGuard(Callback):
         try:
             check_run_dir(run_dir, config.ckpt_path)
             if resumes_in_place(config.ckpt_path, run_dir):
+                if not os.access(run_dir, os.W_OK):
+                    raise UserError(
+                        f"{run_dir} is read-only, so the run cannot resume in it. Make it writable (chmod u+w), or "
+                        "copy it and resume the copy with hydra.run.dir=<copy> ckpt_path=last."
+                    )
                 check_resume_settings(config, run_dir)
                 from autoencoders.checkpoints import read_checkpoint  # imports torch: only now that it is needed
 

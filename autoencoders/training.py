@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from autoencoders import cli
 from autoencoders.callbacks import BestCheckpoint, latest_val_metrics
 from autoencoders.checkpoints import SafeCheckpointIO
 from autoencoders.console import metrics_table
@@ -22,7 +24,15 @@ from autoencoders.files import write_json
 from autoencoders.likelihoods import for_data
 from autoencoders.loggers import build_loggers, finish, log_hparams, run_hparams
 from autoencoders.optim import run_values
-from autoencoders.rundirs import check_run_dir, finished, last_checkpoint, resume_checkpoint, resumes_in_place
+from autoencoders.rundirs import (
+    check_run_dir,
+    finished,
+    last_checkpoint,
+    lock_run_dir,
+    resume_checkpoint,
+    resumes_in_place,
+    unlock_run_dir,
+)
 from autoencoders.sweeps import check_launchable
 
 log = logging.getLogger(__name__)
@@ -68,10 +78,19 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.accelerator={cfg.trainer.accelerator} (e.g. trainer=gpu), but PyTorch sees no CUDA GPU here. "
             "Use trainer=default (the best device available) or trainer=cpu."
         )
-    if cfg.kl_weight < 0:
+    if not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed={cfg.seed} is outside the seeds torch accepts. Use 0 <= seed < 2**32, e.g. seed=0.")
+    if not 0 <= cfg.kl_weight < math.inf:
         raise UserError(
-            f"kl_weight={cfg.kl_weight} is not a non-negative number. Set e.g. kl_weight=1 (the standard VAE)."
+            f"kl_weight={cfg.kl_weight} is not a finite, non-negative number. Set e.g. kl_weight=1 (the standard VAE)."
         )
+    if cfg.encoder_ckpt is not None and "num_classes" not in cfg.model:
+        raise UserError(
+            f"encoder_ckpt={cfg.encoder_ckpt} is read only by model=classifier, and this run trains "
+            f"{cfg.model._target_.rsplit('.', 1)[-1]}. Drop encoder_ckpt, or add model=classifier to train a "
+            "classifier on that encoder."
+        )
+
     if "lr" in cfg.optimizer:
         check_positive("optimizer.lr", cfg.optimizer.lr, "1e-3")
 
@@ -82,18 +101,24 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
     Every model gets the data's image shape. One whose config declares num_classes (the classifier) gets that too; an
     autoencoder whose likelihood is null gets the data's (bernoulli on binarised data); and a null latent_dim with no
     encoder_ckpt to take it from (a classifier's) is the top-level latent_dim."""
-    datamodule = instantiate(cfg.data)
+    datamodule = cli.instantiated(cfg.data, "data")
     datamodule.setup("fit")
     needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
     if "likelihood" in cfg.model:
         needs["likelihood"] = for_data(cfg.model.likelihood, datamodule.hparams.binarize)
-    if cfg.model.get("latent_dim", 0) is None and not cfg.model.get("encoder_ckpt"):
+    # A classifier with an encoder_ckpt takes the checkpoint's code size, unless latent_dim is set on the command line:
+    # then that value is checked against the checkpoint's, so a run dir named latent_dim-8 never trains with 32.
+    task = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    given = any(o.lstrip("+").startswith("latent_dim=") for o in task)
+    if cfg.model.get("latent_dim", 0) is None and (given or not cfg.model.get("encoder_ckpt")):
         needs["latent_dim"] = cfg.latent_dim
     optimization = {
         "optimizer": instantiate(cfg.optimizer),
         "scheduler": instantiate(cfg.get("scheduler"), _convert_="all"),
     }
-    model = instantiate(cfg.model, image_shape=datamodule.image_shape, **needs, **optimization, _convert_="all")
+    model = cli.instantiated(
+        cfg.model, "model", image_shape=datamodule.image_shape, **needs, **optimization, _convert_="all"
+    )
     return datamodule, model
 
 
@@ -120,6 +145,15 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         log.info("Job %s stopped in an earlier run of this sweep: resuming it from its last.ckpt", run_dir.name)
         cfg.ckpt_path = "last"
     check_run_dir(run_dir, cfg.ckpt_path)
+    lock_run_dir(run_dir)  # before anything in it is written
+    try:
+        return _train_in(run_dir, cfg, extra_callbacks or [])
+    finally:
+        unlock_run_dir(run_dir)
+
+
+def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback]) -> dict[str, float]:
+    (run_dir / cli.FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's: this one decides the job's status
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model = build(cfg)
@@ -131,12 +165,15 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             net.compile()
 
     loggers = build_loggers(cfg.get("logger"), run_dir.name)
-    callbacks = build_callbacks(cfg.callbacks, model.selection) + (extra_callbacks or [])
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=[SafeCheckpointIO()])
+    callbacks = build_callbacks(cfg.callbacks, model.selection) + extra_callbacks
+    trainer: L.Trainer = cli.instantiated(
+        cfg.trainer, "trainer", logger=loggers, callbacks=callbacks, plugins=[SafeCheckpointIO()]
+    )
     check_launchable(trainer)
     if trainer.is_global_zero:
-        log_hparams(loggers, run_hparams(cfg, hydra.runtime.choices))
+        log_hparams(loggers, run_hparams(cfg, HydraConfig.get().runtime.choices))
 
+    cli.training_started.append(run_dir)  # from here on, the run dir stays whatever happens
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     # The best checkpoint by validation is tested; without one (fast_dev_run, or no best_checkpoint callback), the
     # weights as they are, with the validation metrics of the last epoch.

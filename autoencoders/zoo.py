@@ -42,7 +42,7 @@ class DAE(AE):
         return x + noise * torch.randn_like(x)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        terms = {"loss": self.likelihood.nll(self.decoder(self.encode(self.corrupt(x))), x).mean()}
+        terms = {"loss": self.likelihood.nll(self.decoder_params(self.corrupt(x)), x).mean()}
         return terms if split == "train" else terms | {"recon": self.reconstruction_nll(x).mean()}
 
 
@@ -93,7 +93,10 @@ class WAE(CodePenaltyAE):
 
 class IWAE(VAE):
     """Importance-weighted autoencoder (Burda et al., 2016): a VAE trained on the k-sample bound, `loss` = -log
-    mean_k p(x, z_k)/q(z_k|x). Its one-sample `elbo`, `test/nll` and the checkpoint choice are a VAE's."""
+    mean_k p(x, z_k)/q(z_k|x). Its checkpoint is chosen on that bound (`val/iwae`), the objective it trains; its
+    one-sample `elbo` and `test/nll` are a VAE's."""
+
+    selection = ("val/iwae", "max")
 
     def __init__(self, image_shape: Sequence[int], k: int = 5, **base: Any):
         if k < 1:
@@ -177,8 +180,8 @@ class VQVAE(AE):
     def decode(self, z: Tensor) -> Tensor:
         return self.likelihood.mean(self.decoder(self.quantize(z)))
 
-    def reconstruction_nll(self, x: Tensor) -> Tensor:
-        return self.likelihood.nll(self.decoder(self.quantize(self.encode(x))), x)
+    def decoder_params(self, x: Tensor) -> Tensor:
+        return self.decoder(self.quantize(self.encode(x)))
 
     def prior_sampler(self) -> CodePrior:
         return CodePrior(self.codebook, self.n_tokens)

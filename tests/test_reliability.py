@@ -256,7 +256,24 @@ BAD_INPUT = {
     "frozen classifier without encoder": (["model=classifier", "model.method=frozen"], "needs a pretrained encoder"),
     "classifier method unknown": (["model=classifier", "model.method=svm"], "model.method='svm' is unknown"),
     "negative latent_dim": (["latent_dim=-4"], "latent_dim=-4 is not a positive integer"),
-    "negative kl_weight": (["kl_weight=-1"], r"kl_weight=-1(\.0)? is not a non-negative number"),
+    "negative kl_weight": (["kl_weight=-1"], r"kl_weight=-1(\.0)? is not a finite, non-negative number"),
+    "kl_weight nan": (["kl_weight=nan"], "kl_weight=nan is not a finite, non-negative number"),
+    "kl_weight inf": (["kl_weight=inf"], "kl_weight=inf is not a finite, non-negative number"),
+    "negative seed": (["seed=-1"], r"seed=-1 is outside the seeds torch accepts. Use 0 <= seed < 2\*\*32"),
+    "seed past 2**32": (["seed=4294967296"], "seed=4294967296 is outside the seeds torch accepts"),
+    "unknown model key": (["+model.foo=1"], "The model settings could not be built: .*foo"),
+    "unknown data key": (["+data.foo=1"], "The data settings could not be built: .*foo"),
+    "unknown accelerator": (["trainer.accelerator=banana"], "The trainer settings could not be built: .*banana"),
+    "encoder_ckpt of a non-classifier": (["encoder_ckpt={ckpt}"], "is read only by model=classifier"),
+    "classifier latent_dim that contradicts its encoder": (
+        ["model=classifier", "encoder_ckpt={ckpt}", "latent_dim=8"],
+        r"model.latent_dim=8 \(the checkpoint's: 2\)",
+    ),
+    "gaussian on binarised images": (["model.likelihood=gaussian"], "gaussian is a density of intensities"),
+    "continuous Bernoulli on binarised images": (
+        ["model.likelihood=continuous_bernoulli"],
+        "continuous_bernoulli is a density of intensities",
+    ),
     "no image epochs": (["images_every_n_epochs=0"], "images_every_n_epochs=0 is not a positive integer"),
     "negative learning rate": (["optimizer.lr=-1"], r"optimizer.lr=-1 is not a positive number"),
     "learning rate not a number": (["optimizer.lr=abc"], r"optimizer.lr='abc' is not a positive number"),
@@ -287,7 +304,7 @@ BAD_INPUT = {
         }
     ),
     "encoder of another split": (
-        ["model=classifier", "encoder_ckpt={ckpt}", "latent_dim=2", "data.split_seed=1"],
+        ["model=classifier", "encoder_ckpt={ckpt}", "data.split_seed=1"],
         "trained on .* of the classifier's validation and test images",
     ),
 }
