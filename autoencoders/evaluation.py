@@ -2,8 +2,9 @@
 from its own saved config (both in saved_runs.py) and its model from its checkpoint, score it on a held-out split and
 write its results.
 
-A run is only read: each (checkpoint, split, data) evaluation gets its own folder,
-<run>/eval/<checkpoint>_<split>_<data>/ (metrics.json, config.yaml, PNGs, TensorBoard events), and a sweep's report
+A run is only read: each (checkpoint, split, data, settings) evaluation gets its own folder,
+<run>/eval/<checkpoint>_<split>_<data>_<settings>/ (metrics.json, config.yaml, PNGs, TensorBoard events), where
+<settings> hashes every evaluate setting that changes the numbers or pictures (SCORED_SETTINGS), and a sweep's report
 goes to the sweep dir. A sweep is scored on both held-out splits and ranked on validation only; its test columns are
 reported, never used to choose.
 """
@@ -41,11 +42,15 @@ from autoencoders.metrics import (
 )
 from autoencoders.models import AE, VAE
 from autoencoders.pictures import ImageSampler, picture_grids, save_pictures
-from autoencoders.samplers import SAMPLERS, make_sampler
+from autoencoders.samplers import CACHE_VERSION, SAMPLERS, make_sampler
 from autoencoders.saved_runs import build_data, data_config, find_checkpoint, run_config, sweep_jobs
 from autoencoders.zoo import VQVAE
 
 log = logging.getLogger(__name__)
+
+# The evaluate settings that change the numbers or pictures, hashed into each evaluation's folder name (checkpoint,
+# split and data are in the name already; device, batch_size, k_chunk, cache_dir and sort_by change none of them).
+SCORED_SETTINGS = ("seed", "k", "samplers", "gmm_components", "num_samples", "kid_subsets", "fid", "images")
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:
@@ -198,7 +203,7 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
     metrics = {f"{split}/{name}": value for name, value in metrics.items()}
     grids = picture_grids(model, images, draw, cfg.seed, **cfg.images)
 
-    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_key}"
+    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_key}_{settings_name(cfg)}"
     staging = eval_dir / f".{out_dir.name}.{os.getpid()}.part"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -229,6 +234,12 @@ def data_name(data_cfg: DictConfig, checkpoint: Path) -> str:
     return f"{choice or 'data'}-{hashlib.blake2b(resolved.encode(), digest_size=4).hexdigest()}"
 
 
+def settings_name(cfg: DictConfig) -> str:
+    """A short hash of the SCORED_SETTINGS: evaluations that differ in them get folders of their own."""
+    scored = {key: OmegaConf.to_container(cfg, resolve=True)[key] for key in SCORED_SETTINGS}
+    return hashlib.blake2b(json.dumps(scored, sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """Give `new` the name `target`; an older `target` is deleted only once the new one is in place."""
     old = target.with_name(f".{target.name}.{os.getpid()}.old")
@@ -249,7 +260,7 @@ def reconstruction_metrics(model: AE, images: Tensor, batch_size: int) -> dict[s
     under the model's likelihood, in nats per image (a VAE's `recon` comes with its ELBO)."""
     squared_error = nll = 0.0
     for x in _batches(images, batch_size, model):
-        params = model.decoder(model.encode(x))  # one decoding serves both numbers
+        params = model.decoder_params(x)  # one decoding serves both numbers (a VQ-VAE's of its quantised code)
         squared_error += (model.likelihood.mean(params) - x).pow(2).sum().item()
         nll += model.likelihood.nll(params, x).sum().item()
     metrics = {"mse": squared_error / images.numel()}
@@ -270,6 +281,7 @@ def vae_metrics(model: VAE, images: Tensor, k: int, k_chunk: int, batch_size: in
     recon, kl, nll = torch.cat(recon), torch.cat(kl), -torch.cat(log_px).mean()
     return {
         "nll": nll.item(),
+        "nll_k": k,  # train.py's test/nll uses model.nll_samples instead: the key says which
         "bpd": bits_per_dim(nll, images[0].numel()).item(),
         "elbo": -(recon + kl).mean().item(),
         "recon": recon.mean().item(),
@@ -294,15 +306,14 @@ def fitted_samplers(
     data (`data_key`, its data_name) and the settings."""
     found: dict[str, ImageSampler] = {}
     codes = None
-    identity = hashlib.blake2b(checkpoint.read_bytes(), digest_size=8)
-    identity.update(f"{data_key}-{cfg.gmm_components}-{cfg.seed}".encode())
+    identity = sampler_identity(checkpoint, data_key, cfg)
     for name in cfg.samplers:
         sampler = (
             model.prior_sampler()
             if name == "prior"
             else make_sampler(name, model.latent_dim, cfg.gmm_components, cfg.seed)
         )
-        cache = Path(cfg.cache_dir).expanduser() / "samplers" / f"{checkpoint.stem}_{name}_{identity.hexdigest()}.pt"
+        cache = Path(cfg.cache_dir).expanduser() / "samplers" / f"{checkpoint.stem}_{name}_{identity}.pt"
         if sampler.needs_fit and cache.is_file():
             sampler.load_state_dict(torch.load(cache, weights_only=True))
         elif sampler.needs_fit:
@@ -317,6 +328,14 @@ def fitted_samplers(
     return found
 
 
+def sampler_identity(checkpoint: Path, data_key: str, cfg: DictConfig) -> str:
+    """What a fitted sampler depends on: the checkpoint's bytes, the data, the settings, and the sampler code's cache
+    version and torch version."""
+    identity = hashlib.blake2b(checkpoint.read_bytes(), digest_size=8)
+    identity.update(f"{data_key}-{cfg.gmm_components}-{cfg.seed}-v{CACHE_VERSION}-torch{torch.__version__}".encode())
+    return identity.hexdigest()
+
+
 def sample_metrics(
     draw: dict[str, ImageSampler], data: ImageDataModule, split: str, cfg: DictConfig
 ) -> dict[str, float]:
@@ -327,9 +346,15 @@ def sample_metrics(
             "FID needs a classifier to supply its features, but this data has a single class (a flat image folder?). "
             "Put the images in one sub-folder per class, or pass num_samples=0 to skip FID and KID."
         )
-    net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device))
     real, labels = data.real_split(split)
     n = cfg.num_samples or len(real)
+    if n > len(real):  # KID's floor would draw subsets of n from the split's fewer images, after all the samplers
+        raise UserError(
+            f"num_samples={n} is more than the {len(real)} images of the {split} split, which fid_floor and "
+            f"kid_floor are measured with. Use num_samples=null (as many as the split's images) or "
+            f"num_samples<={len(real)}."
+        )
+    net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device))
     if n != len(real):
         log.info("FID/KID from %d samples; fid_floor is measured with the %d %s images", n, len(real), split)
     quality = SampleQuality(net, data.real_split("full_train")[0], n, cfg.batch_size, cfg.kid_subsets)

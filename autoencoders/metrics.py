@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 METRICS: dict[str, tuple[bool, str]] = {
     "nll": (False, "VAEs: -log p(x) bounded by importance sampling (IWAE, k samples), nats per image"),
     "bpd": (False, "VAEs: nll in bits per dimension (nll / (pixels x channels x ln 2))"),
+    "nll_k": (True, "VAEs: importance samples behind nll (evaluate.py's k; train.py's model.nll_samples)"),
     "elbo": (True, "VAEs: evidence lower bound (KL weight 1), nats per image"),
     "recon": (False, "AEs: -log p(x | decode(encode(x))); VAEs: E_q[-log p(x|z)]; nats per image"),
     "kl": (False, "VAEs: KL(q(z|x) || N(0, I)), nats per image"),
@@ -115,7 +116,7 @@ def feature_net(
 ) -> FeatureNet:
     """The FID feature net for `data`, trained on its full train split once and then read from the cache."""
     images, labels = data.real_split("full_train")
-    path = Path(cache_dir).expanduser() / "fid_features" / f"{_cache_key(images, labels, data, settings)}.pt"
+    path = Path(cache_dir).expanduser() / "fid_features" / f"{_cache_key(images, labels, data, settings, device)}.pt"
     cached = _read_cache(path)
     with torch.random.fork_rng(devices=[]):  # seeded by settings.seed, without disturbing the caller's draws
         torch.manual_seed(settings.seed)
@@ -159,15 +160,21 @@ def accuracy(net: FeatureNet, images: Tensor, labels: Tensor, batch_size: int = 
     return correct / len(labels)
 
 
-def _cache_key(images: Tensor, labels: Tensor, data: ImageDataModule, settings: FeatureNetSettings) -> str:
+def _cache_key(
+    images: Tensor, labels: Tensor, data: ImageDataModule, settings: FeatureNetSettings, device: torch.device
+) -> str:
     """Hash of the train images and labels and the training settings: the dataset's identity, whatever config (or
-    seed) produced it."""
+    seed) produced it; with the torch version and the device type it trains on, which change its weights too."""
     digest = hashlib.blake2b(digest_size=16)
     for tensor in (images, labels):
         digest.update(tensor.contiguous().numpy().tobytes())
     net_version = 2  # bump when FeatureNet or its training changes, so stale cached nets are not reused
     digest.update(
-        json.dumps({"net": net_version, "shape": data.image_shape, **asdict(settings)}, sort_keys=True).encode()
+        json.dumps(
+            {"net": net_version, "shape": data.image_shape, "torch": torch.__version__, "device": device.type}
+            | asdict(settings),
+            sort_keys=True,
+        ).encode()
     )
     return digest.hexdigest()
 

@@ -9,7 +9,10 @@ sampler is a few tensors (`state_dict`), so evaluate.py caches it per checkpoint
 import torch
 from torch import Tensor
 
+from autoencoders.errors import UserError
+
 SAMPLERS = ("prior", "gaussian", "gmm")
+CACHE_VERSION = 1  # bump when a sampler's fit or state changes, so evaluate.py refits instead of reusing stale caches
 
 
 class Sampler:
@@ -40,7 +43,7 @@ class GaussianSampler(Sampler):
     needs_fit = True
 
     def fit(self, codes: Tensor) -> "GaussianSampler":
-        codes = codes.double().cpu()
+        codes = codes.detach().double().cpu()
         jitter = 1e-6 * torch.eye(codes.shape[1], dtype=codes.dtype)
         return self.load_state_dict(
             {"mean": codes.mean(0), "scale_tril": torch.linalg.cholesky(codes.T.cov() + jitter)}
@@ -71,8 +74,13 @@ class GMMSampler(Sampler):
     def fit(self, codes: Tensor) -> "GMMSampler":
         from sklearn.mixture import GaussianMixture  # scikit-learn loads only when a mixture is fitted
 
+        if self.n_components > len(codes):
+            raise UserError(
+                f"gmm_components={self.n_components} is more mixture components than the {len(codes)} training codes "
+                f"to fit them to. Use gmm_components<={len(codes)} (the default is 10)."
+            )
         gmm = GaussianMixture(self.n_components, covariance_type="full", random_state=self.seed, reg_covar=1e-6)
-        gmm.fit(codes.double().cpu().numpy())
+        gmm.fit(codes.detach().double().cpu().numpy())
         state = {"weights": gmm.weights_, "means": gmm.means_, "scale_tril": torch.linalg.cholesky(
             torch.from_numpy(gmm.covariances_))}  # fmt: skip
         return self.load_state_dict({k: torch.as_tensor(v, dtype=torch.float64) for k, v in state.items()})
@@ -119,7 +127,7 @@ class CodePrior(Sampler):
         return self.head(self.rnn(self.embed(torch.cat([start, tokens[:, :-1]], 1)))[0])
 
     def fit(self, codes: Tensor) -> "CodePrior":
-        tokens = nearest_codes(codes.cpu().view(len(codes), self.n_tokens, -1), self.codebook)
+        tokens = nearest_codes(codes.detach().cpu().view(len(codes), self.n_tokens, -1), self.codebook)
         modules = torch.nn.ModuleList([self.embed, self.rnn, self.head])
         optimizer = torch.optim.Adam(modules.parameters(), lr=3e-3)
         generator = torch.Generator().manual_seed(self.seed)

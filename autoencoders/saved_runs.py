@@ -35,6 +35,11 @@ def _job_number(run_dir: Path) -> tuple[int, str]:
 def run_config(run_dir: Path) -> DictConfig:
     """The config the run was trained with (<run>/.hydra/config.yaml, as Hydra saved it)."""
     path = run_dir / ".hydra" / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(
+            f"run_dir={run_dir} is a file, not a folder. Pass run_dir=<the folder that train.py created>, e.g. "
+            "outputs/runs/<time>_<overrides>, or score a lone checkpoint with ckpt_path=<file.ckpt>."
+        )
     if not run_dir.is_dir():
         raise UserError(
             f"Run folder {run_dir} does not exist. Pass run_dir=<a folder that train.py created>, "

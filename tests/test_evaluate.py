@@ -16,8 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import autoencoders
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.errors import UserError
-from autoencoders.evaluation import evaluate, vae_metrics
-from autoencoders.metrics import FeatureNetSettings, SampleQuality, accuracy, active_units, feature_net
+from autoencoders.evaluation import device, evaluate, reconstruction_metrics, sampler_identity, vae_metrics
+from autoencoders.metrics import FeatureNetSettings, SampleQuality, _cache_key, accuracy, active_units, feature_net
 from autoencoders.pictures import latent_traversal
 from autoencoders.saved_runs import build_data, data_config, run_config
 from tests.helpers import ROOT, run_script, run_train
@@ -99,7 +99,8 @@ def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
     (val,) = evaluate(evaluate_config(f"run_dir={run}", "split=val", "num_samples=0", f"cache_dir={tmp_path}"))
-    assert set(val) == {"val/nll", "val/bpd", "val/elbo", "val/recon", "val/kl", "val/active_units", "val/mse"}
+    expected = {"val/nll", "val/nll_k", "val/bpd", "val/elbo", "val/recon", "val/kl", "val/active_units", "val/mse"}
+    assert set(val) == expected and val["val/nll_k"] == 20  # FAST's k: the importance samples behind val/nll
     fitted = {p.name.split("_")[1]: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()}
     assert set(fitted) == {"gaussian", "gmm"}  # fitted to the checkpoint's training codes, for its picture grids
     (test,) = evaluate(evaluate_config(f"run_dir={run}", "num_samples=0", f"cache_dir={tmp_path}"))
@@ -107,6 +108,65 @@ def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_pat
     assert all(name.startswith("test/") for name in test)
     assert len(list((run / "eval").iterdir())) == 2
     assert json.loads((eval_dir(run, "val") / "metrics.json").read_text()) == val
+
+
+def test_evaluations_with_other_settings_get_folders_of_their_own(sweep, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
+    settings = [f"run_dir={run}", "num_samples=0", "samplers=[prior]", f"cache_dir={tmp_path}"]
+    scored = {k: evaluate(evaluate_config(*settings, f"k={k}"))[0] for k in (2, 3)}
+    evaluate(evaluate_config(*settings, "k=3", "batch_size=50", "k_chunk=1"))  # the same numbers: replaces its own
+    folders = list((run / "eval").iterdir())
+    assert len(folders) == 2
+    found = {json.loads((f / "metrics.json").read_text())["test/nll_k"]: f for f in folders}
+    assert set(found) == {2, 3}
+    assert json.loads((found[2] / "metrics.json").read_text()) == scored[2]
+
+
+def test_more_samples_than_the_split_has_images_is_refused_before_any_scoring(sweep, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
+    with pytest.raises(UserError, match=r"num_samples=1000 is more than the 500 images of the test split(.|\n)*"
+                       r"num_samples=null .* num_samples<=500"):  # fmt: skip
+        evaluate(evaluate_config(f"run_dir={run}", "num_samples=1000", "samplers=[prior]", f"cache_dir={tmp_path}"))
+    assert not (tmp_path / "fid_features").exists() and not (run / "eval").exists()  # no feature net trained
+
+
+def test_a_vqvae_is_scored_on_its_quantised_codes():
+    model = autoencoders.zoo.VQVAE((1, 28, 28), latent_dim=8, embedding_dim=4).eval()
+    images = torch.randint(0, 2, (30, 1, 28, 28), dtype=torch.uint8) * 255
+    with torch.no_grad():
+        expected = model.reconstruction_nll(images.float() / 255).mean().item()
+    assert reconstruction_metrics(model, images, batch_size=7)["recon"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_cached_nets_and_samplers_are_keyed_by_torch_version_and_device(tmp_path, monkeypatch):
+    images, labels = torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)
+    data = type("Data", (), {"image_shape": (1, 28, 28)})()
+    settings = FeatureNetSettings(epochs=1, batch_size=2, lr=1e-3, num_features=8, seed=0)
+    cfg = evaluate_config("run_dir=x")
+    (tmp_path / "a.ckpt").write_bytes(b"weights")
+
+    def keys():
+        return (
+            _cache_key(images, labels, data, settings, torch.device("cpu")),
+            _cache_key(images, labels, data, settings, torch.device("cuda")),
+            sampler_identity(tmp_path / "a.ckpt", "mnist-1", cfg),
+        )
+
+    before = keys()
+    assert before[0] != before[1]  # a net trained on a GPU has other weights than one trained on the CPU
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    after = keys()
+    assert all(a != b for a, b in zip(before, after, strict=True))
+    monkeypatch.setattr(autoencoders.evaluation, "CACHE_VERSION", 99)
+    assert sampler_identity(tmp_path / "a.ckpt", "mnist-1", cfg) != after[2]
+
+
+def test_a_run_dir_that_is_a_file_is_called_a_file(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(UserError, match=r"run_dir=.*run is a file, not a folder"):
+        evaluate(evaluate_config(f"run_dir={tmp_path / 'run'}"))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +191,7 @@ def test_iwae_bound_is_above_the_elbo_and_grows_with_k(sweep, data):
 
 def test_fid_and_kid_are_near_their_floor_for_real_images_and_large_for_noise(sweep, data):
     cfg = evaluate_config(f"cache_dir={sweep.parent / 'cache'}")
-    net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, torch.device("cpu"))
+    net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device))  # as evaluate.py did
     assert accuracy(net, *data.real_split("test")) > 0.5
     reference, test = data.real_split("full_train")[0], data.real_split("test")[0]
     quality = SampleQuality(net, reference, len(test), batch_size=100, subsets=20)
@@ -142,7 +202,7 @@ def test_fid_and_kid_are_near_their_floor_for_real_images_and_large_for_noise(sw
     assert abs(held_out["kid"]) < 5 * held_out["kid_std"] + 1e-3 < noise["kid"]  # KID is unbiased: about 0
     # the feature net is one per dataset: the same for a run of another seed and fewer labels
     other = build_data(OmegaConf.merge(run_config(run_dirs(sweep)["vae"]).data, {"seed": 7, "labels_per_class": 5}))
-    again = feature_net(other, FeatureNetSettings(**cfg.fid), cfg.cache_dir, torch.device("cpu"))
+    again = feature_net(other, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True))
     assert len(list((sweep.parent / "cache" / "fid_features").iterdir())) == 1
 

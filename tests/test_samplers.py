@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from autoencoders.errors import UserError
 from autoencoders.models import AE, VAE
-from autoencoders.samplers import GaussianSampler, GMMSampler, Sampler, make_sampler
+from autoencoders.samplers import CodePrior, GaussianSampler, GMMSampler, Sampler, make_sampler
 
 
 def test_the_gaussian_sampler_recovers_a_correlated_gaussian():
@@ -54,3 +55,17 @@ def test_any_autoencoder_decodes_a_samplers_draws(cls):
         model.sample(1, torch.Generator().manual_seed(0)).sum().item(),
         model.sample(1, torch.Generator().manual_seed(0), sampler=GaussianSampler(3).fit(codes * 10 + 5)).sum().item(),
     )
+
+
+def test_samplers_fit_codes_that_require_grad():
+    """As in the README: `GMMSampler(...).fit(model.encode(x))`, outside torch.no_grad."""
+    model = AE((1, 12, 12), latent_dim=4)
+    codes = model.encode(torch.rand(50, 1, 12, 12))
+    assert codes.requires_grad
+    for sampler in (GaussianSampler(4), GMMSampler(4, n_components=2), CodePrior(torch.randn(3, 2), 2, epochs=1)):
+        assert sampler.fit(codes).draw(3).shape == (3, 4)
+
+
+def test_more_mixture_components_than_codes_is_a_clear_error():
+    with pytest.raises(UserError, match=r"gmm_components=100000 .* 50 training codes(.|\n)*gmm_components<=50"):
+        GMMSampler(2, n_components=100000).fit(torch.randn(50, 2))
