@@ -63,8 +63,9 @@ def instantiated(config: Any, group: str, **kwargs: Any) -> Any:
 
 def discard_created_run_dir() -> None:
     """Remove the run dir that this process created, if its training never started (a rejected command)."""
+    started = {run_dir.resolve() for run_dir in training_started}
     for run_dir in created_run_dirs:
-        if run_dir not in training_started:
+        if run_dir.resolve() not in started:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
