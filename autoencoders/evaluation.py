@@ -270,7 +270,7 @@ def reconstruction_metrics(model: AE, images: Tensor, batch_size: int) -> dict[s
 @torch.no_grad()
 def vae_metrics(model: VAE, images: Tensor, k: int, k_chunk: int, batch_size: int) -> dict[str, float]:
     """ELBO, its terms and the k-sample IWAE bound on -log p(x) in nats per image (means over the images), the latter
-    in bits per dimension too, and active units."""
+    in bits per dimension too (discrete likelihoods only), and active units."""
     recon, kl, log_px, means = [], [], [], []
     for x in _batches(images, batch_size, model):
         r, d = model.elbo_terms(x)
@@ -279,15 +279,17 @@ def vae_metrics(model: VAE, images: Tensor, k: int, k_chunk: int, batch_size: in
         log_px.append(model.log_likelihood(x, k, k_chunk))
         means.append(model.posterior(x)[0])
     recon, kl, nll = torch.cat(recon), torch.cat(kl), -torch.cat(log_px).mean()
-    return {
+    metrics = {
         "nll": nll.item(),
         "nll_k": k,  # train.py's test/nll uses model.nll_samples instead: the key says which
-        "bpd": bits_per_dim(nll, images[0].numel()).item(),
         "elbo": -(recon + kl).mean().item(),
         "recon": recon.mean().item(),
         "kl": kl.mean().item(),
         "active_units": active_units(torch.cat(means)),
     }
+    if model.likelihood.discrete:  # bits per dimension of a probability mass; a density's is no code length
+        metrics["bpd"] = bits_per_dim(nll, images[0].numel()).item()
+    return metrics
 
 
 @torch.no_grad()
