@@ -304,7 +304,9 @@ class VAE(AE):
         if not warmup or self._trainer is None:
             return self.hparams.kl_weight
         # optimizer steps per epoch: under gradient accumulation, fewer than batches
-        steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        batches = self.trainer.num_training_batches  # inf before the training loop has counted them
+        steps = batches / self.trainer.accumulate_grad_batches
+        steps_per_epoch = math.ceil(steps) if math.isfinite(steps) else steps
         progress = self.trainer.global_step / max(1, warmup * steps_per_epoch)
         return self.hparams.kl_weight * min(1.0, progress)
 

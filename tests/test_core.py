@@ -83,6 +83,7 @@ def test_iwae_is_chosen_on_its_own_bound():
     assert VAE.selection == ("val/elbo", "max")
 
 
+@pytest.mark.slow  # a train.py subprocess: `pytest -m slow`
 def test_a_second_best_in_one_epoch_reports_its_own_val_metrics(tmp_path):
     """Validation twice an epoch: the second best replaces the first under the same file name."""
     run_dir = tmp_path / "run"
@@ -107,6 +108,7 @@ def test_the_kl_warm_up_counts_optimizer_steps_under_gradient_accumulation(tmp_p
     assert model.kl_beta() == pytest.approx(0.5)  # 1 of the epoch's 2 optimizer steps
 
 
+@pytest.mark.slow  # a train.py subprocess: `pytest -m slow`
 def test_a_second_process_cannot_train_in_a_locked_run_dir_and_is_told_the_pid(tmp_path):
     run_dir = tmp_path / "run"
     run_train("model=ae", "latent_dim=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -131,6 +133,7 @@ def test_a_second_process_cannot_train_in_a_locked_run_dir_and_is_told_the_pid(t
               "trainer.accelerator=cpu", cwd=tmp_path, tiny=False)  # fmt: skip
 
 
+@pytest.mark.slow  # a train.py subprocess: `pytest -m slow`
 def test_a_failure_after_training_started_keeps_the_run_dir_with_the_error_in_train_log(tmp_path):
     proc = run_train("model=ae", "latent_dim=2", "optimizer=sgd", "optimizer.lr=1e12",
                      "callbacks.nan_guard.every_n_steps=1", "hydra.run.dir=run", cwd=tmp_path, check=False)  # fmt: skip
@@ -150,6 +153,7 @@ def test_a_rerun_that_finishes_a_failed_job_removes_its_stale_failure_record(tmp
     assert (run_dir / "metrics.json").is_file() and not (run_dir / FAILURE_FILE).exists()
 
 
+@pytest.mark.slow  # a train.py subprocess: `pytest -m slow`
 def test_a_small_validation_split_still_logs_interpolations(tmp_path):
     from PIL import Image
 
