@@ -3,13 +3,11 @@ rebuilt from them (with evaluate.py's data overrides), as evaluate.py scores the
 
 from pathlib import Path
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
-from autoencoders.cli import user_error
+from autoencoders.cli import instantiated
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
 
@@ -90,9 +88,6 @@ def data_config(run: DictConfig | None, cfg: DictConfig) -> DictConfig:
 
 
 def build_data(config: DictConfig) -> ImageDataModule:
-    try:
-        data = instantiate(config)
-    except InstantiationException as e:
-        raise user_error(e) or UserError(f"Could not build the data ({e}). Check the data.* overrides.") from None
+    data = instantiated(config, "data")
     data.setup("test")
     return data
