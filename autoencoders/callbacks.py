@@ -17,6 +17,7 @@ from torch import Tensor
 
 from autoencoders.checkpoints import all_finite
 from autoencoders.errors import EveryProcessError, UserError
+from autoencoders.internals import scalar_logging_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
 from autoencoders.pictures import image_grid
@@ -154,8 +155,7 @@ class ImageLogger(L.Callback):
             or (trainer.current_epoch % self.every_n_epochs and not last)
         ):
             return
-        # Lightning logs an epoch's validation scalars at the index of its last training batch, not at global_step
-        step, model = trainer.fit_loop.epoch_loop._batches_that_stepped, pl_module
+        step, model = scalar_logging_step(trainer), pl_module
         x = self.images[: self.num_images].to(model.device)
         grids = {"images/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
         if self.has_prior:

@@ -16,10 +16,10 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor
 
 from autoencoders.errors import UserError
-from autoencoders.models import MODELS
 
-# the modules of the classes that checkpoints written before they recorded their module hold
-LEGACY_MODULES = {"AE": "autoencoders.models", "VAE": "autoencoders.models", "Classifier": "autoencoders.classifier"}
+# The registry: every model class by the name its checkpoints record (models/base.py registers each subclass);
+# importing autoencoders.models fills it.
+MODELS: dict[str, type[L.LightningModule]] = {}
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -126,9 +126,7 @@ def read_checkpoint(path: str | Path) -> dict:
             "It may be truncated by an interrupted copy or not be a checkpoint at all; use another .ckpt file."
         ) from None
     kind = ckpt.get("autoencoders_class") if isinstance(ckpt, dict) else None
-    module = ckpt.get("autoencoders_module", LEGACY_MODULES.get(kind)) if kind else None
-    if isinstance(module, str) and module.startswith("autoencoders."):  # the model's module registers its class
-        importlib.import_module(module)
+    importlib.import_module("autoencoders.models")  # registers every model class, whichever module saved it
     if kind not in MODELS:
         raise UserError(
             f"{str(path)!r} is not a checkpoint written by this project's train.py (no known 'autoencoders_class'). "

@@ -107,35 +107,35 @@ class VAEConfig(AEConfig):  # conf/model/vae.yaml, conv_vae.yaml: autoencoders.m
 
 
 @dataclass
-class DAEConfig(AEConfig):  # conf/model/dae.yaml: autoencoders.zoo.DAE
+class DAEConfig(AEConfig):  # conf/model/dae.yaml: autoencoders.models.DAE
     corruption: str = MISSING
     noise: float = MISSING
 
 
 @dataclass
-class SparseAEConfig(AEConfig):  # conf/model/sparse_ae.yaml: autoencoders.zoo.SparseAE
+class SparseAEConfig(AEConfig):  # conf/model/sparse_ae.yaml: autoencoders.models.SparseAE
     sparsity: float = MISSING
 
 
 @dataclass
-class WAEConfig(AEConfig):  # conf/model/wae.yaml: autoencoders.zoo.WAE
+class WAEConfig(AEConfig):  # conf/model/wae.yaml: autoencoders.models.WAE
     mmd_weight: float = MISSING
 
 
 @dataclass
-class IWAEConfig(AEConfig):  # conf/model/iwae.yaml: autoencoders.zoo.IWAE
+class IWAEConfig(AEConfig):  # conf/model/iwae.yaml: autoencoders.models.IWAE
     k: int = MISSING
     nll_samples: int = MISSING
 
 
 @dataclass
-class BetaTCVAEConfig(AEConfig):  # conf/model/beta_tcvae.yaml: autoencoders.zoo.BetaTCVAE
+class BetaTCVAEConfig(AEConfig):  # conf/model/beta_tcvae.yaml: autoencoders.models.BetaTCVAE
     tc_weight: float = MISSING
     nll_samples: int = MISSING
 
 
 @dataclass
-class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.zoo.VQVAE
+class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.models.VQVAE
     codebook_size: int = MISSING
     embedding_dim: int = MISSING
     commitment: float = MISSING
@@ -144,7 +144,7 @@ class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.zoo.VQVAE
 
 
 @dataclass
-class ClassifierConfig:  # conf/model/classifier.yaml: autoencoders.classifier.Classifier
+class ClassifierConfig:  # conf/model/classifier.yaml: autoencoders.models.classifier.Classifier
     _target_: str = MISSING
     num_classes: int | None = MISSING
     encoder_ckpt: str | None = MISSING
@@ -171,8 +171,10 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
-    store.store(group="data", name="schema", node=DataConfig)
+    # Root-level names, not options of the data and model groups: --help does not list them and `model=` cannot pick
+    # them; each conf/<group>/*.yaml merges its schema in with `defaults: [/<group>_<name>_schema@_here_]`.
+    store.store(name="data_schema", node=DataConfig)
     models = {"ae": AEConfig, "vae": VAEConfig, "dae": DAEConfig, "sparse_ae": SparseAEConfig, "wae": WAEConfig}
     models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
     for name, node in models.items():
-        store.store(group="model", name=f"{name}_schema", node=node)
+        store.store(name=f"model_{name}_schema", node=node)

@@ -25,11 +25,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 from autoencoders import report
 from autoencoders.checkpoints import load
-from autoencoders.cli import FAILURE_FILE
 from autoencoders.console import SPLITS, metrics_table
 from autoencoders.data import ImageDataModule, to_unit_float
 from autoencoders.errors import UserError
 from autoencoders.files import save_cache, write_json
+from autoencoders.jobs import FAILED, FINISHED, RUNNING, job_status
 from autoencoders.likelihoods import bits_per_dim, for_data
 from autoencoders.metrics import (
     METRICS,
@@ -40,11 +40,10 @@ from autoencoders.metrics import (
     feature_net,
     metric_key,
 )
-from autoencoders.models import AE, VAE
+from autoencoders.models import AE, VAE, VQVAE
 from autoencoders.pictures import ImageSampler, picture_grids, save_pictures
 from autoencoders.samplers import CACHE_VERSION, SAMPLERS, make_sampler
 from autoencoders.saved_runs import build_data, data_config, find_checkpoint, run_config, sweep_jobs
-from autoencoders.zoo import VQVAE
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +131,16 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
     reason, not dropped."""
     rows = []
     for run_dir in sweep_jobs(sweep_dir):
-        row = report.describe(run_dir)
-        if (run_dir / FAILURE_FILE).is_file():
-            row["status"] = f"training failed: {json.loads((run_dir / FAILURE_FILE).read_text())['error']}"
+        row, status = report.describe(run_dir), job_status(run_dir)
+        if status.state in (FAILED, RUNNING):  # a running job's checkpoints are still changing
+            row["status"] = str(status)
         elif not list((run_dir / "checkpoints").glob("*.ckpt")):
-            row["status"] = "no checkpoint"
+            row["status"] = f"{status}; it saved no checkpoint"
         else:
             try:
                 for split in SPLITS:
                     row.update(evaluate_run(run_dir, cfg, split))
-                row["status"] = "ok" if (run_dir / "metrics.json").is_file() else "unfinished training"
+                row["status"] = "ok" if status.state == FINISHED else f"{status} (its checkpoints are scored)"
             except UserError as e:
                 row["status"] = f"error: {e}"
         if row["status"] != "ok":

@@ -14,6 +14,7 @@ from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 from torch import Tensor
 
 from autoencoders.errors import UserError
+from autoencoders.internals import add_summary
 from autoencoders.pictures import add_grid
 
 # targets that need an optional extra: (the module it imports, the extra that installs it)
@@ -89,7 +90,7 @@ def log_hparams(loggers: list[Logger], hparams: dict[str, bool | int | float | s
     across the runs first) and every scalar metric that any run has, whichever run it reads first."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment._get_file_writer().add_summary(hparams_pb(hparams))
+            add_summary(logger.experiment, hparams_pb(hparams))
         else:
             logger.log_hyperparams(hparams)
 

@@ -13,6 +13,7 @@ from torchvision.io import encode_png
 from torchvision.utils import make_grid, save_image
 
 from autoencoders.data import to_unit_float
+from autoencoders.internals import add_summary
 from autoencoders.models import AE
 
 ImageSampler = Callable[[int, torch.Generator], Tensor]  # (n, generator) -> n decoded images
@@ -74,7 +75,7 @@ def add_grid(writer: SummaryWriter, tag: str, grid: Tensor, step: int = 0) -> No
     image = Summary.Image(
         height=grid.shape[1], width=grid.shape[2], colorspace=len(grid), encoded_image_string=png.numpy().tobytes()
     )
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    add_summary(writer, Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def save_pictures(grids: dict[str, Tensor], out_dir: Path, writer: SummaryWriter) -> None:

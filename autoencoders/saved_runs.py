@@ -10,6 +10,7 @@ from yaml import YAMLError
 from autoencoders.cli import instantiated
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
+from autoencoders.jobs import job_order
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Path]:
@@ -21,13 +22,7 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
     jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
     if not jobs:
         raise UserError(f"The sweep folder {sweep_dir} holds no job folders yet; wait for train.py -m to start them.")
-    return sorted(jobs, key=_job_number)
-
-
-def _job_number(run_dir: Path) -> tuple[int, str]:
-    """Hydra names jobs <num>_<overrides>: sort 2_ before 10_."""
-    number = run_dir.name.split("_")[0]
-    return (int(number) if number.isdigit() else -1, run_dir.name)
+    return sorted(jobs, key=job_order)
 
 
 def run_config(run_dir: Path) -> DictConfig:

@@ -4,7 +4,6 @@ threads.
 Imported before torch (Hydra instantiates the callbacks here at start-up), so torch is imported only inside functions.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -18,8 +17,9 @@ from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import FAILURE_FILE, exit_with
+from autoencoders.cli import exit_with
 from autoencoders.errors import UserError
+from autoencoders.jobs import FINISHED, job_order, job_status
 
 if TYPE_CHECKING:
     import lightning as L
@@ -53,8 +53,9 @@ class FailureSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         started = (sweep_dir / STARTED_FILE).stat().st_mtime
-        done = [p.parent.name for p in sweep_dir.glob("*/metrics.json")]
-        skipped = sorted(name for name in done if (sweep_dir / name / "metrics.json").stat().st_mtime < started)
+        statuses = {p.parent: job_status(p.parent) for p in sweep_dir.rglob(".hydra") if p.is_dir()}
+        done = sorted(job.name for job, status in statuses.items() if status.state == FINISHED)
+        skipped = sorted(job.name for job, s in statuses.items() if s.state == FINISHED and s.since < started)
         if skipped:
             print(
                 f"sweep {sweep_dir}: {len(skipped)} job(s) had finished in an earlier run of the sweep and were "
@@ -63,14 +64,18 @@ class FailureSummary(Callback):
             )
         else:  # also what a launcher that keeps the jobs' output to itself (submitit) leaves the console
             print(f"sweep {sweep_dir}: {len(done)} job(s) ran to the end; each has its metrics.json and train.log.")
-        records = [json.loads(p.read_text()) for p in sweep_dir.rglob(FAILURE_FILE) if p.stat().st_mtime >= started]
-        if not records:
+        # this invocation's jobs that did not finish: a failure recorded now, or a job started now that went silent
+        unfinished = [
+            (job.resolve().relative_to(sweep_dir.resolve()), status)
+            for job, status in sorted(statuses.items(), key=lambda item: job_order(item[0]))
+            if status.state != FINISHED and max(status.since, (job / ".hydra").stat().st_mtime) >= started
+        ]
+        if not unfinished:
             return
-        records.sort(key=lambda r: r["job"])
-        lines = [f"  {Path(r['dir']).relative_to(sweep_dir.resolve())}: {r['error']}" for r in records]
         print(
-            f"error: {len(records)} job(s) of the sweep in {sweep_dir} failed (each job's train.log has the details); "
-            "the other jobs ran to the end and their results are in place:\n" + "\n".join(lines),
+            f"error: {len(unfinished)} job(s) of the sweep in {sweep_dir} did not finish (each job's train.log has the "
+            "details); the other jobs ran to the end and their results are in place:\n"
+            + "\n".join(f"  {job}: {status}" for job, status in unfinished),
             file=sys.stderr,
         )
         sys.exit(1)

@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import FAILURE_FILE
+from autoencoders.jobs import FINISHED, METRICS_FILE, job_status
 
 METHODS = ("frozen", "finetune", "scratch", "random", "pixels")  # table order; classifier.py defines each
 JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started classifier job, holding its run dir
@@ -87,9 +87,9 @@ def check_unseen(config: DictConfig, encoder_ckpt: Path) -> None:
     from hydra.utils import instantiate
 
     from autoencoders.checkpoints import read_checkpoint
-    from autoencoders.classifier import check_held_out
     from autoencoders.data import ImageDataModule
     from autoencoders.errors import UserError
+    from autoencoders.models.classifier import check_held_out
 
     datamodule = instantiate(config.data)
     datamodule.setup()
@@ -120,13 +120,12 @@ def collect(sweep_dir: Path) -> tuple[list[Result], list[str]]:
     results, missing = [], []
     for marker in sorted((sweep_dir / JOBS_DIR).glob("*"), key=lambda p: int(p.name)):
         run_dir = Path(marker.read_text())
-        metrics, failure = run_dir / "metrics.json", run_dir / FAILURE_FILE
-        if not metrics.is_file():
-            reason = json.loads(failure.read_text())["error"] if failure.is_file() else "it wrote no metrics.json"
-            missing.append(f"job {marker.name} ({run_dir}): {reason}")
+        status = job_status(run_dir)
+        if status.state != FINISHED:
+            missing.append(f"job {marker.name} ({run_dir}): {status}")
             continue
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        test_acc = json.loads(metrics.read_text())["test/acc"]
+        test_acc = json.loads((run_dir / METRICS_FILE).read_text())["test/acc"]
         results.append(Result(cfg.model.method, cfg.data.labels_per_class, test_acc))
     return results, missing
 

@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 
 import autoencoders
 from autoencoders.checkpoints import read_checkpoint
-from autoencoders.classifier import Classifier, pretrained_encoder
 from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
 from autoencoders.models import VAE
+from autoencoders.models.classifier import Classifier, pretrained_encoder
 from autoencoders.training import train
 from autoencoders.transfer import JOBS_DIR, Result, TransferStudy, markdown, pretraining_overrides, summarize
 from tests.helpers import TINY, compose_train, run_train

@@ -6,23 +6,23 @@ import json
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from autoencoders.callbacks import BestCheckpoint
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.evaluation import reconstruction_metrics
 from autoencoders.likelihoods import LIKELIHOODS
-from autoencoders.models import AE, MODELS, VAE
-from autoencoders.zoo import IWAE, VQVAE
+from autoencoders.models import AE, IWAE, MODELS, VAE, VQVAE
+from autoencoders.models.ae import CodePenaltyAE
 from tests.helpers import TINY, compose_train, run_train
 
 SHAPE = (1, 8, 8)
 
 
 def autoencoders_of_the_zoo() -> list[type[AE]]:
-    from autoencoders.zoo import CodePenaltyAE  # importing the zoo registers its classes
-
     return [cls for cls in MODELS.values() if issubclass(cls, AE) and cls is not CodePenaltyAE]  # no abstract base
 
 
@@ -95,17 +95,20 @@ def test_a_second_best_in_one_epoch_reports_its_own_val_metrics(tmp_path):
     assert metrics["val/recon"] == pytest.approx(state["best_model_score"].item(), rel=1e-6)
 
 
-def test_the_kl_warm_up_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
-    cfg = compose_train(tmp_path / "run", *TINY, "model.kl_warmup_epochs=1", "+trainer.accumulate_grad_batches=2")
-    from autoencoders.training import build
+def test_the_kl_warm_up_counts_optimizer_steps_under_gradient_accumulation():
+    x = torch.rand(32, *SHAPE)
+    loader = DataLoader(TensorDataset(x, torch.zeros(32)), batch_size=8)  # 4 batches: 2 optimizer steps an epoch
+    model = VAE(SHAPE, latent_dim=2, kl_warmup_epochs=1)
+    betas = []
 
-    _, model = build(cfg)
+    class RecordBeta(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            betas.append(pl_module.kl_beta())
 
-    class Trainer:  # what kl_beta reads of a trainer: 4 batches an epoch, accumulated in pairs, 1 step done
-        global_step, num_training_batches, accumulate_grad_batches = 1, 4, 2
-
-    model._trainer = Trainer()
-    assert model.kl_beta() == pytest.approx(0.5)  # 1 of the epoch's 2 optimizer steps
+    trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[RecordBeta()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, loader)
+    assert betas == pytest.approx([0, 0, 0.5, 0.5, 1, 1, 1, 1])  # full weight after 1 epoch's 2 optimizer steps
 
 
 @pytest.mark.slow  # a train.py subprocess: `pytest -m slow`

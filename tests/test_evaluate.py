@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from autoencoders.errors import UserError
 from autoencoders.evaluation import device, evaluate, reconstruction_metrics, sampler_identity, vae_metrics
 from autoencoders.metrics import FeatureNetSettings, SampleQuality, _cache_key, accuracy, active_units, feature_net
 from autoencoders.pictures import latent_traversal
+from autoencoders.rundirs import lock_run_dir, unlock_run_dir
 from autoencoders.saved_runs import build_data, data_config, run_config
 from tests.helpers import ROOT, run_script, run_train
 
@@ -133,7 +135,7 @@ def test_more_samples_than_the_split_has_images_is_refused_before_any_scoring(sw
 
 
 def test_a_vqvae_is_scored_on_its_quantised_codes():
-    model = autoencoders.zoo.VQVAE((1, 28, 28), latent_dim=8, embedding_dim=4).eval()
+    model = autoencoders.models.VQVAE((1, 28, 28), latent_dim=8, embedding_dim=4).eval()
     images = torch.randint(0, 2, (30, 1, 28, 28), dtype=torch.uint8) * 255
     with torch.no_grad():
         expected = model.reconstruction_nll(images.float() / 255).mean().item()
@@ -227,16 +229,25 @@ def test_latent_traversal_sets_one_dim_per_row():
     assert latent_traversal(model, torch.rand(1, 1, 28, 28), steps=5, max_dims=2).shape == (10, 1, 28, 28)
 
 
-def test_failed_runs_and_runs_without_checkpoint_are_listed_not_dropped(sweep, tmp_path):
+def test_failed_running_and_crashed_jobs_are_listed_with_their_status_not_dropped(sweep, tmp_path):
     shutil.copy(sweep / "multirun.yaml", tmp_path)
-    for job in ("0_model=vae", "1_model=vae"):
-        shutil.copytree(run_dirs(sweep)["vae"] / ".hydra", tmp_path / job / ".hydra")
-    (tmp_path / "1_model=vae" / FAILURE_FILE).write_text(json.dumps({"error": "out of memory"}))
-    with pytest.raises(UserError, match=r"2 of the 2 jobs .* could not be scored(.|\n)*1_model=vae: training failed"):
-        evaluate(evaluate_config(f"sweep_dir={tmp_path}"))
+    jobs = [tmp_path / f"{n}_model=vae" for n in range(3)]
+    for job in jobs:
+        shutil.copytree(run_dirs(sweep)["vae"] / ".hydra", job / ".hydra")
+    (jobs[1] / FAILURE_FILE).write_text(json.dumps({"error": "out of memory"}))
+    lock_run_dir(jobs[2])  # as a training process holds it
+    try:
+        with pytest.raises(UserError, match=r"3 of the 3 jobs .* could not be scored(.|\n)*1_model=vae: failed"):
+            evaluate(evaluate_config(f"sweep_dir={tmp_path}"))
+    finally:
+        unlock_run_dir(jobs[2])
     with open(tmp_path / "summary.csv") as f:
         rows = [(r["run"], r["status"]) for r in csv.DictReader(f)]
-    assert rows == [("0_model=vae", "no checkpoint"), ("1_model=vae", "training failed: out of memory")]
+    assert rows[0][1].startswith("crashed: it stopped without writing metrics.json") and rows[0][1].endswith(
+        "it saved no checkpoint"
+    )
+    assert rows[1:] == [("1_model=vae", "failed: out of memory"),
+                        ("2_model=vae", f"running: process {os.getpid()} is training in it")]  # fmt: skip
 
 
 def test_a_failing_sweep_evaluation_exits_nonzero_and_keeps_the_better_summary(sweep, tmp_path):

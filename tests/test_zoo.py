@@ -12,14 +12,13 @@ from hydra import compose, initialize_config_dir
 from torch.distributions import Bernoulli, MultivariateNormal, Normal
 
 import autoencoders
-from autoencoders.classifier import Classifier
 from autoencoders.errors import UserError
 from autoencoders.evaluation import evaluate
 from autoencoders.losses import imq_mmd, kl_decomposition
-from autoencoders.models import VAE
+from autoencoders.models import DAE, IWAE, VAE, VQVAE, WAE, BetaTCVAE, SparseAE
+from autoencoders.models.classifier import Classifier
 from autoencoders.samplers import CodePrior
 from autoencoders.training import train
-from autoencoders.zoo import DAE, IWAE, VQVAE, WAE, BetaTCVAE, SparseAE
 from tests.helpers import ROOT, TINY, compose_train
 
 SHAPE = (1, 8, 8)
@@ -285,7 +284,7 @@ def test_the_readmes_new_model_example_trains_and_loads_back(tmp_path, monkeypat
     module = types.ModuleType("my_models")
     exec("from autoencoders.models import AE\n" + code, module.__dict__)
     monkeypatch.setitem(sys.modules, "my_models", module)
-    cfg = OmegaConf.create(config.replace("autoencoders.zoo.", "my_models."))
+    cfg = OmegaConf.create(config.replace("autoencoders.models.", "my_models."))
     cfg.latent_dim = 2
     model = instantiate(cfg, image_shape=SHAPE, likelihood="bernoulli", _convert_="all")  # as train.py builds it
     x = binary_images(32)

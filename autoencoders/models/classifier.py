@@ -10,10 +10,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoencoders.checkpoints import read_checkpoint
+from autoencoders.checkpoints import MODELS, read_checkpoint
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
-from autoencoders.models import AE, MODELS, EpochMeanLogging, SplitSteps
+from autoencoders.models.ae import AE
+from autoencoders.models.base import EpochMeanLogging, SplitSteps
 from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory
 

@@ -1,0 +1,97 @@
+"""A split in memory and its batches: uint8 images cut by index, on the split's device."""
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from autoencoders.errors import UserError
+
+
+@dataclass
+class ImageSplit:
+    """One split: uint8 images (N x C x H x W, 255 = white; binarised images are 0 or 255) and int64 labels."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.labels.nbytes
+
+    def to(self, device: torch.device) -> "ImageSplit":
+        return ImageSplit(self.images.to(device), self.labels.to(device))
+
+
+class Batches:
+    """One process's share of a split, as (uint8 images, labels) batches: what a DataLoader would serve, with no
+    host-device sync and no duplicates.
+
+    Training (`shuffle_seed` set): each pass draws a permutation on the split's device from (shuffle_seed, epoch), the
+    same on every process; process `rank` of `world` takes every world-th image of it, trimmed so that all processes
+    take equally many steps. Held-out splits are cut in order into batches of `batch_size` (smaller if there are
+    fewer batches than processes), and process `rank` takes batches rank, rank + world, ... (`split_position`): every
+    image exactly once, where Lightning's DistributedSampler would pad with repeats. A split kept on the host is
+    cut into pinned memory, so its copy to the accelerator does not block.
+    """
+
+    def __init__(
+        self,
+        split: ImageSplit,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_seed: int | None = None,
+        epoch: Callable[[], int] | None = None,
+        pin: bool = False,
+    ):
+        if len(split) < world:
+            raise UserError(
+                f"A split of {len(split)} images cannot be shared by {world} processes. Use more images, larger "
+                "data.val_fraction / data.test_fraction, or fewer trainer.devices."
+            )
+        self.split, self.rank, self.world, self.pin = split, rank, world, pin
+        self.shuffle_seed, self.epoch, self._passes = shuffle_seed, epoch, 0
+        if shuffle_seed is None:
+            self.batch_size = min(batch_size, len(split) // world)
+            self._count = len(range(rank, math.ceil(len(split) / self.batch_size), world))
+        else:
+            self.batch_size = batch_size
+            self._count = math.ceil(len(split) // world / batch_size)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        images, labels = self.split.images, self.split.labels
+        if self.shuffle_seed is None:
+            for position in range(self.rank, self.rank + self._count * self.world, self.world):
+                cut = slice(position * self.batch_size, (position + 1) * self.batch_size)
+                yield self._pinned(images[cut]), self._pinned(labels[cut])
+            return
+        epoch = self.epoch() if self.epoch is not None else self._passes
+        self._passes += 1
+        generator = torch.Generator(images.device).manual_seed(hash((self.shuffle_seed, epoch)))
+        order = torch.randperm(len(images), generator=generator, device=images.device)
+        mine = order[self.rank :: self.world][: len(images) // self.world]
+        for index in mine.split(self.batch_size):
+            yield self._pinned(images.index_select(0, index)), self._pinned(labels.index_select(0, index))
+
+    def _pinned(self, t: Tensor) -> Tensor:
+        return t.pin_memory() if self.pin else t
+
+
+def split_position(batch_idx: int, rank: int, world: int) -> int:
+    """Which batch of a held-out split the `batch_idx`-th one of process `rank` is (see Batches): the same images
+    whatever the number of processes, so per-batch random draws seeded by it are too."""
+    return batch_idx * world + rank
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 images (0-255) as float32 in [0, 1]."""
+    return images.float().div_(255)

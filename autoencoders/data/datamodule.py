@@ -1,0 +1,236 @@
+"""Image data: one LightningDataModule fed by interchangeable sources (bundled MNIST subset, torchvision sets, folders).
+
+Every split lives in memory as uint8 images (N x C x H x W) with int64 labels, on the accelerator when it fits under
+`device_cap_gb`. Batches are cut from them by index, with the order drawn on the split's device, and become float images
+in [0, 1] per batch, on the device (`on_after_batch_transfer`): nothing is loaded per sample and nothing syncs the host.
+
+The train/val/test split depends on `split_seed` alone, so every run of a study, whatever its `seed`, is scored on the
+same held-out images, and no image that one run trains on is another run's validation or test image.
+"""
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from autoencoders.data.batches import Batches, ImageSplit, to_unit_float
+from autoencoders.data.sources import Source
+from autoencoders.errors import UserError
+
+BINARIZE = (None, "dynamic", "static")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Deterministic, label-stratified train/val/test splits of any `Source`, served as in-memory (x, y) batches
+    (`Batches`): float images in [0, 1] and int64 labels.
+
+    With an official test split the source's test set is used as is and val is carved out of train (`val_fraction`);
+    otherwise val and test are both carved out (`val_fraction`, `test_fraction`). The split depends on `split_seed`
+    only. `labels_per_class` then keeps that many training images per class, drawn with `seed` from the fixed train
+    split (for few-label studies); val and test stay whole. For one seed, the subsets for a smaller `labels_per_class`
+    are contained in those for a larger one.
+
+    `binarize` (Burda et al.'s protocol for binary likelihoods): `dynamic` draws a fresh Bernoulli sample of each
+    training image every time it is used, `static` binarises the training images once; in both cases val and test are
+    binarised once with a generator fixed by `split_seed`, so their scores are reproducible. `real_split(split)`
+    always returns the grey images, which sample-quality metrics compare against.
+
+    On an accelerator, the splits move to its memory once, train first, while their uint8 bytes fit within
+    `device_cap_gb` (per process); a split that does not fit stays in host memory and is copied per batch.
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    train_set: ImageSplit  # what the model sees (binarised if so), uint8
+    val_set: ImageSplit
+    test_set: ImageSplit
+    split_index: dict[str, Tensor]  # positions in the source's images; no "test" when the source has its own test set
+
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        labels_per_class: int | None = None,
+        split_seed: int = 0,
+        seed: int = 0,
+        binarize: str | None = None,
+        device_cap_gb: float = 4.0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.batch_size={batch_size} must be a positive number of images, e.g. 128.")
+        for key, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < fraction < 1:
+                raise UserError(f"data.{key}={fraction} must lie strictly between 0 and 1, e.g. 0.1.")
+        if val_fraction + test_fraction >= 1:
+            raise UserError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
+                "training data; keep their sum below 1, e.g. 0.1 each."
+            )
+        if labels_per_class is not None and labels_per_class < 1:
+            raise UserError(
+                f"data.labels_per_class={labels_per_class} must be a positive number of training images "
+                "per class, or null to use them all."
+            )
+        if binarize not in BINARIZE:
+            raise UserError(
+                f"data.binarize={binarize!r} is unknown. Use dynamic (a fresh binary sample of each training image "
+                "every time), static (binarised once) or null (grey images in [0, 1])."
+            )
+        if device_cap_gb < 0:
+            raise UserError(
+                f"data.device_cap_gb={device_cap_gb} must be 0 (keep every split in host memory) or a size in GB."
+            )
+        self.save_hyperparameters(ignore=["source"], logger=False)
+        self.source = source
+        self._device: torch.device | None = None  # the accelerator that _move_to copied the splits to that fit
+        self._on_device: dict[str, ImageSplit] = {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The training split travels in checkpoints, so a classifier can check that the autoencoder whose encoder it
+        uses never trained on its validation or test images (`held_out_overlap`). (The shuffle needs no state: each
+        epoch's order is drawn from (seed, epoch), so a resumed run draws what a run that never stopped would.)"""
+        return {"source": self.source.identity, "train_index": self.split_index["train"]}
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        pass
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        hp = self.hparams
+        data = self.source.load()
+        images, labels = data.images, data.labels.long()
+        split = torch.Generator().manual_seed(hp.split_seed)
+        if data.test_images is None:
+            val, test, train = _stratified_split(labels, [hp.val_fraction, hp.test_fraction], split)
+            test_images, test_labels = images[test], labels[test]
+        else:
+            (val, train), test = _stratified_split(labels, [hp.val_fraction], split), None
+            test_images, test_labels = data.test_images, data.test_labels.long()
+        for name, size in (("train", len(train)), ("val", len(val)), ("test", len(test_labels))):
+            if size == 0:
+                raise UserError(
+                    f"The {name} split of {len(labels)} images is empty. Use more images, or adjust "
+                    f"data.val_fraction={hp.val_fraction} / data.test_fraction={hp.test_fraction}."
+                )
+        full_train = train
+        if hp.labels_per_class is not None:
+            chosen = torch.Generator().manual_seed(hp.seed)
+            train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, chosen)]
+        self.split_index = {"train": train, "val": val, **({} if test is None else {"test": test})}
+        # The grey images of every split, which sample quality is measured against ...
+        self._real = {
+            "full_train": ImageSplit(images[full_train], labels[full_train]),
+            "val": ImageSplit(images[val], labels[val]),
+            "test": ImageSplit(test_images, test_labels),
+        }
+        self._real["train"] = (
+            self._real["full_train"] if train is full_train else ImageSplit(images[train], labels[train])
+        )
+        # ... and what the model sees: binarised once with a generator fixed by split_seed (val, test, and train if
+        # static; a dynamic train split is binarised per batch, in on_after_batch_transfer), or the grey images.
+        binarized = torch.Generator().manual_seed(hp.split_seed)
+        held_out = {name: self._binarized(name, binarized) for name in ("val", "test")}
+        self.train_set = self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"]
+        self.val_set, self.test_set = held_out["val"], held_out["test"]
+        self.image_shape = tuple(images.shape[1:])
+        self.num_classes = data.num_classes
+
+    def _binarized(self, split: str, generator: torch.Generator) -> ImageSplit:
+        real = self._real[split]
+        if self.hparams.binarize is None:
+            return real
+        binary = torch.bernoulli(to_unit_float(real.images), generator=generator).to(torch.uint8).mul_(255)
+        return ImageSplit(binary, real.labels)
+
+    def real_split(self, split: str) -> tuple[Tensor, Tensor]:
+        """The grey images (float, in [0, 1]) and labels of `split` (train, val, test, or full_train: the train split
+        before labels_per_class), whatever `binarize` is."""
+        real = self._real[split]
+        return to_unit_float(real.images), real.labels
+
+    def inputs(self, split: str) -> Tensor:
+        """The float images in [0, 1] that the model sees of `split` (train, val or test): binarised if so (a dynamic
+        train split: its grey images)."""
+        return to_unit_float(getattr(self, f"{split}_set").images)
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        x = to_unit_float(x)
+        if self.hparams.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
+            x = torch.bernoulli(x)
+        return x, y
+
+    def held_out_overlap(self, trained_on: dict) -> int:
+        """How many of this module's val and test images are in `trained_on["train_index"]` of a run on the same
+        source (another module's `state_dict()`): 0 means the held-out images are unseen."""
+        if trained_on.get("source") != self.source.identity:
+            return 0
+        seen = set(trained_on["train_index"].tolist())
+        return sum(i in seen for name in ("val", "test") for i in self.split_index.get(name, torch.empty(0)).tolist())
+
+    def train_dataloader(self) -> Batches:
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
+        return self._batches("train", shuffle_seed=self.hparams.seed, epoch=epoch)
+
+    def val_dataloader(self) -> Batches:
+        return self._batches("val")
+
+    def test_dataloader(self) -> Batches:
+        return self._batches("test")
+
+    def _batches(self, name: str, **shuffle) -> Batches:
+        trainer, split = self.trainer, getattr(self, f"{name}_set")
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if device.type != "cpu" and self._device != device:
+            self._move_to(device)
+        split = self._on_device.get(name, split)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        pin = split.images.device.type == "cpu" and device.type == "cuda"
+        return Batches(split, self.hparams.batch_size, rank, world, pin=pin, **shuffle)
+
+    def _move_to(self, device: torch.device) -> None:
+        """Copy the splits to the accelerator once, train first, while their bytes fit within device_cap_gb; batches
+        are then cut there, with no copy per step."""
+        self._device, self._on_device = device, {}
+        room = self.hparams.device_cap_gb * 1e9
+        for name in ("train", "val", "test"):
+            split = getattr(self, f"{name}_set")
+            if split.nbytes <= room:
+                self._on_device[name], room = split.to(device), room - split.nbytes
+
+
+def _stratified_split(labels: Tensor, fractions: Sequence[float], generator: torch.Generator) -> list[Tensor]:
+    """Split indices into one part per fraction plus the rest, taking about `fraction` of every class for each part."""
+    order = torch.randperm(len(labels), generator=generator)
+    parts: list[list[Tensor]] = [[] for _ in range(len(fractions) + 1)]
+    for label in labels.unique():
+        members = order[labels[order] == label]
+        cuts = [0, *(round(len(members) * f) for f in np.cumsum(fractions)), len(members)]
+        for part, (start, end) in zip(parts, pairwise(cuts), strict=True):
+            part.append(members[start:end])
+    return [torch.cat(part).sort().values for part in parts]
+
+
+def _per_class(labels: Tensor, n: int, num_classes: int, generator: torch.Generator) -> Tensor:
+    """Positions of `n` random images of every class."""
+    order = torch.randperm(len(labels), generator=generator)
+    chosen = []
+    for label in range(num_classes):
+        members = order[labels[order] == label]
+        if len(members) < n:
+            raise UserError(
+                f"data.labels_per_class={n}, but class {label} has only {len(members)} training images "
+                "(after val and test are held out). Use a smaller labels_per_class, or null for all."
+            )
+        chosen.append(members[:n])
+    return torch.cat(chosen).sort().values

@@ -1,0 +1,181 @@
+"""Deterministic autoencoders: AE, DAE, and AEs with a penalty on their codes (sparse, WAE)."""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autoencoders.errors import UserError, check_non_negative
+from autoencoders.likelihoods import likelihood as get_likelihood
+from autoencoders.losses import imq_mmd
+from autoencoders.models.base import EpochMeanLogging, SplitSteps, minimised
+from autoencoders.nets import build_nets
+from autoencoders.optim import OptimizerFactory
+from autoencoders.samplers import Sampler
+
+
+class AE(EpochMeanLogging, SplitSteps):
+    """Deterministic autoencoder trained on the reconstruction NLL -log p(x | decode(encode(x))), nats per image,
+    logged as `<split>/recon` (its loss, so it has no separate `loss`).
+
+    The decoder outputs the parameters of `likelihood` (likelihoods.py); `decode` returns that distribution's mean.
+    `optimizer` and `scheduler` are conf/optimizer's and conf/scheduler's (null: Adam at 1e-3, no schedule).
+    """
+
+    code_multiplier = 1  # encoder outputs per latent dim
+    selection = ("val/recon", "min")
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        latent_dim: int = 16,
+        arch: str = "mlp",
+        widths: Sequence[int] | None = None,
+        likelihood: str = "bernoulli",
+        optimizer: OptimizerFactory | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ):
+        super().__init__(optimizer=optimizer, scheduler=scheduler)
+        if latent_dim <= 0:
+            raise UserError(f"latent_dim={latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
+        self.likelihood = get_likelihood(likelihood)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        c, *size = image_shape
+        self.encoder, self.decoder = build_nets(
+            arch,
+            image_shape,
+            latent_dim * self.code_multiplier,
+            latent_dim,
+            widths,
+            decoder_shape=(c * self.likelihood.param_multiplier, *size),
+        )
+
+    # Public interface ---------------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The mean image of p(x|z), in [0, 1]."""
+        return self.likelihood.mean(self.decoder(z))
+
+    def decoder_params(self, x: Tensor) -> Tensor:
+        """The parameters of p(x | code of x) that the decoder outputs: the one decoding that training, evaluation and
+        pictures all go through (a VQ-VAE quantises the code first)."""
+        return self.decoder(self.encode(x))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.likelihood.mean(self.decoder_params(x))
+
+    def prior_sampler(self) -> Sampler:
+        """The model's own prior over codes: N(0, I) (a VQ-VAE's must be fitted to its codes first: `needs_fit`)."""
+        return Sampler(self.latent_dim)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, sampler: Sampler | None = None) -> Tensor:
+        """Decode n codes drawn from `sampler`, a fitted sampler of samplers.py (e.g. a Gaussian mixture of the
+        training codes); None: `prior_sampler()`, z ~ N(0, I): a VAE's prior, and for a plain AE the lecture's
+        'random embedding'."""
+        return self.decode((sampler or self.prior_sampler()).draw(n, generator).to(self.device))
+
+    def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 10) -> Tensor:
+        """Decode a*z1 + (1-a)*z2 for a from 1 to 0; returns (B, steps, C, H, W), row b going from x1[b] to x2[b]."""
+        z1, z2 = self.encode(x1), self.encode(x2)
+        a = torch.linspace(1, 0, steps, device=z1.device).view(1, steps, 1)
+        z = a * z1.unsqueeze(1) + (1 - a) * z2.unsqueeze(1)
+        return self.decode(z.flatten(0, 1)).unflatten(0, (len(x1), steps))
+
+    def reconstruction_nll(self, x: Tensor) -> Tensor:
+        """-log p(x | decode(encode(x))) per image, nats, shape (B,)."""
+        return self.likelihood.nll(self.decoder_params(x), x)
+
+    # Training -----------------------------------------------------------------------------------------------
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        """Batch means, in nats per image; `minimised(terms)` is the training objective."""
+        return {"recon": self.reconstruction_nll(x).mean()}
+
+    def test_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """What the test split reports beyond `loss_terms`, batch means (a VAE's likelihood bound)."""
+        return {}
+
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        terms = self.loss_terms(batch[0], split)
+        self.track(split, terms | (self.test_terms(batch[0]) if split == "test" else {}), len(batch[0]))
+        return minimised(terms)
+
+
+CORRUPTIONS = ("gaussian", "masking")
+
+
+class DAE(AE):
+    """Denoising autoencoder (Vincent et al., 2008): encodes a corrupted input and is trained on the NLL of the clean
+    one, `loss` = -log p(x | decode(encode(corrupt(x)))). `corruption`: `gaussian` adds N(0, noise^2) to every pixel,
+    `masking` sets each pixel to 0 with probability `noise`. `recon` (validation and test, and the selection metric)
+    is the clean input's reconstruction NLL, as for every AE."""
+
+    def __init__(self, image_shape: Sequence[int], corruption: str = "gaussian", noise: float = 0.3, **base: Any):
+        if corruption not in CORRUPTIONS:
+            raise UserError(f"model.corruption={corruption!r} is unknown. Use one of: {', '.join(CORRUPTIONS)}.")
+        if not 0 <= noise <= (1 if corruption == "masking" else math.inf):
+            raise UserError(
+                f"model.noise={noise} is no {corruption} noise level: a standard deviation >= 0 for gaussian, a "
+                "probability in [0, 1] for masking (e.g. model.noise=0.3)."
+            )
+        super().__init__(image_shape, **base)
+
+    def corrupt(self, x: Tensor) -> Tensor:
+        noise = self.hparams.noise
+        if self.hparams.corruption == "masking":
+            return x * (torch.rand_like(x) >= noise)
+        return x + noise * torch.randn_like(x)
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        terms = {"loss": self.likelihood.nll(self.decoder_params(self.corrupt(x)), x).mean()}
+        return terms if split == "train" else terms | {"recon": self.reconstruction_nll(x).mean()}
+
+
+class CodePenaltyAE(AE):
+    """An AE whose loss adds a weighted penalty on its codes: `loss` = recon + weight * penalty(z), the penalty logged
+    as `term` and its weight the hyperparameter `weight_key`."""
+
+    term: str
+    weight_key: str
+
+    def penalty(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        z = self.encode(x)
+        recon = self.likelihood.nll(self.decoder(z), x).mean()
+        penalty = self.penalty(z)
+        return {"loss": recon + self.hparams[self.weight_key] * penalty, "recon": recon, self.term: penalty}
+
+
+class SparseAE(CodePenaltyAE):
+    """An AE with an L1 penalty on its codes: `loss` = recon + sparsity * |z|_1 (Ng's sparse coding, the L1 form)."""
+
+    term, weight_key = "l1", "sparsity"
+
+    def __init__(self, image_shape: Sequence[int], sparsity: float = 1.0, **base: Any):
+        check_non_negative("model.sparsity", sparsity, "1")
+        super().__init__(image_shape, **base)
+
+    def penalty(self, z: Tensor) -> Tensor:
+        return z.abs().sum(1).mean()
+
+
+class WAE(CodePenaltyAE):
+    """Wasserstein autoencoder, WAE-MMD (Tolstikhin et al., 2018): a deterministic encoder whose codes are pulled to
+    the prior N(0, I) by `loss` = recon + mmd_weight * MMD^2 (inverse multiquadric kernels, losses.imq_mmd), against
+    as many prior draws as the batch has images."""
+
+    term, weight_key = "mmd", "mmd_weight"
+
+    def __init__(self, image_shape: Sequence[int], mmd_weight: float = 10.0, **base: Any):
+        check_non_negative("model.mmd_weight", mmd_weight, "10")
+        super().__init__(image_shape, **base)
+
+    def penalty(self, z: Tensor) -> Tensor:
+        return imq_mmd(z, torch.randn_like(z)) if len(z) > 1 else z.new_zeros(())

@@ -1,0 +1,109 @@
+"""VQ-VAE: a discrete code from a learned codebook."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autoencoders.errors import UserError
+from autoencoders.models.ae import AE
+from autoencoders.samplers import CodePrior, Sampler, nearest_codes
+
+
+class VQVAE(AE):
+    """VQ-VAE (van den Oord et al., 2017). The encoder's code z_e (latent_dim numbers) is `latent_dim //
+    embedding_dim` tokens, each replaced by its nearest of `codebook_size` codebook vectors; the decoder sees those,
+    with straight-through gradients. `loss` = recon + commitment * |z_e - sg[e]|^2 (+ |sg[z_e] - e|^2, the codebook
+    term, unless `ema`: then the codebook follows exponential moving averages of its tokens, `decay`). The squared
+    distances are summed per image (not nats). Logs the codebook's `perplexity` (exp of the entropy of its use in a
+    batch) and `usage` (the share of its vectors a batch uses).
+
+    `encode` returns z_e and `decode` quantizes first. There is no N(0, I) prior: samples come from a CodePrior
+    (samplers.py) fitted to the training codes, which evaluate.py fits and caches (`samplers=[prior]`) or
+    `prior_sampler().fit(codes)` in Python; until then `sample()` says so instead of decoding noise."""
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        codebook_size: int = 64,
+        embedding_dim: int = 4,
+        commitment: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        **base: Any,
+    ):
+        latent_dim = base.get("latent_dim", 16)
+        if embedding_dim < 1 or latent_dim % embedding_dim:
+            raise UserError(
+                f"model.embedding_dim={embedding_dim} does not divide latent_dim={latent_dim} into tokens. Use a "
+                "divisor, e.g. latent_dim=16 model.embedding_dim=4 (4 tokens)."
+            )
+        if codebook_size < 2 or not 0 < decay < 1:
+            raise UserError(
+                f"model.codebook_size={codebook_size} and model.decay={decay}: use at least 2 codebook vectors and "
+                "a decay between 0 and 1 (e.g. 64 and 0.99)."
+            )
+        super().__init__(image_shape, **base)
+        self.n_tokens = latent_dim // embedding_dim
+        self.codebook = torch.nn.Parameter(torch.randn(codebook_size, embedding_dim), requires_grad=not ema)
+        self.register_buffer("ema_count", torch.ones(codebook_size))
+        self.register_buffer("ema_sum", self.codebook.detach().clone())
+
+    def tokens(self, z: Tensor) -> Tensor:
+        """The codebook index of each of z's tokens, (B, n_tokens)."""
+        return nearest_codes(z.view(len(z), self.n_tokens, -1), self.codebook)
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """z with each token replaced by its nearest codebook vector (flat, as z)."""
+        return self.codebook[self.tokens(z)].flatten(1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.likelihood.mean(self.decoder(self.quantize(z)))
+
+    def decoder_params(self, x: Tensor) -> Tensor:
+        return self.decoder(self.quantize(self.encode(x)))
+
+    def prior_sampler(self) -> CodePrior:
+        return CodePrior(self.codebook, self.n_tokens)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, sampler: Sampler | None = None) -> Tensor:
+        if sampler is None:
+            raise UserError(
+                "A VQ-VAE has no N(0, I) prior to sample from: its samples need a code prior fitted to its training "
+                "codes. evaluate.py fits one (samplers=[prior]); in Python, pass sampler=model.prior_sampler()"
+                ".fit(model.encode(train_images))."
+            )
+        return super().sample(n, generator, sampler)
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        z = self.encode(x)
+        index = self.tokens(z)
+        chosen = self.codebook[index].flatten(1)
+        recon = self.likelihood.nll(self.decoder(z + (chosen - z).detach()), x).mean()  # straight-through
+        commitment = (z - chosen.detach()).pow(2).sum(1).mean()
+        terms = {"recon": recon, "commitment": commitment}
+        loss = recon + self.hparams.commitment * commitment
+        if self.hparams.ema:
+            if split == "train" and self.training:
+                self._ema_update(z.detach().view(-1, self.codebook.shape[1]), index.flatten())
+        else:
+            terms["codebook"] = (z.detach() - chosen).pow(2).sum(1).mean()
+            loss = loss + terms["codebook"]
+        return {"loss": loss, **terms, **self.codebook_use(index)}
+
+    def codebook_use(self, index: Tensor) -> dict[str, Tensor]:
+        """Of the codebook indices `index`: `perplexity`, exp of the entropy of the codebook's use (at most its size),
+        and `usage`, the share of its vectors used."""
+        use = torch.bincount(index.flatten(), minlength=len(self.codebook)).float() / index.numel()
+        entropy = -(use * use.clamp_min(1e-12).log()).sum()  # unused vectors add 0, with no data-dependent shape
+        return {"perplexity": entropy.exp(), "usage": (use > 0).float().mean()}
+
+    @torch.no_grad()
+    def _ema_update(self, tokens: Tensor, index: Tensor) -> None:
+        decay, size = self.hparams.decay, len(self.codebook)
+        one_hot = torch.nn.functional.one_hot(index, size).type_as(tokens)
+        self.ema_count.mul_(decay).add_(one_hot.sum(0), alpha=1 - decay)
+        self.ema_sum.mul_(decay).add_(one_hot.T @ tokens, alpha=1 - decay)
+        count = (self.ema_count + 1e-5) / (self.ema_count.sum() + size * 1e-5) * self.ema_count.sum()  # Laplace
+        self.codebook.data.copy_(self.ema_sum / count[:, None])

@@ -1,0 +1,43 @@
+"""The two private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
+torch: an upgrade that moves or changes them fails here."""
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
+
+from autoencoders.internals import add_summary, scalar_logging_step
+from autoencoders.models import AE
+
+
+def test_pictures_are_logged_at_the_step_of_lightnings_validation_scalars(tmp_path):
+    x = torch.rand(24, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(24)), batch_size=4)  # 6 batches, 3 optimizer steps an epoch
+    steps = []
+
+    class RecordStep(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                steps.append(scalar_logging_step(trainer))
+
+    logger = CSVLogger(tmp_path)
+    trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=2, logger=logger, callbacks=[RecordStep()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(AE((1, 8, 8), latent_dim=2), loader, loader)
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    logged = [int(row["step"]) for row in rows if row["val/recon"]]
+    assert steps == logged == [2, 5]  # not global_step (3, 6)
+
+
+def test_a_summary_built_here_reaches_the_event_file(tmp_path):
+    writer = SummaryWriter(tmp_path)
+    add_summary(writer, Summary(value=[Summary.Value(tag="check", simple_value=1.5)]), 7)
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("check")] == [(7, 1.5)]
