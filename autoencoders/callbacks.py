@@ -284,13 +284,20 @@ def _from_every_process(trainer: L.Trainer, tensor: Tensor) -> Tensor:
 
 class Preemption(L.Callback):
     """On SIGTERM (what SLURM and other schedulers send before preemption or at a time limit) Lightning stops after the
-    current step and exits with code 0, as if the run had finished. This says what was kept and exits 143 (128 +
-    SIGTERM) instead, so a scheduler or script sees that the run did not finish. The state to resume from is the last
-    finished epoch's last.ckpt, already on disk; the unfinished epoch is trained again on resume, which keeps a resumed
-    run exactly equal to one that never stopped. Under SLURM, Lightning's own SLURM plugin requeues on its signal."""
+    current step and exits with code 0, as if the run had finished; on Ctrl-C (SIGINT) it exits 1 with one line. This
+    says what was kept and how to resume, and makes the exit code 143 or 130 (128 + the signal), so a scheduler or
+    script sees that the run did not finish (training.py turns Lightning's exit 1 after Ctrl-C into 130). The state to
+    resume from is the last finished epoch's last.ckpt, already on disk; the unfinished epoch is trained again on
+    resume, which keeps a resumed run exactly equal to one that never stopped. Under SLURM, Lightning's own SLURM
+    plugin requeues on its signal."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+        if isinstance(exception, SIGTERMException):
+            signal_name = "SIGTERM"
+            exception.code = 143
+        elif isinstance(exception, KeyboardInterrupt):
+            signal_name = "Ctrl-C (SIGINT)"
+        else:
             return
         last = last_checkpoint_on_disk(trainer)
         kept = (
@@ -298,9 +305,8 @@ class Preemption(L.Callback):
             if last
             else "no epoch had finished, so there is nothing to resume"
         )
-        print(f"error: stopped by SIGTERM at step {trainer.global_step} (epoch {trainer.current_epoch}); {kept}.",
+        print(f"error: stopped by {signal_name} at step {trainer.global_step} (epoch {trainer.current_epoch}); {kept}.",
               file=sys.stderr)  # fmt: skip
-        exception.code = 143
 
 
 class EpochSeeds(L.Callback):

@@ -174,7 +174,12 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
         log_hparams(loggers, run_hparams(cfg, HydraConfig.get().runtime.choices))
 
     cli.training_started.append(run_dir)  # from here on, the run dir stays whatever happens
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit as stop:  # Lightning's sys.exit(1) after Ctrl-C, once Preemption has said what was kept
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
     # The best checkpoint by validation is tested; without one (fast_dev_run, or no best_checkpoint callback), the
     # weights as they are, with the validation metrics of the last epoch.
     best = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)

@@ -3,6 +3,7 @@ and the HParams tab of a sweep as TensorBoard's own hparams plugin serves it."""
 
 import csv
 import json
+import math
 import re
 import subprocess
 import sys
@@ -141,6 +142,19 @@ def test_the_optimizer_group_builds_the_optimizer_with_the_models_parameters(nam
     optimizer = model.configure_optimizers()
     assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == 0.25
     assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("model", "loss"), [("ae", "recon"), ("vqvae", "loss")])
+def test_sgd_trains_the_default_models_with_its_default_settings(model, loss, tmp_path):
+    """Losses are summed over pixels (about 200 nats per image), so SGD at a rate made for per-pixel means diverges
+    (lr 1e-2 did: the VQ-VAE's loss became infinite at step 78)."""
+    default_schedule = "scheduler.scheduler.total_steps=1600"  # these are the first 96 steps of the default 50 epochs
+    train(compose_train(tmp_path, *TINY, f"model={model}", "optimizer=sgd", "scheduler=cosine", default_schedule,
+                        "logger=csv", "trainer.limit_train_batches=null", "trainer.max_epochs=3",
+                        "trainer.log_every_n_steps=1"))  # fmt: skip
+    losses = logged(csv_rows(tmp_path), f"train/{loss}_step")
+    assert len(losses) == 96 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
 
 
 @pytest.mark.parametrize("override", ["compile=maybe", "model.widths=[a]"])

@@ -86,20 +86,25 @@ def test_killed_run_resumes_with_no_epoch_lost_and_ends_like_an_uninterrupted_on
     assert (killed / "train.log").read_text().startswith(first_log) and "Run dir:" in (killed / "train.log").read_text()
 
 
-def test_sigterm_stops_with_exit_143_naming_the_checkpoint_to_resume_from(tmp_path):
-    """As SLURM sends before preemption: the run stops, keeps its last finished epoch and does not report success."""
+@pytest.mark.parametrize(
+    ("sent", "code", "named"),
+    [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C (SIGINT)")],
+    ids=["TERM", "INT"],
+)
+def test_a_signal_stops_with_128_plus_its_number_naming_the_checkpoint_to_resume_from(tmp_path, sent, code, named):
+    """SIGTERM, as SLURM sends before preemption, or Ctrl-C: the run stops, keeps its last finished epoch and does not
+    report success."""
     run_dir = tmp_path / "run"
     proc = start(ROOT / "train.py", *TINY, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, env={})
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sent)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err[-2000:]
-    assert (
-        "error: stopped by SIGTERM at step" in err and f"resume it with ckpt_path=last hydra.run.dir={run_dir}" in err
-    )
+    assert proc.returncode == code, err[-2000:]
+    assert f"error: stopped by {named} at step" in err
+    assert f"resume it with ckpt_path=last hydra.run.dir={run_dir}" in err
     assert torch.load(last, weights_only=True)["epoch"] >= 0 and not (run_dir / "metrics.json").exists()
 
 
