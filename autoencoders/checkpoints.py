@@ -113,6 +113,13 @@ def _float_tensors(obj: object) -> Iterator[Tensor]:
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict, or a UserError saying why the file is not a usable checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        ckpts = sorted(path.glob("checkpoints/*.ckpt")) or sorted(path.glob("*.ckpt"))
+        hint = f"; it holds {', '.join(str(p.relative_to(path)) for p in ckpts[:3])}" if ckpts else ""
+        raise UserError(
+            f"Checkpoint {str(path)!r} is a folder, not a checkpoint file{hint}. "
+            "Pass the path of a .ckpt file, e.g. <run_dir>/checkpoints/last.ckpt."
+        )
     if not path.is_file():
         raise UserError(
             f"Checkpoint {str(path)!r} does not exist. "

@@ -296,6 +296,10 @@ def test_bad_runs_and_files_are_clear_errors(sweep, tmp_path):
         evaluate(evaluate_config(f"ckpt_path={tmp_path / 'notes.ckpt'}", "data=mnist_subset"))
     with pytest.raises(UserError, match="no .hydra/config.yaml"):
         evaluate(evaluate_config(f"run_dir={tmp_path}"))
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        evaluate(evaluate_config(f"run_dir={tmp_path / 'notes.ckpt'}"))
+    with pytest.raises(UserError, match="is a folder, not a checkpoint file"):
+        evaluate(evaluate_config(f"ckpt_path={tmp_path}", "data=mnist_subset"))
     with pytest.raises(UserError, match="not a multirun sweep folder"):
         evaluate(evaluate_config(f"sweep_dir={tmp_path}"))
 

@@ -234,6 +234,7 @@ BAD_INPUT = {
     "only a corrupt image": (["data=image_folder", "data.source.root={folder:corrupt}"], "could be read"),
     "missing dataset": (["data=mnist", "data.source.root={folder:empty}"], "data.source.download=true"),
     "missing ckpt_path": (["ckpt_path={bad:missing}"], "does not exist"),
+    "ckpt_path a folder": (["ckpt_path={run}"], "is a folder, not a checkpoint file; it holds checkpoints/"),
     "truncated ckpt_path": (["ckpt_path={bad:truncated}"], "is not a readable checkpoint"),
     "ckpt_path not a checkpoint": (["ckpt_path={bad:text}"], "is not a readable checkpoint"),
     "ckpt_path not ours": (["ckpt_path={bad:foreign}"], "not a checkpoint written by this project"),

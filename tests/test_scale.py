@@ -10,9 +10,11 @@ from pathlib import Path
 import joblib
 import optuna
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
+from autoencoders.models import VQVAE
 from tests.helpers import ROOT, run_train
 
 THREADS_LINE = re.compile(r"^\[(.{23})\].*torch uses (\d+) thread\(s\) in this job \(process (\d+)\)", re.M)
@@ -85,6 +87,32 @@ def test_ddp_test_metrics_equal_one_process_and_only_rank_zero_writes(tmp_path):
     new = {p.name for p in ddp.glob("events.out.tfevents.*")} - {p.name for p in single.iterdir()}
     writers = {name.split(".")[-2] for name in new}
     assert len(writers) == 1  # ...<host>.<pid>.<n>: TensorBoard hears from one process, rank 0
+
+
+def ema_steps(rank: int, world_size: int, folder: Path) -> None:
+    """Three EMA codebook updates of one VQ-VAE on `rank`'s quarter of each batch (all of it for one process)."""
+    if world_size > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank,
+                                             world_size=world_size)  # fmt: skip
+    torch.manual_seed(0)  # the same weights and batches in every process
+    model = VQVAE(image_shape=(1, 28, 28), latent_dim=8, embedding_dim=4, codebook_size=16).train()
+    for _ in range(3):
+        batch = torch.rand(16, 1, 28, 28)
+        per_process = len(batch) // world_size
+        model.loss_terms(batch[rank * per_process : (rank + 1) * per_process])
+    torch.save(model.codebook.detach(), folder / f"codebook-{world_size}-{rank}.pt")
+
+
+def test_a_vq_vaes_ema_codebook_is_the_same_in_every_ddp_process_and_as_on_one(tmp_path):
+    """Each process sees its share of the batch; the codebook must follow the statistics of the whole batch."""
+    torch.multiprocessing.spawn(ema_steps, args=(2, tmp_path), nprocs=2)
+    ema_steps(0, 1, tmp_path)
+    one, *ddp = (torch.load(tmp_path / f"codebook-{n}.pt") for n in ("1-0", "2-0", "2-1"))
+    assert torch.equal(ddp[0], ddp[1])
+    torch.testing.assert_close(ddp[0], one)
+    torch.manual_seed(0)
+    initial = VQVAE(image_shape=(1, 28, 28), latent_dim=8, embedding_dim=4, codebook_size=16).codebook.detach()
+    assert (one - initial).abs().max() > 0.01  # the updates moved it
 
 
 def test_a_non_finite_loss_on_any_ddp_process_stops_them_all_with_the_error_and_no_hang(tmp_path):

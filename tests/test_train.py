@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import autoencoders
 from autoencoders.callbacks import ProgressBar
 from autoencoders.data import ImageDataModule, MNISTSubset
+from autoencoders.errors import UserError
 from autoencoders.models import VAE
 from autoencoders.rundirs import RunDirGuard
 from tests.helpers import ROOT, run_train
@@ -115,6 +116,8 @@ def test_load_returns_the_trained_model(vae_run):
     assert model.sample(3).shape == (3, 1, 28, 28)
     with torch.no_grad():
         assert model.elbo(torch.rand(2, 1, 28, 28)).shape == (2,)
+    with pytest.raises(UserError, match=r"is a folder, not a checkpoint file; it holds checkpoints/best-epoch"):
+        autoencoders.load(vae_run)  # a run dir, not "does not exist"
 
 
 def test_conv_ae_with_larger_latent_uses_the_embedding_projector(tmp_path):

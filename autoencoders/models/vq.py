@@ -101,9 +101,14 @@ class VQVAE(AE):
 
     @torch.no_grad()
     def _ema_update(self, tokens: Tensor, index: Tensor) -> None:
+        """Under DDP the batch statistics are summed over every process first, so each keeps the same codebook: the
+        one a single process would keep on the whole batch."""
         decay, size = self.hparams.decay, len(self.codebook)
         one_hot = torch.nn.functional.one_hot(index, size).type_as(tokens)
-        self.ema_count.mul_(decay).add_(one_hot.sum(0), alpha=1 - decay)
-        self.ema_sum.mul_(decay).add_(one_hot.T @ tokens, alpha=1 - decay)
+        stats = torch.cat([one_hot.sum(0)[:, None], one_hot.T @ tokens], 1)  # per vector: its count, its tokens' sum
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        self.ema_count.mul_(decay).add_(stats[:, 0], alpha=1 - decay)
+        self.ema_sum.mul_(decay).add_(stats[:, 1:], alpha=1 - decay)
         count = (self.ema_count + 1e-5) / (self.ema_count.sum() + size * 1e-5) * self.ema_count.sum()  # Laplace
         self.codebook.data.copy_(self.ema_sum / count[:, None])
