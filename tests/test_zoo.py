@@ -1,10 +1,12 @@
 """Each zoo objective against an independent computation (torch.distributions, brute-force sums, closed forms)."""
 
+import copy
 import json
 import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,13 +55,29 @@ def test_gaussian_corruption_feeds_a_noisy_image_and_scores_the_clean_one():
     torch.testing.assert_close(loss, bernoulli_nll(model.decoder(model.encode(noisy)), x).mean())
 
 
-def test_the_sparse_ae_adds_the_weighted_l1_norm_of_its_codes():
+def test_the_sparse_ae_adds_the_weighted_l1_over_l2_ratio_of_its_codes():
     model = SparseAE(SHAPE, sparsity=0.25, latent_dim=4)
     x = binary_images()
     terms = model.loss_terms(x)
-    z = model.encode(x)
-    torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(z), x).mean())
-    torch.testing.assert_close(terms["loss"], terms["recon"] + 0.25 * torch.linalg.vector_norm(z, 1, dim=1).mean())
+    z = model.encode(x).detach().double().numpy()
+    ratio = np.mean([np.abs(code).sum() / np.sqrt((code**2).sum()) for code in z])
+    torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(model.encode(x)), x).mean())
+    torch.testing.assert_close(terms["loss"].item(), terms["recon"].item() + 0.25 * ratio)
+
+
+def test_the_sparse_ae_penalty_cannot_be_dodged_by_shrinking_codes_into_the_decoder():
+    """Codes 1000 times smaller, decoded by a first layer 1000 times larger: the same reconstruction, and (unlike an
+    L1 penalty, which would fall 1000-fold) the same loss."""
+    model = SparseAE(SHAPE, sparsity=1.0, latent_dim=4)
+    shrunk = copy.deepcopy(model)
+    with torch.no_grad():
+        shrunk.encoder[-1].weight.mul_(1e-3), shrunk.encoder[-1].bias.mul_(1e-3)
+        shrunk.decoder[0].weight.mul_(1e3)
+    x = binary_images()
+    before, after = model.loss_terms(x), shrunk.loss_terms(x)
+    torch.testing.assert_close(shrunk.encode(x), 1e-3 * model.encode(x))
+    torch.testing.assert_close(after["recon"], before["recon"])
+    torch.testing.assert_close(after["loss"], before["loss"])
 
 
 def test_the_imq_mmd_equals_the_brute_force_double_sum():
