@@ -91,6 +91,17 @@ class ProgressBar(RichProgressBar):
             self._shown_at = now
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Counts epochs from 1, "Epoch 2/2" for the last of 2, where Lightning's bar reads "Epoch 1/1"."""
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is None or self.train_progress_bar_id is None:
+            return
+        text = f"Epoch {trainer.current_epoch + 1}" + (
+            f"/{trainer.max_epochs}" if (trainer.max_epochs or 0) > 0 else ""
+        )
+        style = self.theme.description
+        self.progress.update(self.train_progress_bar_id, description=f"[{style}]{text}" if style else text)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         selection = getattr(pl_module, "selection", (None,))[0]
         if selection in trainer.callback_metrics:

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from omegaconf import open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -71,10 +72,12 @@ def test_the_progress_bar_shows_the_training_loss_and_the_selection_metric(tmp_p
     data = ImageDataModule(MNISTSubset(os.environ["AUTOENCODERS_CACHE"]), labels_per_class=3, batch_size=10)
     bar = ProgressBar()
     trainer = L.Trainer(
-        max_epochs=1, limit_val_batches=1, logger=False, enable_checkpointing=False, callbacks=[bar],
+        max_epochs=2, limit_val_batches=1, logger=False, enable_checkpointing=False, callbacks=[bar],
         default_root_dir=tmp_path, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(model, datamodule=data)
+    assert bar.progress.tasks[bar.train_progress_bar_id].description.endswith("Epoch 2/2")  # not Lightning's "1/1"
+    assert ModelSummary(model).total_flops > 1e6  # the summary printed before training, not "Total FLOPs: 0"
     shown = bar.get_metrics(trainer, model)
     assert float(shown["loss"]) > 0 and float(shown["val/elbo"]) == pytest.approx(
         trainer.callback_metrics["val/elbo"].item(), rel=1e-3

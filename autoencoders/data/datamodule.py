@@ -164,6 +164,8 @@ class ImageDataModule(L.LightningDataModule):
         return to_unit_float(getattr(self, f"{split}_set").images)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, Tensor):  # float images, no labels: the model's example_input_array (model summary)
+            return batch
         x, y = batch
         x = to_unit_float(x)
         if self.hparams.binarize == "dynamic" and self.trainer is not None and self.trainer.training:

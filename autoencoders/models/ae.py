@@ -44,6 +44,7 @@ class AE(EpochMeanLogging, SplitSteps):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
+        self.example_input_array = torch.zeros(1, *image_shape)  # the model summary's FLOPs per image
         c, *size = image_shape
         self.encoder, self.decoder = build_nets(
             arch,
@@ -69,6 +70,9 @@ class AE(EpochMeanLogging, SplitSteps):
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.likelihood.mean(self.decoder_params(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reconstruct(x)
 
     def prior_sampler(self) -> Sampler:
         """The model's own prior over codes: N(0, I) (a VQ-VAE's must be fitted to its codes first: `needs_fit`)."""

@@ -80,6 +80,7 @@ class Classifier(EpochMeanLogging, SplitSteps):
             self.encoder.load_state_dict(pretrained_encoder(pretrained, encoder_ckpt, image_shape, self.encoder))
             self.pretraining_data = pretrained.get(ImageDataModule.__qualname__)
         self.encoder.requires_grad_(not self.frozen).train(not self.frozen)  # Lightning keeps modules' modes
+        self.example_input_array = torch.zeros(1, *image_shape)  # the model summary's FLOPs per image
         if head == "linear":
             self.head = nn.Linear(features, num_classes)
         else:
