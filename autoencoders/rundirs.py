@@ -38,7 +38,8 @@ def run_name(overrides: Sequence[str]) -> str:
         path = Path(value.strip("'\""))
         if "/" in value:
             value = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
-        parts.append(f"_{key}-{re.sub(r'[^A-Za-z0-9.+-]+', '-', value).strip('-')[:40]}")
+        sign = "-" if value.startswith("-") else ""  # seed=-1 is _seed--1, not seed=1's _seed-1
+        parts.append(f"_{key}-{sign}{re.sub(r'[^A-Za-z0-9.+-]+', '-', value).strip('-')[:40]}")
     name = "".join(parts)
     if len(name) <= 200:
         return name

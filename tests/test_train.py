@@ -20,7 +20,7 @@ from autoencoders.callbacks import ProgressBar
 from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
 from autoencoders.models import VAE
-from autoencoders.rundirs import RunDirGuard
+from autoencoders.rundirs import RunDirGuard, run_name
 from tests.helpers import ROOT, run_train
 
 
@@ -194,3 +194,9 @@ def test_compile_trains_the_same_model_and_saves_plain_checkpoints(tmp_path):
     assert compiled["test/recon"] == pytest.approx(eager["test/recon"], rel=1e-3)
     model = autoencoders.load(runs["compiled"] / "checkpoints" / "last.ckpt")  # no torch.compile prefixes
     assert model.encode(torch.rand(2, 1, 28, 28)).shape == (2, 2)
+
+
+def test_run_dir_names_keep_a_values_sign_and_drop_what_a_command_line_cannot_take():
+    names = {value: run_name([f"kl_weight={value}"]) for value in ("0.5", "-0.5")}
+    assert names == {"0.5": "_kl_weight-0.5", "-0.5": "_kl_weight--0.5"}
+    assert run_name(["model.widths=[64,32]", "hydra.run.dir=x", "ckpt_path=last"]) == "_model.widths-64-32"
