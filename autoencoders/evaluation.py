@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -190,16 +192,26 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
     for_data(model.hparams.likelihood, data.hparams.binarize)  # e.g. a Bernoulli model on grey images: an error
     torch.manual_seed(cfg.seed)
     images = getattr(data, f"{split}_set").images  # uint8, made float one batch at a time
+    started = time.monotonic()
+
+    def stage(text: str, *args: Any) -> None:  # the console hears of every step that takes seconds
+        log.info(f"  [%3.0f s] {text}", time.monotonic() - started, *args)
+
+    stage("reconstructions of the %d images", len(images))
     metrics = reconstruction_metrics(model, images, cfg.batch_size)
     if isinstance(model, VAE):
+        stage("nll: the IWAE bound with k=%d samples per image", cfg.k)
         metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
     if isinstance(model, VQVAE):
         metrics |= codebook_metrics(model, images, cfg.batch_size)
     data_key = data_name(data_cfg, checkpoint)
+    stage("samplers: %s (fitted to the training codes, or read from the cache)", ", ".join(cfg.samplers))
     draw = fitted_samplers(model, data, data_key, checkpoint, cfg)
     if cfg.num_samples != 0:
+        stage("FID and KID of each sampler and of the real %s images", split)
         metrics |= sample_metrics(draw, data, split, cfg)
     metrics = {f"{split}/{name}": value for name, value in metrics.items()}
+    stage("pictures")
     grids = picture_grids(model, images, draw, cfg.seed, **cfg.images)
 
     out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_key}_{settings_name(cfg)}"

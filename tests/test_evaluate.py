@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -97,10 +98,14 @@ def test_each_run_gets_metrics_pictures_and_tensorboard_events_in_eval_only(swee
     assert sorted(p.name.split("_")[1] for p in (run_dir / "eval").iterdir()) == ["test", "val"]
 
 
-def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_path):
+def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
-    (val,) = evaluate(evaluate_config(f"run_dir={run}", "split=val", "num_samples=0", f"cache_dir={tmp_path}"))
+    with caplog.at_level(logging.INFO, logger="autoencoders.evaluation"):
+        (val,) = evaluate(evaluate_config(f"run_dir={run}", "split=val", "num_samples=0", f"cache_dir={tmp_path}"))
+    said = [r.getMessage() for r in caplog.records]
+    for step in ("reconstructions of the 500 images", "nll: the IWAE bound with k=20", "samplers: prior", "pictures"):
+        assert any(step in line for line in said), said  # no silent half minute between "Scoring" and the table
     expected = {"val/nll", "val/nll_k", "val/bpd", "val/elbo", "val/recon", "val/kl", "val/active_units", "val/mse"}
     assert set(val) == expected and val["val/nll_k"] == 20  # FAST's k: the importance samples behind val/nll
     fitted = {p.name.split("_")[1]: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()}
