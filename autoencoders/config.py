@@ -33,6 +33,7 @@ class TrainConfig:  # conf/train.yaml
     ckpt_path: str | None = MISSING
     encoder_ckpt: str | None = MISSING
     objective: str | None = MISSING
+    selection: str = MISSING
 
 
 @dataclass
@@ -84,6 +85,7 @@ class DataConfig:  # conf/data/*.yaml: autoencoders.data.ImageDataModule
     val_fraction: float = MISSING
     test_fraction: float = MISSING
     labels_per_class: int | None = MISSING
+    val_labels_per_class: int | None = MISSING
     split_seed: int = MISSING
     seed: int = MISSING
     binarize: str | None = MISSING

@@ -36,6 +36,7 @@ from autoencoders.rundirs import (
 from autoencoders.sweeps import check_launchable
 
 log = logging.getLogger(__name__)
+SELECTIONS = ("small_val", "full_val", "none")  # which checkpoint is tested (conf/train.yaml)
 
 # Lightning's messages that no user of train.py can act on, silenced one by one (not by category):
 # a deprecation inside Lightning's own pytree code; the logging-interval warning, which does not apply because epoch
@@ -93,6 +94,11 @@ def check_config(cfg: DictConfig) -> None:
 
     if "lr" in cfg.optimizer:
         check_positive("optimizer.lr", cfg.optimizer.lr, "1e-3")
+    if cfg.selection not in SELECTIONS:
+        raise UserError(
+            f"selection={cfg.selection} is unknown. Use small_val (the best checkpoint on as many labelled val images "
+            "per class as training has), full_val (the best on the whole val split) or none (the last weights)."
+        )
 
 
 def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
@@ -101,6 +107,8 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
     Every model gets the data's image shape. One whose config declares num_classes (the classifier) gets that too; an
     autoencoder whose likelihood is null gets the data's (bernoulli on binarised data); and a null latent_dim with no
     encoder_ckpt to take it from (a classifier's) is the top-level latent_dim."""
+    if cfg.get("selection") == "full_val":
+        cfg.data.val_labels_per_class = None
     datamodule = cli.instantiated(cfg.data, "data")
     datamodule.setup("fit")
     needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
@@ -166,6 +174,8 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
 
     loggers = build_loggers(cfg.get("logger"), run_dir.name)
     callbacks = build_callbacks(cfg.callbacks, model.selection) + extra_callbacks
+    if cfg.selection == "none":  # a fixed schedule: no checkpoint is chosen, the last weights are tested
+        callbacks = [c for c in callbacks if not isinstance(c, BestCheckpoint)]
     trainer: L.Trainer = cli.instantiated(
         cfg.trainer, "trainer", logger=loggers, callbacks=callbacks, plugins=[SafeCheckpointIO()]
     )

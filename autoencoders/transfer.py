@@ -1,9 +1,9 @@
 """The few-label transfer study, `python train.py experiment=transfer` (conf/experiment/transfer.yaml).
 
 The experiment is one Hydra multirun of classifier jobs (method x labels per class x seed). Its sweeper
-(hydra_plugins/autoencoders_transfer.py) first pretrains the encoder with one job of the configured launcher, into
-<sweep dir>/pretrain, and checks with `check_unseen` that the autoencoder never trained on the classifiers' validation
-or test images. `TransferStudy`, a Hydra callback, tabulates the classifiers' test accuracy after they end:
+(hydra_plugins/autoencoders_transfer.py) first pretrains one encoder per seed with jobs of the configured launcher,
+into <sweep dir>/pretrain/seed-<seed>, and checks with `check_unseen` that no autoencoder trained on the classifiers'
+validation or test images. `TransferStudy`, a Hydra callback, tabulates the classifiers' test accuracy after they end:
 transfer.csv, transfer.md and transfer.png in the sweep dir. Every job must deliver its result: one that does not
 fails the study.
 """
@@ -42,6 +42,7 @@ class Result(NamedTuple):
     method: str
     labels_per_class: int | None  # None: all training labels
     test_acc: float
+    selection: str = "small_val"  # the checkpoint tested (training.SELECTIONS)
 
 
 class Cell(NamedTuple):
@@ -50,6 +51,14 @@ class Cell(NamedTuple):
     runs: int
     mean: float  # test accuracy in %
     std: float  # sample std over the runs in %; nan for a single run
+    selection: str = "small_val"
+
+
+SELECTION_RULES = {  # what each value of `selection` tests, for the tables
+    "small_val": "the best checkpoint on as many labelled val images per class as the run trains on",
+    "full_val": "the best checkpoint on the whole labelled val split (optimistic with few labels)",
+    "none": "the last weights of the fixed schedule, no selection",
+}
 
 
 class TransferStudy(Callback):
@@ -57,8 +66,8 @@ class TransferStudy(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         hydra = HydraConfig.get()
-        if hydra.sweep.subdir == PRETRAIN_DIR:
-            return  # the pretraining job, no classifier
+        if hydra.sweep.subdir.startswith(f"{PRETRAIN_DIR}/"):
+            return  # a pretraining job, no classifier
         jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
         jobs.mkdir(parents=True, exist_ok=True)
         (jobs / str(hydra.job.num)).write_text(hydra.runtime.output_dir)
@@ -99,6 +108,11 @@ def check_unseen(config: DictConfig, encoder_ckpt: Path) -> None:
         sys.exit(f"error: {e} The study stops before any classifier trains.")
 
 
+def pretrained_checkpoint(sweep_dir: Path, seed: int | str) -> Path:
+    """The encoder that the study's classifiers of `seed` use: that seed's pretraining run's last.ckpt."""
+    return sweep_dir / PRETRAIN_DIR / f"seed-{seed}" / "checkpoints" / "last.ckpt"
+
+
 def pretraining_overrides(task_overrides: Sequence[str]) -> list[str]:
     kept = []
     for override in OverridesParser.create().parse_overrides(list(task_overrides)):
@@ -107,8 +121,8 @@ def pretraining_overrides(task_overrides: Sequence[str]) -> list[str]:
             continue
         if override.is_sweep_override():
             sys.exit(
-                f"error: the transfer study pretrains one autoencoder, so {override.input_line} cannot be swept. "
-                "Run one study per value instead."
+                f"error: the transfer study pretrains one autoencoder per seed, so {override.input_line} cannot be "
+                "swept. Run one study per value instead."
             )
         kept.append(override.input_line)
     return kept
@@ -126,20 +140,32 @@ def collect(sweep_dir: Path) -> tuple[list[Result], list[str]]:
             continue
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         test_acc = json.loads((run_dir / METRICS_FILE).read_text())["test/acc"]
-        results.append(Result(cfg.model.method, cfg.data.labels_per_class, test_acc))
+        results.append(Result(cfg.model.method, cfg.data.labels_per_class, test_acc, cfg.get("selection", "full_val")))
     return results, missing
 
 
 def summarize(results: Sequence[Result]) -> list[Cell]:
     """Mean and std over seeds of the test accuracy (%), per method and number of labels (ordered, `all` last)."""
-    groups: dict[tuple[str, int | None], list[float]] = defaultdict(list)
+    groups: dict[tuple[str, str, int | None], list[float]] = defaultdict(list)
     for r in results:
-        groups[r.method, r.labels_per_class].append(100 * r.test_acc)
+        groups[r.method, r.selection, r.labels_per_class].append(100 * r.test_acc)
     cells = [
-        Cell(method, n, len(accs), statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else float("nan"))
-        for (method, n), accs in groups.items()
+        Cell(
+            method,
+            n,
+            len(accs),
+            statistics.mean(accs),
+            statistics.stdev(accs) if len(accs) > 1 else float("nan"),
+            selection,
+        )  # fmt: skip
+        for (method, selection, n), accs in groups.items()
     ]
-    return sorted(cells, key=lambda c: (METHODS.index(c.method), _label_order(c.labels_per_class)))
+    return sorted(cells, key=lambda c: (METHODS.index(c.method), c.selection, _label_order(c.labels_per_class)))
+
+
+def _row(cell: Cell, selections: set[str]) -> str:
+    """A table row's name: the method, and its selection rule when the table mixes rules."""
+    return cell.method if len(selections) == 1 else f"{cell.method} ({cell.selection})"
 
 
 def _label_order(n: int | None) -> float:
@@ -153,25 +179,29 @@ def _label_name(n: int | None) -> str:
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "labels_per_class", "runs", "test_acc_mean_pct", "test_acc_std_pct"])
+        writer.writerow(["method", "selection", "labels_per_class", "runs", "test_acc_mean_pct", "test_acc_std_pct"])
         for c in cells:
-            writer.writerow([c.method, _label_name(c.labels_per_class), c.runs, f"{c.mean:.2f}", f"{c.std:.2f}"])
+            row = [c.method, c.selection, _label_name(c.labels_per_class), c.runs, f"{c.mean:.2f}", f"{c.std:.2f}"]
+            writer.writerow(row)
 
 
 def markdown(cells: Sequence[Cell]) -> str:
     """Methods as rows, labels per class as columns, `mean ± std` test accuracy (%) in each cell."""
     labels = sorted({c.labels_per_class for c in cells}, key=_label_order)
-    by_key = {(c.method, c.labels_per_class): c for c in cells}
+    selections = {c.selection for c in cells}
+    by_key = {(_row(c, selections), c.labels_per_class): c for c in cells}
     runs = sorted({c.runs for c in cells})
+    rules = "; ".join(f"{rule}: {SELECTION_RULES[rule]}" for rule in sorted(selections))
     lines = [
-        f"Test accuracy (%), mean ± std over {'/'.join(map(str, runs))} seeds, by labelled images per class.",
+        f"Test accuracy (%), mean ± std over {'/'.join(map(str, runs))} seeds (each with its own pretraining), by "
+        f"labelled training images per class. Checkpoint selection ({rules}).",
         "",
         "| method | " + " | ".join(_label_name(n) for n in labels) + " |",
         "|---|" + "---:|" * len(labels),
     ]
-    for method in dict.fromkeys(c.method for c in cells):
-        row = [_format(by_key.get((method, n))) for n in labels]
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    for name in dict.fromkeys(_row(c, selections) for c in cells):
+        row = [_format(by_key.get((name, n))) for n in labels]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,11 +219,12 @@ def plot(cells: Sequence[Cell], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = sorted({c.labels_per_class for c in cells}, key=_label_order)
+    selections = {c.selection for c in cells}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(c.method for c in cells):
-        mine = [c for c in cells if c.method == method]
+    for name in dict.fromkeys(_row(c, selections) for c in cells):
+        mine = [c for c in cells if _row(c, selections) == name]
         x = [labels.index(c.labels_per_class) for c in mine]
-        ax.errorbar(x, [c.mean for c in mine], yerr=[c.std for c in mine], marker="o", capsize=3, label=method)
+        ax.errorbar(x, [c.mean for c in mine], yerr=[c.std for c in mine], marker="o", capsize=3, label=name)
     ax.set_xticks(range(len(labels)), [_label_name(n) for n in labels])
     ax.set(xlabel="labelled training images per class", ylabel="test accuracy (%)", title="Few-label transfer")
     ax.grid(alpha=0.3)

@@ -3,25 +3,28 @@ because Hydra instantiates sweepers only from the hydra_plugins package; the stu
 """
 
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from autoencoders.cli import FAILURE_FILE
-from autoencoders.transfer import PRETRAIN_DIR, check_unseen, pretraining_overrides
+from autoencoders.transfer import JOBS_DIR, PRETRAIN_DIR, check_unseen, pretrained_checkpoint, pretraining_overrides
 
 
 class TransferSweeper(BasicSweeper):
-    """The basic sweeper, after one job of the configured launcher has pretrained the encoder into
-    <sweep dir>/pretrain: under hydra/launcher=slurm the pretraining is a SLURM job like the classifiers.
+    """The basic sweeper, after jobs of the configured launcher have pretrained one encoder per seed into
+    <sweep dir>/pretrain/seed-<seed>: under hydra/launcher=slurm the pretraining jobs are SLURM jobs like the
+    classifiers. So the spread over seeds includes the pretraining's.
 
-    That job is `python train.py <the command line's SHARED overrides> <pretrain>` (not experiment=transfer), so
-    `data=fashion_mnist`, `latent_dim=32` or `trainer=gpu` apply to the whole study. Every classifier job then gets
-    its last.ckpt as encoder_ckpt.
+    Each such job is `python train.py <the command line's SHARED overrides> <pretrain> seed=<seed>` (not
+    experiment=transfer), so `data=fashion_mnist`, `latent_dim=32` or `trainer=gpu` apply to the whole study. Every
+    classifier job then gets its own seed's last.ckpt as encoder_ckpt.
     """
 
     def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None, pretrain: Sequence[str] = ()):
@@ -30,43 +33,61 @@ class TransferSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        self._pretrain(arguments, sweep_dir)
-        encoder_ckpt = sweep_dir / PRETRAIN_DIR / "checkpoints" / "last.ckpt"
-        check_unseen(self.config, encoder_ckpt)
+        seeds = self._seeds(arguments)
+        self._pretrain(arguments, sweep_dir, seeds)
+        for seed in seeds:
+            check_unseen(self.config, pretrained_checkpoint(sweep_dir, seed))
+        shutil.rmtree(sweep_dir / JOBS_DIR, ignore_errors=True)  # this invocation's jobs record themselves anew
+        encoder_ckpt = pretrained_checkpoint(sweep_dir, "${seed}")  # resolved in each job, to its own seed's
         return super().sweep([f"encoder_ckpt='{encoder_ckpt}'", *arguments])  # a command-line encoder_ckpt wins
 
-    def _pretrain(self, arguments: Sequence[str], sweep_dir: Path) -> None:
-        overrides = [
+    def _seeds(self, arguments: Sequence[str]) -> list[int]:
+        """The seeds of the classifier jobs: the last `seed` of the sweep's params and the command line."""
+        seeds = [self.config.seed]
+        for override in OverridesParser.create().parse_overrides([*self._parse_config(), *arguments]):
+            if override.key_or_group == "seed":
+                values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
+                seeds = [int(v) for v in values]
+        return seeds
+
+    def _pretrain(self, arguments: Sequence[str], sweep_dir: Path, seeds: Sequence[int]) -> None:
+        shared = [
             *pretraining_overrides(arguments),
             *self.pretrain,
-            # the study's hydra settings that the job needs, as it is composed without experiment=transfer: this
+            # the study's hydra settings that the jobs need, as they are composed without experiment=transfer: this
             # sweeper (the launcher gives every job the command line's hydra.* overrides, hydra.sweeper.pretrain too),
             # the mode (a sweep job records its failure, and is skipped or resumed when the study is run again) and
             # the sweep dir
             f"hydra/sweeper={self.config.hydra.runtime.choices['hydra/sweeper']}",
             "hydra.mode=MULTIRUN",
             f"hydra.sweep.dir='{sweep_dir}'",
-            f"hydra.sweep.subdir={PRETRAIN_DIR}",
         ]
-        run_dir = sweep_dir / PRETRAIN_DIR
+        jobs = [[*shared, f"seed={seed}", f"hydra.sweep.subdir={PRETRAIN_DIR}/seed-{seed}"] for seed in seeds]
         try:
-            self.validate_batch_is_legal([overrides])
+            self.validate_batch_is_legal(jobs)
         except HydraException as e:
             sys.exit(
-                f"error: the pretraining job's overrides ({' '.join(overrides)}) do not compose: "
+                f"error: the pretraining jobs' overrides ({' '.join(shared)}) do not compose: "
                 f"{str(e).splitlines()[0].rstrip('.')}. Fix hydra.sweeper.pretrain, which holds train.py overrides."
             )
-        print(f"transfer study: pretraining the encoder as a job of the launcher: {' '.join(overrides)}", flush=True)
+        print(f"transfer study: pretraining one encoder per seed ({', '.join(map(str, seeds))}) as jobs of the "
+              f"launcher: {' '.join(shared)}", flush=True)  # fmt: skip
         try:
-            (job,) = self.launcher.launch([overrides], initial_job_idx=0)
-            value = job.return_value  # raises what the job raised
-        except Exception as e:  # also a job that its launcher lost (e.g. one that SLURM cancelled)
-            reason = f"{type(e).__name__}: {e}"
-        else:
-            if value is not None:
-                return
-            reason = json.loads((run_dir / FAILURE_FILE).read_text())["error"]  # train.py's record of a failed job
-        sys.exit(
-            f"error: pretraining the encoder failed, so the study stops before any classifier trains: {reason} "
-            f"(its log: {run_dir / 'train.log'})"
-        )
+            returns = self.launcher.launch(jobs, initial_job_idx=0)
+        except Exception as e:  # a launcher that lost its jobs (e.g. ones that SLURM cancelled)
+            sys.exit(f"error: pretraining the encoders failed, so the study stops before any classifier trains: "
+                     f"{type(e).__name__}: {e}")  # fmt: skip
+        for seed, job in zip(seeds, returns, strict=True):
+            run_dir = sweep_dir / PRETRAIN_DIR / f"seed-{seed}"
+            try:
+                value = job.return_value  # raises what the job raised
+            except Exception as e:
+                reason = f"{type(e).__name__}: {e}"
+            else:
+                if value is not None:
+                    continue
+                reason = json.loads((run_dir / FAILURE_FILE).read_text())["error"]  # train.py's record of its failure
+            sys.exit(
+                f"error: pretraining the encoder for seed {seed} failed, so the study stops before any classifier "
+                f"trains: {reason} (its log: {run_dir / 'train.log'})"
+            )

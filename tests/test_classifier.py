@@ -17,7 +17,7 @@ from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
 from autoencoders.models import VAE
 from autoencoders.models.classifier import Classifier, pretrained_encoder
-from autoencoders.training import train
+from autoencoders.training import build, train
 from autoencoders.transfer import JOBS_DIR, Result, TransferStudy, markdown, pretraining_overrides, summarize
 from tests.helpers import TINY, compose_train, run_train
 
@@ -74,11 +74,23 @@ def test_study_writes_its_table_and_plot(study: Path) -> None:
     ]
     table = (study / "transfer.md").read_text()
     assert "| method | 1 |" in table and f"| frozen | {float(rows[0]['test_acc_mean_pct']):.1f} ± " in table
+    assert "Checkpoint selection (small_val: the best checkpoint on as many labelled val images" in table
+    assert {r["selection"] for r in rows} == {"small_val"}
+
+
+def test_each_seed_has_its_own_pretraining_and_its_classifiers_use_it(study: Path) -> None:
+    pretrained = {seed: study / "pretrain" / f"seed-{seed}" / "checkpoints" / "last.ckpt" for seed in (0, 1)}
+    assert not torch.equal(*(encoder_state(p)[next(iter(encoder_state(p)))] for p in pretrained.values()))
+    for path in study.glob("_*/.hydra/config.yaml"):
+        cfg = OmegaConf.load(path)
+        if cfg.model.method in ("frozen", "finetune"):
+            assert Path(cfg.encoder_ckpt.replace("${seed}", str(cfg.seed))) == pretrained[cfg.seed]
+        assert cfg.data.labels_per_class == 1 and cfg.selection == "small_val"
     assert (study / "transfer.png").stat().st_size > 0
 
 
 def test_frozen_encoder_is_bit_identical_after_training_and_finetuned_is_not(study: Path) -> None:
-    path = study / "pretrain" / "checkpoints" / "last.ckpt"
+    path = study / "pretrain" / "seed-0" / "checkpoints" / "last.ckpt"
     pretrained = pretrained_encoder(read_checkpoint(path), path, (1, 28, 28), Classifier((1, 28, 28), 10).encoder)
     frozen = encoder_state(job(study, "frozen") / "checkpoints" / "last.ckpt")
     finetuned = encoder_state(job(study, "finetune") / "checkpoints" / "last.ckpt")
@@ -90,7 +102,7 @@ def test_the_random_baseline_keeps_its_untrained_encoder_and_pixels_has_none(stu
     run = job(study, "random")
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     untrained, trained = encoder_state(best), encoder_state(run / "checkpoints" / "last.ckpt")
-    pretrained = encoder_state(study / "pretrain" / "checkpoints" / "last.ckpt")
+    pretrained = encoder_state(study / "pretrain" / "seed-0" / "checkpoints" / "last.ckpt")
     assert all(torch.equal(trained[k], v) for k, v in untrained.items())
     first = next(iter(trained))  # the first Linear layer, of one shape in both
     assert not torch.equal(trained[first], pretrained[first])
@@ -160,7 +172,9 @@ class Spy(L.Callback):
 
 def test_training_sees_exactly_n_labels_per_class_and_a_frozen_encoder_in_eval_mode(study: Path) -> None:
     dm = datamodule(labels_per_class=3, batch_size=8)
-    model = Classifier((1, 28, 28), 10, encoder_ckpt=study / "pretrain" / "checkpoints" / "last.ckpt", arch="mlp")
+    model = Classifier(
+        (1, 28, 28), 10, encoder_ckpt=study / "pretrain" / "seed-0" / "checkpoints" / "last.ckpt", arch="mlp"
+    )
     spy = Spy()
     trainer = L.Trainer(
         max_epochs=2,
@@ -194,9 +208,36 @@ def test_a_classifier_checkpoint_is_no_encoder_but_loads_without_its_encoder(stu
     ],  # fmt: skip
 )
 def test_an_encoder_that_does_not_fit_is_a_clear_error(study: Path, image_shape, latent_dim, match) -> None:
-    ckpt = study / "pretrain" / "checkpoints" / "last.ckpt"
+    ckpt = study / "pretrain" / "seed-0" / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError, match=match):
         Classifier(image_shape, 10, encoder_ckpt=ckpt, latent_dim=latent_dim, arch="mlp")
+
+
+@pytest.mark.parametrize(("selection", "val_images"), [("small_val", 30), ("full_val", 500), ("none", 30)])
+def test_the_selection_rule_decides_the_val_images_and_the_checkpoint_tested(tmp_path, selection, val_images) -> None:
+    """small_val: the best on 3 labelled val images per class, as many as training has; full_val: the best on all 500;
+    none: the last weights of the schedule, whatever validation says."""
+    run = [
+        "model=classifier",
+        "model.method=scratch",
+        "data.labels_per_class=3",
+        "trainer.max_epochs=4",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=null",
+        "logger=csv",
+        f"selection={selection}",
+    ]
+    metrics = train(compose_train(tmp_path, *TINY, *run))  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    val_losses = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val_losses) == 4
+    best = list((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    if selection == "none":
+        assert not best and metrics["val/loss"] == pytest.approx(val_losses[-1])  # the last epoch's, tested
+    else:
+        assert len(best) == 1 and metrics["val/loss"] == pytest.approx(min(val_losses))
+    datamodule, _ = build(compose_train(tmp_path / "again", *TINY, *run))
+    assert len(datamodule.val_set) == val_images
 
 
 def test_the_classifier_takes_its_encoder_from_the_checkpoint_and_names_a_conflicting_setting(tmp_path) -> None:

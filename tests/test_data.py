@@ -132,10 +132,26 @@ def test_labels_per_class(cache_dir: Path) -> None:
         subset_module(cache_dir, labels_per_class=401)
 
 
+def test_val_labels_per_class_keeps_that_many_val_images_per_class_and_leaves_test_as_it_was(cache_dir: Path) -> None:
+    """The realistic few-label protocol: selection on no more labels than training has (Oliver et al., 2018)."""
+    full = subset_module(cache_dir, binarize="static")
+    small = [subset_module(cache_dir, binarize="static", labels_per_class=n, val_labels_per_class=n) for n in (5, 20)]
+    assert [torch.bincount(dm.val_set.labels).tolist() for dm in small] == [[5] * 10, [20] * 10]
+    assert set(hashes(small[0].inputs("val"))) <= set(hashes(small[1].inputs("val"))) <= set(hashes(full.inputs("val")))
+    assert set(small[0].split_index["val"].tolist()) <= set(full.split_index["val"].tolist())
+    for dm in small:  # the same binary draws of the test images, whatever the val subset
+        assert torch.equal(dm.inputs("test"), full.inputs("test"))
+    other_seed = subset_module(cache_dir, binarize="static", labels_per_class=5, val_labels_per_class=5, seed=1)
+    assert not torch.equal(other_seed.split_index["val"], small[0].split_index["val"])
+    with pytest.raises(UserError, match="val_labels_per_class=51"):  # 50 val images per class
+        subset_module(cache_dir, val_labels_per_class=51)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"batch_size": 0},
+        {"val_labels_per_class": 0},
         {"val_fraction": 0.0},
         {"test_fraction": 1.0},
         {"val_fraction": 0.5, "test_fraction": 0.5},

@@ -288,6 +288,8 @@ BAD_INPUT = {
     "a zero-width layer": (["model.widths=[0]"], r"model.widths=\[0\] must be positive layer sizes"),
     "negative KL warm-up": (["model.kl_warmup_epochs=-5"], "model.kl_warmup_epochs=-5 is not a number of epochs"),
     "negative sparsity": (["model=sparse_ae", "model.sparsity=-1"], r"model.sparsity=-1(\.0)? is negative"),
+    "unknown selection": (["selection=best"], "selection=best is unknown. Use small_val"),
+    "val_labels_per_class 0": (["data.val_labels_per_class=0"], "data.val_labels_per_class=0 must be a positive"),
     "tokens that do not divide the code": (["model=vqvae", "latent_dim=6"], "model.embedding_dim=4 does not divide"),
     "unknown corruption": (["model=dae", "model.corruption=blur"], "model.corruption='blur' is unknown"),
     "masking beyond 1": (["model=dae", "model.corruption=masking", "model.noise=1.5"], "model.noise=1.5 is no masking"),

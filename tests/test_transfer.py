@@ -20,22 +20,26 @@ TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batche
 
 
 class FailingLauncher:
-    """Runs nothing: the one job it gets fails as train.py records a failed sweep job, or is lost (`lost`)."""
+    """Runs nothing: the jobs it gets fail as train.py records a failed sweep job, or are lost (`lost`)."""
 
-    def __init__(self, run_dir: Path, lost: bool) -> None:
-        self.run_dir, self.lost, self.launched = run_dir, lost, []
+    def __init__(self, pretrain_dir: Path, lost: bool) -> None:
+        self.pretrain_dir, self.lost, self.launched = pretrain_dir, lost, []
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         self.launched.append([list(o) for o in job_overrides])
         if self.lost:
             raise RuntimeError("job 1234 has state CANCELLED")
-        self.run_dir.mkdir(parents=True)
-        (self.run_dir / FAILURE_FILE).write_text(json.dumps({"error": "kl_weight=-1.0 is negative."}))
-        return [JobReturn(overrides=job_overrides[0], status=JobStatus.COMPLETED)]  # train.py's value: None
+        for seed in (0, 1):
+            (self.pretrain_dir / f"seed-{seed}").mkdir(parents=True)
+            (self.pretrain_dir / f"seed-{seed}" / FAILURE_FILE).write_text(
+                json.dumps({"error": "kl_weight=-1.0 is negative."})
+            )
+        return [JobReturn(overrides=o, status=JobStatus.COMPLETED) for o in job_overrides]  # train.py's value: None
 
 
-@pytest.mark.parametrize("lost,reason", [(False, "kl_weight=-1.0 is negative"), (True, "RuntimeError: job 1234")])
-def test_the_pretraining_is_the_launchers_first_job_and_a_failed_one_stops_the_study(
+@pytest.mark.parametrize("lost,reason", [(False, "seed 0 failed, .*kl_weight=-1.0 is negative"),
+                                         (True, "failed, .*RuntimeError: job 1234")])  # fmt: skip
+def test_the_pretraining_per_seed_is_the_launchers_first_batch_and_a_failed_one_stops_the_study(
     tmp_path, monkeypatch, lost, reason
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the study's default sweep dir, outputs/transfer/<time>
@@ -46,21 +50,12 @@ def test_the_pretraining_is_the_launchers_first_job_and_a_failed_one_stops_the_s
         sweeper = instantiate(config.hydra.sweeper)
         sweeper.config, sweeper.hydra_context = config, HydraContext(config_loader=loader, callbacks=None)
         sweeper.launcher = FailingLauncher(Path(config.hydra.sweep.dir) / "pretrain", lost)
-        with pytest.raises(SystemExit, match=rf"^error: pretraining the encoder failed, so the study stops .*{reason}"):
+        with pytest.raises(SystemExit, match=rf"^error: pretraining the encoders? (for )?{reason}"):
             sweeper.sweep(list(config.hydra.overrides.task))
         (batch,) = sweeper.launcher.launched  # no classifier job was launched
-        assert batch == [
-            [
-                "latent_dim=8",
-                "model=vae",
-                "model.arch=mlp",
-                "trainer.max_epochs=30",
-                "hydra/sweeper=transfer",
-                "hydra.mode=MULTIRUN",
-                f"hydra.sweep.dir='{config.hydra.sweep.dir}'",
-                "hydra.sweep.subdir=pretrain",
-            ]
-        ]
+        shared = ["latent_dim=8", "model=vae", "model.arch=mlp", "trainer.max_epochs=30", "hydra/sweeper=transfer",
+                  "hydra.mode=MULTIRUN", f"hydra.sweep.dir='{config.hydra.sweep.dir}'"]  # fmt: skip
+        assert batch == [[*shared, f"seed={s}", f"hydra.sweep.subdir=pretrain/seed-{s}"] for s in (0, 1)]
         job = loader.load_sweep_config(config, batch[0])  # what train.py runs: a VAE, not experiment=transfer's
     assert (job.model._target_, job.latent_dim, job.hydra.mode) == ("autoencoders.models.VAE", 8, RunMode.MULTIRUN)
     assert job.hydra.sweep.dir == config.hydra.sweep.dir
@@ -81,10 +76,11 @@ def test_a_study_under_submitit_local_pretrains_in_a_submitit_job_of_its_own(tmp
         cwd=tmp_path,
     )
     (sweep,) = (tmp_path / "outputs" / "transfer").iterdir()
-    pretrain = OmegaConf.load(sweep / "pretrain" / ".hydra" / "hydra.yaml").hydra
+    pretrain = OmegaConf.load(sweep / "pretrain" / "seed-0" / ".hydra" / "hydra.yaml").hydra
     assert "experiment=transfer" not in pretrain.overrides.task
-    assert OmegaConf.load(sweep / "pretrain" / ".hydra" / "config.yaml").model._target_ == "autoencoders.models.VAE"
-    (classifier,) = (p.parent.parent for p in sweep.glob("0_*/.hydra/hydra.yaml"))
+    config = OmegaConf.load(sweep / "pretrain" / "seed-0" / ".hydra" / "config.yaml")
+    assert config.model._target_ == "autoencoders.models.VAE"
+    (classifier,) = (p.parent.parent for p in sweep.glob("_*/.hydra/hydra.yaml"))
     job_ids = [pretrain.job.id, OmegaConf.load(classifier / ".hydra" / "hydra.yaml").hydra.job.id]
     for job_id in job_ids:  # submitit's job ids; its record of each job's result and output
         assert (sweep / ".submitit" / job_id / f"{job_id}_0_result.pkl").is_file()

@@ -20,6 +20,9 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: Tensor | slice) -> "ImageSplit":
+        return ImageSplit(self.images[index], self.labels[index])
+
     @property
     def nbytes(self) -> int:
         return self.images.nbytes + self.labels.nbytes

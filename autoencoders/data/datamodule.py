@@ -30,8 +30,10 @@ class ImageDataModule(L.LightningDataModule):
     With an official test split the source's test set is used as is and val is carved out of train (`val_fraction`);
     otherwise val and test are both carved out (`val_fraction`, `test_fraction`). The split depends on `split_seed`
     only. `labels_per_class` then keeps that many training images per class, drawn with `seed` from the fixed train
-    split (for few-label studies); val and test stay whole. For one seed, the subsets for a smaller `labels_per_class`
-    are contained in those for a larger one.
+    split (for few-label studies), and `val_labels_per_class` as many validation images per class (a realistic
+    few-label protocol selects on no more labels than it trains on; conf/data sets it to `labels_per_class`; null
+    keeps val whole). Test stays whole. For one seed, the subsets for a smaller `labels_per_class` are contained in
+    those for a larger one.
 
     `binarize` (Burda et al.'s protocol for binary likelihoods): `dynamic` draws a fresh Bernoulli sample of each
     training image every time it is used, `static` binarises the training images once; in both cases val and test are
@@ -56,6 +58,7 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         labels_per_class: int | None = None,
+        val_labels_per_class: int | None = None,
         split_seed: int = 0,
         seed: int = 0,
         binarize: str | None = None,
@@ -72,11 +75,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
                 "training data; keep their sum below 1, e.g. 0.1 each."
             )
-        if labels_per_class is not None and labels_per_class < 1:
-            raise UserError(
-                f"data.labels_per_class={labels_per_class} must be a positive number of training images "
-                "per class, or null to use them all."
-            )
+        for key, n in (("labels_per_class", labels_per_class), ("val_labels_per_class", val_labels_per_class)):
+            if n is not None and n < 1:
+                raise UserError(f"data.{key}={n} must be a positive number of images per class, or null for all.")
         if binarize not in BINARIZE:
             raise UserError(
                 f"data.binarize={binarize!r} is unknown. Use dynamic (a fresh binary sample of each training image "
@@ -125,7 +126,13 @@ class ImageDataModule(L.LightningDataModule):
         full_train = train
         if hp.labels_per_class is not None:
             chosen = torch.Generator().manual_seed(hp.seed)
-            train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, chosen)]
+            train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, chosen, "labels_per_class")]
+        kept_val = slice(None)  # positions in the val split that stay
+        if hp.val_labels_per_class is not None:  # its own stream: the same images whatever labels_per_class is
+            chosen = torch.Generator().manual_seed(hp.seed + 2**32)
+            kept_val = _per_class(
+                labels[val], hp.val_labels_per_class, data.num_classes, chosen, "val_labels_per_class"
+            )
         self.split_index = {"train": train, "val": val, **({} if test is None else {"test": test})}
         # The grey images of every split, which sample quality is measured against ...
         self._real = {
@@ -141,7 +148,9 @@ class ImageDataModule(L.LightningDataModule):
         binarized = torch.Generator().manual_seed(hp.split_seed)
         held_out = {name: self._binarized(name, binarized) for name in ("val", "test")}
         self.train_set = self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"]
-        self.val_set, self.test_set = held_out["val"], held_out["test"]
+        # the val subset is cut after binarising the whole split, so the test split's binary draws never depend on it
+        self.val_set, self.test_set = held_out["val"][kept_val], held_out["test"]
+        self._real["val"], self.split_index["val"] = self._real["val"][kept_val], val[kept_val]
         self.image_shape = tuple(images.shape[1:])
         self.num_classes = data.num_classes
 
@@ -223,16 +232,16 @@ def _stratified_split(labels: Tensor, fractions: Sequence[float], generator: tor
     return [torch.cat(part).sort().values for part in parts]
 
 
-def _per_class(labels: Tensor, n: int, num_classes: int, generator: torch.Generator) -> Tensor:
-    """Positions of `n` random images of every class."""
+def _per_class(labels: Tensor, n: int, num_classes: int, generator: torch.Generator, key: str) -> Tensor:
+    """Positions of `n` random images of every class (`n` is the setting data.<key>)."""
     order = torch.randperm(len(labels), generator=generator)
     chosen = []
     for label in range(num_classes):
         members = order[labels[order] == label]
         if len(members) < n:
             raise UserError(
-                f"data.labels_per_class={n}, but class {label} has only {len(members)} training images "
-                "(after val and test are held out). Use a smaller labels_per_class, or null for all."
+                f"data.{key}={n}, but class {label} has only {len(members)} images in that split "
+                f"(after the split into train, val and test). Use a smaller {key}, or null for all."
             )
         chosen.append(members[:n])
     return torch.cat(chosen).sort().values
