@@ -44,7 +44,8 @@ class TransferSweeper(BasicSweeper):
     def _seeds(self, arguments: Sequence[str]) -> list[int]:
         """The seeds of the classifier jobs: the last `seed` of the sweep's params and the command line."""
         seeds = [self.config.seed]
-        for override in OverridesParser.create().parse_overrides([*self._parse_config(), *arguments]):
+        params = [f"{key}={value}" for key, value in (self.params or {}).items()]
+        for override in OverridesParser.create().parse_overrides([*params, *arguments]):
             if override.key_or_group == "seed":
                 values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
                 seeds = [int(v) for v in values]

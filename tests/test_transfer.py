@@ -91,3 +91,18 @@ def test_a_study_under_submitit_local_pretrains_in_a_submitit_job_of_its_own(tmp
     test_acc = json.loads((classifier / "metrics.json").read_text())["test/acc"]
     assert (row["method"], row["labels_per_class"], row["runs"]) == ("frozen", "1", "1")
     assert row["test_acc_mean_pct"] == f"{100 * test_acc:.2f}"
+
+
+def test_a_finished_study_run_again_with_a_method_added_runs_only_the_new_jobs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    study = ["experiment=transfer", "data.labels_per_class=1", "seed=0", "trainer.max_steps=2",
+             "trainer.val_check_interval=1", f"hydra.sweeper.pretrain={TINY_PRETRAIN}",
+             f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    run_train(*study, "transfer=frozen,pixels", cwd=tmp_path)
+    finished = {p: p.stat().st_mtime_ns for p in sweep.glob("**/metrics.json")}
+    assert len(finished) == 3  # the pretraining and two classifiers
+    proc = run_train(*study, "transfer=frozen,pixels,scratch", cwd=tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # untouched: skipped
+    assert len(list(sweep.glob("**/metrics.json"))) == 4 and proc.stdout.count("skipped") >= 3
+    with (sweep / "transfer.csv").open() as f:
+        assert [row["method"] for row in csv.DictReader(f)] == ["frozen", "scratch", "pixels"]
