@@ -297,3 +297,11 @@ def test_summary_is_mean_and_sample_std_in_percent_with_all_labels_last() -> Non
         "| frozen | 85.0 ± 7.1 | 95.0 |",
         "| scratch |  | 50.0 |",
     ]
+
+
+def test_a_table_mixing_selection_rules_names_each_rows_rule() -> None:
+    results = [Result("frozen", 10, 0.9, "full_val"), Result("frozen", 10, 0.8, "small_val")]
+    table = markdown(summarize(results))
+    assert "full_val: the best checkpoint on the whole labelled val split" in table.splitlines()[0]
+    assert "small_val: the best checkpoint on as many labelled val images" in table.splitlines()[0]
+    assert table.splitlines()[4:] == ["| frozen (full_val) | 90.0 |", "| frozen (small_val) | 80.0 |"]
