@@ -157,6 +157,7 @@ class ClassifierConfig:  # conf/model/classifier.yaml: autoencoders.models.class
     head_width: int = MISSING
     method: str | None = MISSING
     encoder_lr: float = MISSING
+    knn_k: int = MISSING
 
 
 def gpu_precision() -> str:

@@ -26,7 +26,7 @@ TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batche
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny `experiment=transfer`: 5 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
+    """A tiny `experiment=transfer`: 7 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
     sweep = tmp_path_factory.mktemp("study") / "sweep"
     run_train(
         "experiment=transfer",
@@ -61,13 +61,15 @@ def datamodule(**kwargs) -> ImageDataModule:
 
 def test_study_writes_its_table_and_plot(study: Path) -> None:
     jobs = [p for p in study.iterdir() if (p / "metrics.json").is_file() and p.name != "pretrain"]
-    assert len(jobs) == 10
+    assert len(jobs) == 14
     assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= json.loads((jobs[0] / "metrics.json").read_text()).keys()
     with (study / "transfer.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["labels_per_class"], r["runs"]) for r in rows] == [
         ("frozen", "1", "2"),
         ("finetune", "1", "2"),
+        ("linear", "1", "2"),
+        ("knn", "1", "2"),
         ("scratch", "1", "2"),
         ("random", "1", "2"),
         ("pixels", "1", "2"),
@@ -96,6 +98,46 @@ def test_frozen_encoder_is_bit_identical_after_training_and_finetuned_is_not(stu
     finetuned = encoder_state(job(study, "finetune") / "checkpoints" / "last.ckpt")
     assert all(torch.equal(frozen[k], v) for k, v in pretrained.items())
     assert not all(torch.equal(finetuned[k], v) for k, v in pretrained.items())
+
+
+def test_the_linear_probe_is_one_linear_layer_on_the_frozen_pretrained_code(study: Path) -> None:
+    run = job(study, "linear")
+    probe = autoencoders.load(run / "checkpoints" / "last.ckpt")
+    assert isinstance(probe.head, torch.nn.Linear) and probe.head.in_features == 16
+    pretrained = encoder_state(study / "pretrain" / "seed-0" / "checkpoints" / "last.ckpt")
+    first = next(iter(pretrained))
+    assert torch.equal(encoder_state(run / "checkpoints" / "last.ckpt")[first], pretrained[first])
+
+
+def test_the_knn_probe_votes_as_an_independent_nearest_neighbour_search(tmp_path: Path) -> None:
+    """A knn run's test accuracy equals a brute-force cosine k-NN (Python floats, sorted lists) over the same codes."""
+    vae_dir, knn_dir = tmp_path / "vae", tmp_path / "knn"
+    static = ["data.binarize=static", "latent_dim=4"]  # fixed binary images, so the test can encode the same ones
+    run_train(*static, f"hydra.run.dir={vae_dir}", cwd=tmp_path)
+    ckpt = vae_dir / "checkpoints" / "last.ckpt"
+    run_train(*static, "model=classifier", "model.method=knn", "model.knn_k=3", "data.labels_per_class=5",
+              f"encoder_ckpt={ckpt}", "trainer.limit_test_batches=null", "trainer.max_epochs=7",
+              f"hydra.run.dir={knn_dir}", cwd=tmp_path)  # fmt: skip
+    metrics = json.loads((knn_dir / "metrics.json").read_text())
+    dm = datamodule(binarize="static", labels_per_class=5)
+    vae = autoencoders.load(ckpt)
+    with torch.no_grad():
+        train_codes, test_codes = (vae.encode(dm.inputs(split)).tolist() for split in ("train", "test"))
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+    correct = 0
+    for code, label in zip(test_codes, dm.test_set.labels.tolist()):
+        nearest = sorted(((cosine(code, other), y) for other, y in zip(train_codes, dm.train_set.labels.tolist())),
+                         reverse=True)[:3]  # fmt: skip
+        votes = [sum(max(s, 0) for s, y in nearest if y == c) for c in range(10)]
+        correct += votes.index(max(votes)) == label
+    assert metrics["test/acc"] == pytest.approx(correct / len(test_codes), abs=1e-6)
+    assert metrics["test/acc"] > 0.2  # 5 labels per class of a VAE trained for 2 steps: well above chance (0.1)
+    stored = autoencoders.load(knn_dir / "checkpoints" / "last.ckpt")  # the bank travels in its checkpoints
+    assert torch.load(knn_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # one epoch of seven
+    assert torch.equal(stored.bank_labels.sort().values, dm.train_set.labels.sort().values)
 
 
 def test_the_random_baseline_keeps_its_untrained_encoder_and_pixels_has_none(study: Path) -> None:
@@ -141,7 +183,7 @@ def test_a_study_with_a_job_lacking_its_result_exits_nonzero_naming_it(study: Pa
         TransferStudy().on_multirun_end(config)
     for marker in markers:
         marker.write_text(str(tmp_path / "elsewhere" / marker.name))
-    with pytest.raises(SystemExit, match="10 job.* no table was written"):
+    with pytest.raises(SystemExit, match=f"{len(markers)} job.* no table was written"):
         TransferStudy().on_multirun_end(config)
 
 

@@ -21,9 +21,10 @@ from autoencoders.optim import OptimizerFactory
 
 HEADS = ("linear", "mlp")
 # How the classifier gets the features its head reads: the pretrained encoder frozen or fine-tuned, the same encoder
-# trained from scratch, a frozen encoder at its random initialisation, or the raw pixels.
-METHODS = ("frozen", "finetune", "scratch", "random", "pixels")
-PRETRAINED = ("frozen", "finetune")
+# trained from scratch, a frozen encoder at its random initialisation, or the raw pixels; and two probes of the frozen
+# pretrained code: a logistic regression (`linear`, a linear head) and a cosine k-nearest-neighbour vote (`knn`).
+METHODS = ("frozen", "finetune", "scratch", "random", "pixels", "linear", "knn")
+PRETRAINED = ("frozen", "finetune", "linear", "knn")
 
 
 class Classifier(EpochMeanLogging, SplitSteps):
@@ -31,7 +32,10 @@ class Classifier(EpochMeanLogging, SplitSteps):
     `encoder_ckpt` (a checkpoint of any autoencoder run), `scratch` without. The encoder has the architecture of an
     AE's, with `latent_dim` outputs; with `encoder_ckpt`, a null `latent_dim`, `arch` or `widths` is the checkpoint's,
     and another value is an error that names it. A frozen encoder gets no gradients and stays in eval mode; `finetune`
-    trains the pretrained one at `encoder_lr`, `scratch` a fresh one at the optimizer's learning rate.
+    trains the pretrained one at `encoder_lr`, `scratch` a fresh one at the optimizer's learning rate. The probes of the
+    frozen pretrained code: `linear` is a logistic regression (a linear head, whatever `head`), `knn` has no head and
+    no optimizer: its one training epoch stores the labelled images' codes, and an image's class is the vote of its
+    `knn_k` most cosine-similar ones, weighted by similarity (it then stops, whatever the trainer's schedule).
 
     Training refuses an `encoder_ckpt` whose autoencoder trained on any of the data's validation or test images.
     """
@@ -48,6 +52,7 @@ class Classifier(EpochMeanLogging, SplitSteps):
         head: str = "mlp",
         head_width: int = 128,
         encoder_lr: float = 1e-4,
+        knn_k: int = 10,
         optimizer: OptimizerFactory | None = None,
         scheduler: dict[str, Any] | None = None,
     ):
@@ -55,6 +60,8 @@ class Classifier(EpochMeanLogging, SplitSteps):
         if head not in HEADS:
             raise UserError(f"model.head={head!r} is unknown. Use one of: {', '.join(HEADS)}.")
         check_positive("model.encoder_lr", encoder_lr, "1e-4")
+        if knn_k < 1:
+            raise UserError(f"model.knn_k={knn_k} must be a positive number of neighbours, e.g. 10.")
         method = method or ("frozen" if encoder_ckpt is not None else "scratch")
         if method not in METHODS:
             raise UserError(f"model.method={method!r} is unknown. Use one of: {', '.join(METHODS)}.")
@@ -71,7 +78,7 @@ class Classifier(EpochMeanLogging, SplitSteps):
         # must not need the autoencoder's file: encoder_ckpt is no hyperparameter (the run's config records it).
         self.save_hyperparameters(ignore=["encoder_ckpt", "optimizer", "scheduler"], logger=False)
         self.method, self.encoder_ckpt = method, encoder_ckpt
-        self.frozen = method in ("frozen", "random", "pixels")
+        self.frozen = method != "finetune" and method != "scratch"
         self.pretraining_data: dict | None = None  # the autoencoder's training split, for the leak check
         if method == "pixels":
             self.encoder, features = nn.Flatten(), math.prod(image_shape)
@@ -82,7 +89,11 @@ class Classifier(EpochMeanLogging, SplitSteps):
             self.pretraining_data = pretrained.get(ImageDataModule.__qualname__)
         self.encoder.requires_grad_(not self.frozen).train(not self.frozen)  # Lightning keeps modules' modes
         self.example_input_array = torch.zeros(1, *image_shape)  # the model summary's FLOPs per image
-        if head == "linear":
+        if method == "knn":  # the labelled training codes and their labels, filled by the one training epoch
+            self.head = None
+            self.register_buffer("bank_codes", torch.empty(0, features))
+            self.register_buffer("bank_labels", torch.empty(0, dtype=torch.long))
+        elif head == "linear" or method == "linear":
             self.head = nn.Linear(features, num_classes)
         else:
             self.head = nn.Sequential(nn.Linear(features, head_width), nn.ReLU(), nn.Linear(head_width, num_classes))
@@ -93,6 +104,8 @@ class Classifier(EpochMeanLogging, SplitSteps):
         super().setup(stage)
         if stage == "fit" and self.frozen:  # Lightning warns of modules in eval mode: here they are meant to be
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        if stage == "fit" and self.method == "knn":  # it stores codes, so it has no optimizer by design
+            warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
         if stage != "fit" or self.method not in PRETRAINED:
             return
         if self.encoder_ckpt is None:
@@ -103,8 +116,37 @@ class Classifier(EpochMeanLogging, SplitSteps):
         check_held_out(self.pretraining_data, self.trainer.datamodule, self.encoder_ckpt)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Class logits."""
+        """Class logits; for `knn`, the log of the neighbours' similarity-weighted vote shares."""
+        if self.method == "knn":
+            return self.knn_vote(self.encoder(x)).clamp_min(1e-6).log()
         return self.head(self.encoder(x))
+
+    def knn_vote(self, codes: Tensor) -> Tensor:
+        """Per class, the share of the `knn_k` most cosine-similar labelled training codes' similarities, (B, C)."""
+        similarity = F.normalize(codes, dim=1) @ F.normalize(self.bank_codes, dim=1).T
+        top, index = similarity.topk(min(self.hparams.knn_k, len(self.bank_labels)), dim=1)
+        weights = top.clamp_min(0) + 1e-6  # a neighbour's vote: its (non-negative) cosine similarity
+        votes = torch.zeros(len(codes), self.hparams.num_classes, device=codes.device)
+        votes.scatter_add_(1, self.bank_labels[index], weights)
+        return votes / votes.sum(1, keepdim=True)
+
+    def configure_optimizers(self):
+        return None if self.method == "knn" else super().configure_optimizers()
+
+    def on_train_epoch_start(self) -> None:
+        if self.method == "knn":
+            self.bank_codes, self.bank_labels = self.bank_codes[:0], self.bank_labels[:0]
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.method == "knn":  # one pass over the labelled images stored them all: nothing more to learn
+            self.trainer.should_stop = True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("bank_codes", "bank_labels"):  # a knn checkpoint's bank has its own number of images
+            if hasattr(self, name) and prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "Classifier":
         """Also `model.train()` leaves a frozen encoder in eval mode."""
@@ -113,8 +155,13 @@ class Classifier(EpochMeanLogging, SplitSteps):
             self.encoder.eval()
         return self
 
-    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor | None:
         x, y = batch
+        if self.method == "knn" and split == "train":  # store the batch's codes: no gradient step
+            with torch.no_grad():
+                self.bank_codes = torch.cat([self.bank_codes, self.encoder(x)])
+            self.bank_labels = torch.cat([self.bank_labels, y])
+            return None
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.track(split, {"loss": loss, "acc": (logits.argmax(1) == y).float().mean()}, len(x))
