@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoencoders.jobs import FINISHED, METRICS_FILE, job_status
 
-METHODS = ("frozen", "finetune", "linear", "knn", "scratch", "random", "pixels")  # table order; classifier.py defines each
+# table order; classifier.py defines each
+METHODS = ("frozen", "finetune", "linear", "knn", "scratch", "random", "pixels")
 JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started classifier job, holding its run dir
 PRETRAIN_DIR = "pretrain"  # the pretraining job's hydra.sweep.subdir
 # Command-line overrides that the pretraining run shares with the classifiers: what must agree between them, and the

@@ -125,12 +125,14 @@ def test_the_knn_probe_votes_as_an_independent_nearest_neighbour_search(tmp_path
         train_codes, test_codes = (vae.encode(dm.inputs(split)).tolist() for split in ("train", "test"))
 
     def cosine(a: list[float], b: list[float]) -> float:
-        return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
 
     correct = 0
-    for code, label in zip(test_codes, dm.test_set.labels.tolist()):
-        nearest = sorted(((cosine(code, other), y) for other, y in zip(train_codes, dm.train_set.labels.tolist())),
-                         reverse=True)[:3]  # fmt: skip
+    train_labels = dm.train_set.labels.tolist()
+    for code, label in zip(test_codes, dm.test_set.labels.tolist(), strict=True):
+        similar = ((cosine(code, other), y) for other, y in zip(train_codes, train_labels, strict=True))
+        nearest = sorted(similar, reverse=True)[:3]
         votes = [sum(max(s, 0) for s, y in nearest if y == c) for c in range(10)]
         correct += votes.index(max(votes)) == label
     assert metrics["test/acc"] == pytest.approx(correct / len(test_codes), abs=1e-6)
