@@ -21,6 +21,7 @@ from autoencoders.internals import scalar_logging_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
 from autoencoders.pictures import image_grid
+from autoencoders.probes import knn_vote
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -153,8 +154,9 @@ class ImageLogger(L.Callback):
         generator = torch.Generator().manual_seed(0)
         chosen = torch.randperm(len(images), generator=generator)[: self.num_codes]  # the split may be sorted by label
         self.images, self.labels = images[chosen], labels[chosen]
-        self.prior_z = torch.randn(self.num_samples, pl_module.latent_dim, generator=generator)
-        self.has_prior = not pl_module.prior_sampler().needs_fit  # a VQ-VAE's is fitted after training
+        prior = pl_module.prior_sampler()
+        self.has_prior = not prior.needs_fit  # a VQ-VAE's is fitted after training
+        self.prior_z = prior.draw(self.num_samples, generator) if self.has_prior else None
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -211,6 +213,35 @@ class ImageLogger(L.Callback):
                     codes, metadata=self.labels.tolist(), label_img=self.images, global_step=trainer.global_step,
                     tag="latent",
                 )  # fmt: skip
+
+
+class CodeProbe(L.Callback):
+    """+callbacks=probe: after every validation of an autoencoder, `val/probe_acc`, how well its codes classify with
+    few labels while it trains: the validation images' accuracy under a cosine k-NN vote (`k` neighbours, probes.py)
+    among the codes of data.probe_labels_per_class labelled training images per class. Their labels serve this
+    diagnostic only; the autoencoder trains without them."""
+
+    def __init__(self, k: int = 10, batch_size: int = 1000):
+        self.k, self.batch_size = k, batch_size
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.active = isinstance(pl_module, AE)
+        if self.active:
+            datamodule, device = trainer.datamodule, pl_module.device
+            images, labels = datamodule.probe_split()
+            self.bank = images.to(device), labels.to(device)
+            self.val = datamodule.inputs("val").to(device), datamodule.val_set.labels.to(device)
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active or trainer.sanity_checking:
+            return
+        bank_codes, val_codes = (
+            torch.cat([pl_module.encode(x) for x in images.split(self.batch_size)])
+            for images in (self.bank[0], self.val[0])
+        )
+        votes = knn_vote(val_codes, bank_codes, self.bank[1], self.k, trainer.datamodule.num_classes)
+        pl_module.log("val/probe_acc", (votes.argmax(1) == self.val[1]).float().mean())
 
 
 def last_checkpoint_on_disk(trainer: L.Trainer) -> Path | None:

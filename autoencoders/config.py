@@ -86,6 +86,7 @@ class DataConfig:  # conf/data/*.yaml: autoencoders.data.ImageDataModule
     test_fraction: float = MISSING
     labels_per_class: int | None = MISSING
     val_labels_per_class: int | None = MISSING
+    probe_labels_per_class: int = MISSING
     split_seed: int = MISSING
     seed: int = MISSING
     binarize: str | None = MISSING
@@ -146,6 +147,13 @@ class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.models.VQVAE
 
 
 @dataclass
+class M2Config(VAEConfig):  # conf/model/m2.yaml: autoencoders.models.M2
+    num_classes: int | None = MISSING
+    alpha: float | None = MISSING
+    encoder_ckpt: str | None = MISSING
+
+
+@dataclass
 class ClassifierConfig:  # conf/model/classifier.yaml: autoencoders.models.classifier.Classifier
     _target_: str = MISSING
     num_classes: int | None = MISSING
@@ -179,5 +187,6 @@ def register() -> None:
     store.store(name="data_schema", node=DataConfig)
     models = {"ae": AEConfig, "vae": VAEConfig, "dae": DAEConfig, "sparse_ae": SparseAEConfig, "wae": WAEConfig}
     models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
+    models["m2"] = M2Config
     for name, node in models.items():
         store.store(name=f"model_{name}_schema", node=node)

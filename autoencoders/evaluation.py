@@ -199,7 +199,7 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
 
     stage("reconstructions of the %d images", len(images))
     metrics = reconstruction_metrics(model, images, cfg.batch_size)
-    if isinstance(model, VAE):
+    if bounds_images(model):
         stage("nll: the IWAE bound with k=%d samples per image", cfg.k)
         metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
     if isinstance(model, VQVAE):
@@ -275,7 +275,12 @@ def reconstruction_metrics(model: AE, images: Tensor, batch_size: int) -> dict[s
         squared_error += (model.likelihood.mean(params) - x).pow(2).sum().item()
         nll += model.likelihood.nll(params, x).sum().item()
     metrics = {"mse": squared_error / images.numel()}
-    return metrics if isinstance(model, VAE) else metrics | {"recon": nll / len(images)}
+    return metrics if bounds_images(model) else metrics | {"recon": nll / len(images)}
+
+
+def bounds_images(model: AE) -> bool:
+    """Whether the model has an ELBO and importance-weighted bound on log p(x) of images (a VAE's; not M1+M2's)."""
+    return isinstance(model, VAE) and model.bounds_images
 
 
 @torch.no_grad()
@@ -324,7 +329,7 @@ def fitted_samplers(
         sampler = (
             model.prior_sampler()
             if name == "prior"
-            else make_sampler(name, model.latent_dim, cfg.gmm_components, cfg.seed)
+            else make_sampler(name, model.code_dim, cfg.gmm_components, cfg.seed)
         )
         cache = Path(cfg.cache_dir).expanduser() / "samplers" / f"{checkpoint.stem}_{name}_{identity}.pt"
         if sampler.needs_fit and cache.is_file():

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoencoders.jobs import FINISHED, METRICS_FILE, job_status
 
-# table order; classifier.py defines each
-METHODS = ("frozen", "finetune", "linear", "knn", "scratch", "random", "pixels")
+# table order: conf/transfer/<method>.yaml, classifier.py and models/semi.py define each
+METHODS = ("m1m2", "m2", "frozen", "finetune", "linear", "knn", "scratch", "random", "pixels")
 JOBS_DIR = ".transfer_jobs"  # in the sweep dir: one file per started classifier job, holding its run dir
 PRETRAIN_DIR = "pretrain"  # the pretraining job's hydra.sweep.subdir
 # Command-line overrides that the pretraining run shares with the classifiers: what must agree between them, and the
@@ -140,8 +140,9 @@ def collect(sweep_dir: Path) -> tuple[list[Result], list[str]]:
             missing.append(f"job {marker.name} ({run_dir}): {status}")
             continue
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        method = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices.transfer  # transfer=<method>
         test_acc = json.loads((run_dir / METRICS_FILE).read_text())["test/acc"]
-        results.append(Result(cfg.model.method, cfg.data.labels_per_class, test_acc, cfg.get("selection", "full_val")))
+        results.append(Result(method, cfg.data.labels_per_class, test_acc, cfg.get("selection", "full_val")))
     return results, missing
 
 

@@ -47,3 +47,21 @@ def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
     with open_dict(cfg):
         del cfg.hydra
     return cfg
+
+
+def knn_accuracy(
+    bank: list[list[float]], bank_labels: list[int], codes: list[list[float]], labels: list[int], k: int
+) -> float:
+    """A cosine k-NN vote, weighted by the non-negative similarities, by brute force in Python floats: the accuracy
+    of `codes` against `labels`, voting among `bank` (ten classes)."""
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+    correct = 0
+    for code, label in zip(codes, labels, strict=True):
+        nearest = sorted(((cosine(code, other), y) for other, y in zip(bank, bank_labels, strict=True)), reverse=True)
+        votes = [sum(max(s, 0) for s, y in nearest[:k] if y == c) for c in range(10)]
+        correct += votes.index(max(votes)) == label
+    return correct / len(codes)

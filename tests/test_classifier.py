@@ -19,14 +19,14 @@ from autoencoders.models import VAE
 from autoencoders.models.classifier import Classifier, pretrained_encoder
 from autoencoders.training import build, train
 from autoencoders.transfer import JOBS_DIR, Result, TransferStudy, markdown, pretraining_overrides, summarize
-from tests.helpers import TINY, compose_train, run_train
+from tests.helpers import TINY, compose_train, knn_accuracy, run_train
 
 TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny `experiment=transfer`: 7 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
+    """A tiny `experiment=transfer`: 9 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
     sweep = tmp_path_factory.mktemp("study") / "sweep"
     run_train(
         "experiment=transfer",
@@ -41,11 +41,15 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sweep
 
 
-def job(study: Path, method: str) -> Path:
-    """The study's seed-0 run of `method`."""
-    configs = {path.parent.parent: OmegaConf.load(path) for path in study.glob("*/.hydra/config.yaml")}
-    (path,) = (run for run, cfg in configs.items() if cfg.seed == 0 and cfg.model.get("method") == method)
-    return path
+def job(study: Path, method: str, seed: int = 0) -> Path:
+    """The study's run of `method` (transfer=<method>) for `seed`."""
+    (run,) = (
+        path.parent.parent
+        for path in study.glob("*/.hydra/hydra.yaml")
+        if OmegaConf.load(path).hydra.runtime.choices.transfer == method
+        and OmegaConf.load(path.with_name("config.yaml")).seed == seed
+    )
+    return run
 
 
 def encoder_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -61,11 +65,15 @@ def datamodule(**kwargs) -> ImageDataModule:
 
 def test_study_writes_its_table_and_plot(study: Path) -> None:
     jobs = [p for p in study.iterdir() if (p / "metrics.json").is_file() and p.name != "pretrain"]
-    assert len(jobs) == 14
-    assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= json.loads((jobs[0] / "metrics.json").read_text()).keys()
+    assert len(jobs) == 18
+    assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= json.loads(
+        (job(study, "frozen") / "metrics.json").read_text()
+    ).keys()
     with (study / "transfer.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["labels_per_class"], r["runs"]) for r in rows] == [
+        ("m1m2", "1", "2"),
+        ("m2", "1", "2"),
         ("frozen", "1", "2"),
         ("finetune", "1", "2"),
         ("linear", "1", "2"),
@@ -75,7 +83,8 @@ def test_study_writes_its_table_and_plot(study: Path) -> None:
         ("pixels", "1", "2"),
     ]
     table = (study / "transfer.md").read_text()
-    assert "| method | 1 |" in table and f"| frozen | {float(rows[0]['test_acc_mean_pct']):.1f} ± " in table
+    frozen = next(float(r["test_acc_mean_pct"]) for r in rows if r["method"] == "frozen")
+    assert "| method | 1 |" in table and f"| frozen | {frozen:.1f} ± " in table
     assert "Checkpoint selection (small_val: the best checkpoint on as many labelled val images" in table
     assert {r["selection"] for r in rows} == {"small_val"}
 
@@ -85,10 +94,19 @@ def test_each_seed_has_its_own_pretraining_and_its_classifiers_use_it(study: Pat
     assert not torch.equal(*(encoder_state(p)[next(iter(encoder_state(p)))] for p in pretrained.values()))
     for path in study.glob("_*/.hydra/config.yaml"):
         cfg = OmegaConf.load(path)
-        if cfg.model.method in ("frozen", "finetune"):
+        if cfg.model.get("method") in ("frozen", "finetune"):
             assert Path(cfg.encoder_ckpt.replace("${seed}", str(cfg.seed))) == pretrained[cfg.seed]
         assert cfg.data.labels_per_class == 1 and cfg.selection == "small_val"
     assert (study / "transfer.png").stat().st_size > 0
+
+
+def test_m1m2_models_the_codes_of_its_seeds_pretrained_vae_and_m2_has_none(study: Path) -> None:
+    for seed in (0, 1):
+        vae = torch.load(study / "pretrain" / f"seed-{seed}" / "checkpoints" / "last.ckpt", weights_only=True)
+        m1m2 = torch.load(job(study, "m1m2", seed) / "checkpoints" / "last.ckpt", weights_only=True)
+        assert all(torch.equal(m1m2["state_dict"][f"m1_model.{k}"], v) for k, v in vae["state_dict"].items())
+        m2 = torch.load(job(study, "m2", seed) / "checkpoints" / "last.ckpt", weights_only=True)
+        assert m2["hyper_parameters"]["m1"] is None and not any(k.startswith("m1_model.") for k in m2["state_dict"])
 
 
 def test_frozen_encoder_is_bit_identical_after_training_and_finetuned_is_not(study: Path) -> None:
@@ -124,18 +142,8 @@ def test_the_knn_probe_votes_as_an_independent_nearest_neighbour_search(tmp_path
     with torch.no_grad():
         train_codes, test_codes = (vae.encode(dm.inputs(split)).tolist() for split in ("train", "test"))
 
-    def cosine(a: list[float], b: list[float]) -> float:
-        dot = sum(x * y for x, y in zip(a, b, strict=True))
-        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
-
-    correct = 0
-    train_labels = dm.train_set.labels.tolist()
-    for code, label in zip(test_codes, dm.test_set.labels.tolist(), strict=True):
-        similar = ((cosine(code, other), y) for other, y in zip(train_codes, train_labels, strict=True))
-        nearest = sorted(similar, reverse=True)[:3]
-        votes = [sum(max(s, 0) for s, y in nearest if y == c) for c in range(10)]
-        correct += votes.index(max(votes)) == label
-    assert metrics["test/acc"] == pytest.approx(correct / len(test_codes), abs=1e-6)
+    expected = knn_accuracy(train_codes, dm.train_set.labels.tolist(), test_codes, dm.test_set.labels.tolist(), k=3)
+    assert metrics["test/acc"] == pytest.approx(expected, abs=1e-6)
     assert metrics["test/acc"] > 0.2  # 5 labels per class of a VAE trained for 2 steps: well above chance (0.1)
     stored = autoencoders.load(knn_dir / "checkpoints" / "last.ckpt")  # the bank travels in its checkpoints
     assert torch.load(knn_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # one epoch of seven

@@ -213,7 +213,7 @@ def test_splits_move_to_the_accelerator_train_first_while_they_fit_under_the_cap
 
     class OnAnAccelerator:  # the meta device stands in for a GPU: tensors without memory
         strategy = type("Strategy", (), {"root_device": torch.device("meta")})
-        global_rank, world_size, current_epoch = 0, 1, 0
+        global_rank, world_size, current_epoch, lightning_module = 0, 1, 0, None
 
     for cap_mb, moved in ((10, {"train", "val", "test"}), (3.6, {"train", "val"}), (3, {"val", "test"}), (0, set())):
         dm = subset_module(cache_dir, device_cap_gb=cap_mb * mb)

@@ -311,6 +311,16 @@ BAD_INPUT = {
             "trainer=gpu without a GPU": (["trainer=gpu", "trainer.accelerator=gpu"], "PyTorch sees no CUDA GPU here")
         }
     ),
+    "probe_labels_per_class 0": (["data.probe_labels_per_class=0"], "data.probe_labels_per_class=0 must be a positive"),
+    "no k-NN neighbours": (
+        ["model=classifier", "model.method=knn", "model.knn_k=0"],
+        "model.knn_k=0 must be a positive",
+    ),
+    "negative M2 alpha": (["model=m2", "model.alpha=-1"], r"model.alpha=-1(\.0)? is not a positive"),
+    "M1+M2 on a VAE of another split": (
+        ["model=m2", "encoder_ckpt={ckpt}", "data.split_seed=1"],
+        "trained on .* of the classifier's validation and test images",
+    ),
     "encoder of another split": (
         ["model=classifier", "encoder_ckpt={ckpt}", "data.split_seed=1"],
         "trained on .* of the classifier's validation and test images",

@@ -89,6 +89,31 @@ class Batches:
         return t.pin_memory() if self.pin else t
 
 
+class SemiSupervisedBatches:
+    """Batches of every training image (`unlabelled`, their labels replaced by -1), each with a batch of the labelled
+    images (`labelled`) before it: one epoch is a pass over the unlabelled images, while the labelled ones are
+    cycled, each cycle in a new order drawn from (seed, epoch, cycle). Both are cut on the same device."""
+
+    def __init__(self, unlabelled: Batches, labelled: Batches):
+        self.unlabelled, self.labelled = unlabelled, labelled
+
+    def __len__(self) -> int:
+        return len(self.unlabelled)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch = self.unlabelled.epoch() if self.unlabelled.epoch is not None else self.unlabelled._passes
+        cycle = 0
+        self.labelled.epoch = lambda: (epoch, cycle)
+        labelled = iter(self.labelled)
+        for images, labels in self.unlabelled:
+            batch = next(labelled, None)
+            if batch is None:  # the labelled images' next cycle
+                cycle += 1
+                labelled = iter(self.labelled)
+                batch = next(labelled)
+            yield torch.cat([batch[0], images]), torch.cat([batch[1], torch.full_like(labels, -1)])
+
+
 def split_position(batch_idx: int, rank: int, world: int) -> int:
     """Which batch of a held-out split the `batch_idx`-th one of process `rank` is (see Batches): the same images
     whatever the number of processes, so per-batch random draws seeded by it are too."""

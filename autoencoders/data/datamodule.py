@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from autoencoders.data.batches import Batches, ImageSplit, to_unit_float
+from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches, to_unit_float
 from autoencoders.data.sources import Source
 from autoencoders.errors import UserError
 
@@ -49,6 +49,7 @@ class ImageDataModule(L.LightningDataModule):
     train_set: ImageSplit  # what the model sees (binarised if so), uint8
     val_set: ImageSplit
     test_set: ImageSplit
+    unlabelled_set: ImageSplit  # every training image (before labels_per_class), for semi-supervised models
     split_index: dict[str, Tensor]  # positions in the source's images; no "test" when the source has its own test set
 
     def __init__(
@@ -59,6 +60,7 @@ class ImageDataModule(L.LightningDataModule):
         test_fraction: float = 0.1,
         labels_per_class: int | None = None,
         val_labels_per_class: int | None = None,
+        probe_labels_per_class: int = 10,
         split_seed: int = 0,
         seed: int = 0,
         binarize: str | None = None,
@@ -75,7 +77,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
                 "training data; keep their sum below 1, e.g. 0.1 each."
             )
-        for key, n in (("labels_per_class", labels_per_class), ("val_labels_per_class", val_labels_per_class)):
+        per_class = {"labels_per_class": labels_per_class, "val_labels_per_class": val_labels_per_class}
+        for key, n in (per_class | {"probe_labels_per_class": probe_labels_per_class}).items():
             if n is not None and n < 1:
                 raise UserError(f"data.{key}={n} must be a positive number of images per class, or null for all.")
         if binarize not in BINARIZE:
@@ -148,6 +151,13 @@ class ImageDataModule(L.LightningDataModule):
         binarized = torch.Generator().manual_seed(hp.split_seed)
         held_out = {name: self._binarized(name, binarized) for name in ("val", "test")}
         self.train_set = self._binarized("train", binarized) if hp.binarize == "static" else self._real["train"]
+        # every training image, its label unused: a semi-supervised model's unlabelled images
+        if train is full_train:
+            self.unlabelled_set = self.train_set
+        elif hp.binarize == "static":
+            self.unlabelled_set = self._binarized("full_train", binarized)
+        else:
+            self.unlabelled_set = self._real["full_train"]
         # the val subset is cut after binarising the whole split, so the test split's binary draws never depend on it
         self.val_set, self.test_set = held_out["val"][kept_val], held_out["test"]
         self._real["val"], self.split_index["val"] = self._real["val"][kept_val], val[kept_val]
@@ -166,6 +176,19 @@ class ImageDataModule(L.LightningDataModule):
         before labels_per_class), whatever `binarize` is."""
         real = self._real[split]
         return to_unit_float(real.images), real.labels
+
+    def probe_split(self) -> tuple[Tensor, Tensor]:
+        """`probe_labels_per_class` labelled images per class of the whole training split (drawn with `seed`), as the
+        model sees them (binarised once if so), and their labels: what +callbacks=probe votes with."""
+        images, labels = self._real["full_train"].images, self._real["full_train"].labels
+        chosen = torch.Generator().manual_seed(self.hparams.seed + 2 * 2**32)  # a stream of its own
+        chosen = _per_class(
+            labels, self.hparams.probe_labels_per_class, self.num_classes, chosen, "probe_labels_per_class"
+        )
+        x = to_unit_float(images[chosen])
+        if self.hparams.binarize is not None:
+            x = torch.bernoulli(x, generator=torch.Generator().manual_seed(self.hparams.split_seed))
+        return x, labels[chosen]
 
     def inputs(self, split: str) -> Tensor:
         """The float images in [0, 1] that the model sees of `split` (train, val or test): binarised if so (a dynamic
@@ -189,9 +212,15 @@ class ImageDataModule(L.LightningDataModule):
         seen = set(trained_on["train_index"].tolist())
         return sum(i in seen for name in ("val", "test") for i in self.split_index.get(name, torch.empty(0)).tolist())
 
-    def train_dataloader(self) -> Batches:
+    def train_dataloader(self) -> Batches | SemiSupervisedBatches:
+        """The labelled training images; for a model with `semi_supervised` (M2), each batch of every training image
+        (labels unused) comes with a batch of the labelled ones (SemiSupervisedBatches)."""
         epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
-        return self._batches("train", shuffle_seed=self.hparams.seed, epoch=epoch)
+        labelled = self._batches("train", shuffle_seed=self.hparams.seed, epoch=epoch)
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if not getattr(model, "semi_supervised", False):
+            return labelled
+        return SemiSupervisedBatches(self._batches("unlabelled", shuffle_seed=self.hparams.seed, epoch=epoch), labelled)
 
     def val_dataloader(self) -> Batches:
         return self._batches("val")
@@ -214,9 +243,12 @@ class ImageDataModule(L.LightningDataModule):
         are then cut there, with no copy per step."""
         self._device, self._on_device = device, {}
         room = self.hparams.device_cap_gb * 1e9
-        for name in ("train", "val", "test"):
+        for name in ("train", "val", "test", "unlabelled"):
             split = getattr(self, f"{name}_set")
-            if split.nbytes <= room:
+            if split is self.train_set and name == "unlabelled":  # without labels_per_class: the same images
+                if "train" in self._on_device:
+                    self._on_device[name] = self._on_device["train"]
+            elif split.nbytes <= room:
                 self._on_device[name], room = split.to(device), room - split.nbytes
 
 

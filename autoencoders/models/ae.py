@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from autoencoders.errors import UserError, check_non_negative
 from autoencoders.likelihoods import likelihood as get_likelihood
@@ -46,14 +46,13 @@ class AE(EpochMeanLogging, SplitSteps):
         self.latent_dim = latent_dim
         self.example_input_array = torch.zeros(1, *image_shape)  # the model summary's FLOPs per image
         c, *size = image_shape
-        self.encoder, self.decoder = build_nets(
-            arch,
-            image_shape,
-            latent_dim * self.code_multiplier,
-            latent_dim,
-            widths,
-            decoder_shape=(c * self.likelihood.param_multiplier, *size),
-        )
+        self.encoder, self.decoder = self.build_nets(widths, (c * self.likelihood.param_multiplier, *size))
+
+    def build_nets(self, widths: Sequence[int] | None, decoder_shape: Sequence[int]) -> tuple[nn.Module, nn.Module]:
+        """The encoder (latent_dim * code_multiplier outputs) and the decoder (`decoder_shape` likelihood parameters)
+        of `hparams.arch`."""
+        code = self.latent_dim * self.code_multiplier
+        return build_nets(self.hparams.arch, self.image_shape, code, self.latent_dim, widths, decoder_shape)
 
     # Public interface ---------------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
@@ -90,6 +89,11 @@ class AE(EpochMeanLogging, SplitSteps):
         a = torch.linspace(1, 0, steps, device=z1.device).view(1, steps, 1)
         z = a * z1.unsqueeze(1) + (1 - a) * z2.unsqueeze(1)
         return self.decode(z.flatten(0, 1)).unflatten(0, (len(x1), steps))
+
+    @property
+    def code_dim(self) -> int:
+        """The size of `encode(x)`, the codes that samplers fit and draw."""
+        return self.latent_dim
 
     def reconstruction_nll(self, x: Tensor) -> Tensor:
         """-log p(x | decode(encode(x))) per image, nats, shape (B,)."""

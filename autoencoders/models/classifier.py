@@ -18,6 +18,7 @@ from autoencoders.models.ae import AE
 from autoencoders.models.base import EpochMeanLogging, SplitSteps
 from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory
+from autoencoders.probes import knn_vote
 
 HEADS = ("linear", "mlp")
 # How the classifier gets the features its head reads: the pretrained encoder frozen or fine-tuned, the same encoder
@@ -118,17 +119,10 @@ class Classifier(EpochMeanLogging, SplitSteps):
     def forward(self, x: Tensor) -> Tensor:
         """Class logits; for `knn`, the log of the neighbours' similarity-weighted vote shares."""
         if self.method == "knn":
-            return self.knn_vote(self.encoder(x)).clamp_min(1e-6).log()
+            hp = self.hparams
+            votes = knn_vote(self.encoder(x), self.bank_codes, self.bank_labels, hp.knn_k, hp.num_classes)
+            return votes.clamp_min(1e-6).log()
         return self.head(self.encoder(x))
-
-    def knn_vote(self, codes: Tensor) -> Tensor:
-        """Per class, the share of the `knn_k` most cosine-similar labelled training codes' similarities, (B, C)."""
-        similarity = F.normalize(codes, dim=1) @ F.normalize(self.bank_codes, dim=1).T
-        top, index = similarity.topk(min(self.hparams.knn_k, len(self.bank_labels)), dim=1)
-        weights = top.clamp_min(0) + 1e-6  # a neighbour's vote: its (non-negative) cosine similarity
-        votes = torch.zeros(len(codes), self.hparams.num_classes, device=codes.device)
-        votes.scatter_add_(1, self.bank_labels[index], weights)
-        return votes / votes.sum(1, keepdim=True)
 
     def configure_optimizers(self):
         return None if self.method == "knn" else super().configure_optimizers()

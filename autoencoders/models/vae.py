@@ -23,6 +23,7 @@ class VAE(AE):
 
     code_multiplier = 2
     selection = ("val/elbo", "max")
+    bounds_images = True  # elbo and log_likelihood bound log p(x) of images (M1+M2's: of another model's codes)
 
     def __init__(
         self,

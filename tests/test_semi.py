@@ -1,0 +1,134 @@
+"""M2 and M1+M2 (Kingma et al., 2014): their bounds against torch.distributions, the semi-supervised batches, and
+train.py runs on few labels."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
+
+import autoencoders
+from autoencoders.data import ImageDataModule, MNISTSubset
+from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches
+from autoencoders.models import M2, VAE
+from tests.helpers import run_train
+
+SHAPE = (1, 6, 6)
+
+
+def binary_images(n: int, seed: int = 0) -> Tensor:
+    return torch.bernoulli(torch.full((n, *SHAPE), 0.4), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_unlabelled_bound_is_the_explicit_sum_over_classes() -> None:
+    """-U(x) = sum_y q(y|x) [log p(x|y,z_y) + log p(y) - KL(q(z|x,y) || p(z))] + H(q(y|x)), term by term."""
+    torch.manual_seed(0)
+    model, x, classes = M2(SHAPE, num_classes=3, latent_dim=2), binary_images(5), 3
+    with torch.no_grad():
+        logits = model.classifier(x)
+        torch.manual_seed(1)
+        recon, kl = model.unlabelled_terms(x, logits)
+        torch.manual_seed(1)
+        eps = torch.randn(len(x) * classes, 2)  # the draws unlabelled_terms made: image i with class k is row i*3+k
+        h = model.encoder(x)
+        expected = []
+        for i in range(len(x)):
+            q_y = Categorical(logits=logits[i])
+            bound = q_y.entropy()
+            for k in range(classes):
+                y = torch.eye(classes)[k : k + 1]
+                mu, logvar = model.z_posterior(h[i : i + 1], y)
+                q_z = Normal(mu, (0.5 * logvar).exp())
+                z = mu + q_z.scale * eps[i * classes + k]
+                log_px = Bernoulli(logits=model.decoder(torch.cat([z, y], 1))).log_prob(x[i : i + 1]).sum()
+                kl_z = kl_divergence(q_z, Normal(torch.zeros(2), torch.ones(2))).sum()
+                bound = bound + q_y.probs[k] * (log_px + math.log(1 / classes) - kl_z)
+            expected.append(bound)
+    torch.testing.assert_close(-(recon + kl), torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+class WithOne(nn.Module):
+    """Appends M2's one-hot class vector for a single class, a constant 1."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.cat([h, torch.ones(len(h), 1)], 1)
+
+
+def test_with_one_class_m2_is_a_vae() -> None:
+    """One class: q(y|x) = p(y) = 1, so M2's unlabelled and labelled bounds are the ELBO of the VAE made of its nets."""
+    torch.manual_seed(0)
+    m2, x = M2(SHAPE, num_classes=1, latent_dim=2), binary_images(6)
+    vae = VAE(SHAPE, latent_dim=2)
+    vae.encoder = nn.Sequential(m2.encoder, WithOne(), m2.posterior_head)
+    vae.decoder = nn.Sequential(WithOne(), m2.decoder)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = vae.elbo(x)
+        torch.manual_seed(3)
+        unlabelled = -sum(m2.elbo_terms(x))
+        torch.manual_seed(3)
+        labelled = -sum(m2.class_bound(x, m2.encoder(x), torch.ones(len(x), 1)))
+    torch.testing.assert_close(unlabelled, expected)
+    torch.testing.assert_close(labelled, expected)
+
+
+def test_semi_supervised_batches_pair_every_training_image_with_a_labelled_batch() -> None:
+    labelled = ImageSplit(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), torch.arange(10) % 2)
+    every = ImageSplit(torch.arange(100, 137, dtype=torch.uint8).view(37, 1, 1, 1), torch.zeros(37, dtype=torch.long))
+    batches = SemiSupervisedBatches(Batches(every, 8, shuffle_seed=0), Batches(labelled, 5, shuffle_seed=0))
+    seen, cycles = [], []
+    for x, y in batches:
+        assert (y[:5] >= 0).all() and (y[5:] == -1).all()  # the labelled batch first, then unlabelled images
+        assert (x[:5] < 10).all() and (x[5:] >= 100).all()
+        seen += x[5:].flatten().tolist()
+        cycles.append(x[:5].flatten().tolist())
+    assert len(batches) == 5 and sorted(seen) == list(range(100, 137))  # each training image once an epoch
+    assert len(set(map(tuple, cycles))) > 1  # the labelled images in new orders
+
+
+def test_the_data_module_serves_a_semi_supervised_model_every_training_image(tmp_path: Path) -> None:
+    dm = ImageDataModule(MNISTSubset(cache_dir=tmp_path), labels_per_class=3, binarize="static")
+    dm.setup()
+    assert len(dm.train_set) == 30 and len(dm.unlabelled_set) == len(dm.real_split("full_train")[1])
+    assert dm.unlabelled_set.images.unique().tolist() == [0, 255]  # binarised as the model's training images
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VAE (M1) on every training image, then M2 and M1+M2 on 10 labels per class: 2 epochs each."""
+    root = tmp_path_factory.mktemp("semi")
+    epochs = ["trainer.limit_train_batches=null", "trainer.limit_val_batches=null", "trainer.limit_test_batches=null"]
+    two_epochs = ["trainer.max_epochs=2", *epochs]
+    run_train("latent_dim=8", *two_epochs, f"hydra.run.dir={root / 'vae'}", cwd=root)
+    common = ["model=m2", "latent_dim=8", "data.labels_per_class=10", *two_epochs]
+    run_train(*common, f"hydra.run.dir={root / 'm2'}", cwd=root)
+    m1 = root / "vae" / "checkpoints" / "last.ckpt"
+    run_train(*common, f"encoder_ckpt={m1}", f"hydra.run.dir={root / 'm1m2'}", cwd=root)
+    return root
+
+
+def test_m2_on_ten_labels_per_class_beats_chance_by_far(runs: Path) -> None:
+    metrics = json.loads((runs / "m2" / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.5  # chance: 0.1
+    assert {"val/elbo", "test/elbo", "test/nll"} <= metrics.keys() and metrics["test/nll"] <= -metrics["test/elbo"]
+    model = autoencoders.load(runs / "m2" / "checkpoints" / "last.ckpt")
+    threes = model.sample(8, generator=torch.Generator().manual_seed(0), label=3)
+    assert threes.shape == (8, 1, 28, 28) and (model.encode(threes)[:, -10:].argmax(1) == 3).float().mean() > 0.5
+
+
+def test_m1_m2_models_a_frozen_vaes_codes_and_keeps_its_weights(runs: Path) -> None:
+    metrics = json.loads((runs / "m1m2" / "metrics.json").read_text())
+    assert {"val/acc", "test/acc", "val/code_elbo", "test/code_recon"} <= metrics.keys()
+    assert "test/nll" not in metrics and "test/elbo" not in metrics  # its bounds are of codes, not images
+    vae = torch.load(runs / "vae" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    (runs / "vae" / "checkpoints" / "last.ckpt").rename(runs / "moved.ckpt")  # loading needs M2's file alone
+    try:
+        model = autoencoders.load(runs / "m1m2" / "checkpoints" / "last.ckpt")
+    finally:
+        (runs / "moved.ckpt").rename(runs / "vae" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(model.m1_model.state_dict()[k], v) for k, v in vae.items())
+    x = torch.rand(4, 1, 28, 28)
+    assert model.reconstruct(x).shape == x.shape and model.sample(4, label=1).shape == x.shape
