@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import initialize_config_dir
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, RunMode
@@ -106,3 +106,21 @@ def test_a_finished_study_run_again_with_a_method_added_runs_only_the_new_jobs(t
     assert len(list(sweep.glob("**/metrics.json"))) == 4 and proc.stdout.count("skipped") >= 3
     with (sweep / "transfer.csv").open() as f:
         assert [row["method"] for row in csv.DictReader(f)] == ["frozen", "scratch", "pixels"]
+
+
+@pytest.mark.parametrize(
+    "method,model,schedule",
+    [
+        ("frozen", "Classifier", (-1, 500, 25, None)),
+        ("m2", "M2", (-1, 6400, 100, None)),
+        ("m1m2", "M2", (-1, 6400, 100, None)),
+        ("knn", "Classifier", (1, -1, 1.0, 1)),  # validated at the end of its one epoch
+    ],
+)
+def test_each_method_of_the_study_has_its_model_and_schedule_unless_the_command_line_says(method, model, schedule):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["experiment=transfer", f"transfer={method}"])
+        given = compose("train", ["experiment=transfer", f"transfer={method}", "trainer.max_steps=3"])
+    keys = ("max_epochs", "max_steps", "val_check_interval", "check_val_every_n_epoch")
+    assert tuple(cfg.trainer[k] for k in keys) == schedule
+    assert cfg.model._target_ == f"autoencoders.models.{model}" and given.trainer.max_steps == 3
