@@ -241,7 +241,8 @@ class CodeProbe(L.Callback):
             for images in (self.bank[0], self.val[0])
         )
         votes = knn_vote(val_codes, bank_codes, self.bank[1], self.k, trainer.datamodule.num_classes)
-        pl_module.log("val/probe_acc", (votes.argmax(1) == self.val[1]).float().mean())
+        accuracy = (votes.argmax(1) == self.val[1]).float().mean()  # the same on every process: `max` keeps it exact
+        pl_module.log("val/probe_acc", accuracy, sync_dist=True, reduce_fx="max")
 
 
 def last_checkpoint_on_disk(trainer: L.Trainer) -> Path | None:

@@ -15,7 +15,7 @@ from autoencoders.callbacks import BestCheckpoint
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.evaluation import reconstruction_metrics
 from autoencoders.likelihoods import LIKELIHOODS
-from autoencoders.models import AE, IWAE, MODELS, VAE, VQVAE
+from autoencoders.models import AE, IWAE, M2, MODELS, VAE, VQVAE
 from autoencoders.models.ae import CodePenaltyAE
 from tests.helpers import TINY, compose_train, run_train
 
@@ -29,7 +29,8 @@ def autoencoders_of_the_zoo() -> list[type[AE]]:
 @pytest.mark.parametrize("cls", autoencoders_of_the_zoo(), ids=lambda c: c.__name__)
 def test_training_and_evaluation_decode_through_one_path_with_the_same_recon_nll(cls):
     torch.manual_seed(0)
-    model = cls(SHAPE, latent_dim=4, embedding_dim=2) if cls is VQVAE else cls(SHAPE, latent_dim=4)
+    own = {VQVAE: {"embedding_dim": 2}, M2: {"num_classes": 3}}.get(cls, {})
+    model = cls(SHAPE, latent_dim=4, **own)
     model.eval()
     images = (torch.rand(6, *SHAPE) < 0.5).to(torch.uint8) * 255
     x = images.float() / 255
