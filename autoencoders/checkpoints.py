@@ -4,9 +4,12 @@ safely (weights_only=True: tensors and plain containers, no arbitrary code)."""
 import importlib
 import os
 import pickle
+import signal
+import threading
 import zipfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +49,21 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f"The model's weights or optimizer state hold NaN or Inf values, so {path} was not written and the "
                 "previous checkpoint is kept. Start again with a lower optimizer.lr."
             )
-        self.wait(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f".{path.name}.part")  # one writer per target (rank 0), so a fixed name suffices
-        with open(part, "wb") as f:
-            torch.save(checkpoint, f)
-        self._pending[path] = self._disk.submit(_durably_replace, part, path)
+        with signals_deferred():
+            self.wait(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(f".{path.name}.part")  # one writer per target (rank 0), so a fixed name suffices
+            with open(part, "wb") as f:
+                torch.save(checkpoint, f)
+            self._pending[path] = self._disk.submit(_durably_replace, part, path)
 
     def wait(self, path: Path | None = None) -> None:
         """Until the saves in flight (of `path`, or all of them) are durable in place, re-raising an error."""
-        for target in [path] if path is not None else list(self._pending):
-            pending = self._pending.pop(target, None)
-            if pending is not None:
-                pending.result()
+        with signals_deferred():
+            for target in [path] if path is not None else list(self._pending):
+                pending = self._pending.pop(target, None)
+                if pending is not None:
+                    pending.result()
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         self.wait(Path(path))
@@ -96,6 +101,29 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     if not tensors or torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()):
         return True
     return all(torch.isfinite(t).all() for t in tensors)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM that arrive inside the block reach their handlers when it ends: a KeyboardInterrupt
+    raised inside torch.save leaves a corrupt zip writer (whose RuntimeError then hides the interrupt: exit 1), and one
+    inside a thread wait can hang the exit. Python runs signal handlers in the main thread only (and only there can
+    they be swapped), so elsewhere the block defers nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {number: handler for number, handler in handlers.items() if handler is not None}  # not set from C
+    for number in handlers:
+        signal.signal(number, lambda received, frame: caught.append(received))
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for number in caught:
+            signal.raise_signal(number)
 
 
 def _float_tensors(obj: object) -> Iterator[Tensor]:

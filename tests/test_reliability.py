@@ -108,6 +108,37 @@ def test_a_signal_stops_with_128_plus_its_number_naming_the_checkpoint_to_resume
     assert torch.load(last, weights_only=True)["epoch"] >= 0 and not (run_dir / "metrics.json").exists()
 
 
+class SendsASignal:
+    """Pickled inside torch.save, it signals this process: as a Ctrl-C or SIGTERM in the middle of a checkpoint."""
+
+    def __init__(self, sent: signal.Signals) -> None:
+        self.sent = sent
+
+    def __reduce__(self):
+        os.kill(os.getpid(), self.sent)
+        return int, (7,)
+
+
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_during_a_checkpoint_write_arrives_after_it_and_the_checkpoint_is_whole(tmp_path, sent):
+    class Stopped(Exception):  # what Python's Ctrl-C handler and Lightning's SIGTERM stop do: raise in the main thread
+        pass
+
+    def stop(number: int, frame: object) -> None:
+        raise Stopped(number)
+
+    previous = signal.signal(sent, stop)
+    io = SafeCheckpointIO()
+    try:
+        with pytest.raises(Stopped):  # delivered, once the write is done: not lost, and not inside torch.save
+            io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "x": SendsASignal(sent)}, tmp_path / "last.ckpt")
+    finally:
+        signal.signal(sent, previous)
+        io.teardown()
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)  # the test's own file: int(7) is a global
+    assert saved["x"] == 7 and torch.equal(saved["state_dict"]["w"], torch.ones(3))
+
+
 def test_last_ckpt_is_the_latest_epoch_even_when_val_loss_stops_improving(tmp_path):
     run_dir = tmp_path / "run"
     train(
