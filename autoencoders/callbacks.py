@@ -2,7 +2,10 @@
 step, images of what an autoencoder does to real inputs, to prior samples and between two inputs, a NaN/Inf guard,
 a clear exit on preemption, and seeds that make resumes exact."""
 
+import functools
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from torch import Tensor
 
 from autoencoders.checkpoints import all_finite
 from autoencoders.errors import EveryProcessError, UserError
-from autoencoders.internals import scalar_logging_step
+from autoencoders.internals import scalar_logging_step, stop_at_next_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
 from autoencoders.pictures import image_grid
@@ -327,15 +330,43 @@ def _from_every_process(trainer: L.Trainer, tensor: Tensor) -> Tensor:
 
 class Preemption(L.Callback):
     """On SIGTERM (what SLURM and other schedulers send before preemption or at a time limit) Lightning stops after the
-    current step and exits with code 0, as if the run had finished; on Ctrl-C (SIGINT) it exits 1 with one line. This
-    says what was kept and how to resume, and makes the exit code 143 or 130 (128 + the signal), so a scheduler or
-    script sees that the run did not finish (training.py turns Lightning's exit 1 after Ctrl-C into 130). The state to
+    current step and exits with code 0, as if the run had finished; Ctrl-C (SIGINT) is made to stop the same way
+    (on_fit_start). This says what was kept and how to resume, and makes the exit code 143 or 130 (128 + the signal),
+    so a scheduler or script sees that the run did not finish (training.py turns Lightning's exit 1 after a second,
+    immediate Ctrl-C into 130 too). The state to
     resume from is the last finished epoch's last.ckpt, already on disk; the unfinished epoch is trained again on
     resume, which keeps a resumed run exactly equal to one that never stopped. Under SLURM, Lightning's own SLURM
     plugin requeues on its signal."""
 
+    def __init__(self) -> None:
+        self.ctrl_c = False  # Ctrl-C asked for the stop
+        self._sigint_handler: Any = None  # the handler to put back after fit
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Ctrl-C stops as SIGTERM does, at Lightning's next safe point between steps: a KeyboardInterrupt raised at
+        any bytecode could land inside a checkpoint write or a thread's lock and corrupt it or hang the exit. A
+        second Ctrl-C interrupts at once. (Python handles signals in its main thread only.)"""
+        self.ctrl_c = False
+        if threading.current_thread() is threading.main_thread():
+            self._sigint_handler = signal.signal(signal.SIGINT, functools.partial(self._on_ctrl_c, trainer))
+
+    def _on_ctrl_c(self, trainer: L.Trainer, number: int, frame: Any) -> None:
+        if self.ctrl_c:
+            raise KeyboardInterrupt
+        self.ctrl_c = True
+        stop_at_next_step(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._sigint_handler is not None:
+            signal.signal(signal.SIGINT, self._sigint_handler)
+            self._sigint_handler = None
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
+        self.teardown(trainer, pl_module, "fit")
+        if isinstance(exception, SIGTERMException) and self.ctrl_c:
+            signal_name = "Ctrl-C (SIGINT)"
+            exception.code = 130
+        elif isinstance(exception, SIGTERMException):
             signal_name = "SIGTERM"
             exception.code = 143
         elif isinstance(exception, KeyboardInterrupt):

@@ -1,5 +1,5 @@
-"""The two places where this project reaches past a public API, where none does the job; tests/test_internals.py
-checks both against the installed Lightning and torch, so an upgrade that moves them fails there, not in a run."""
+"""The three places where this project reaches past a public API, where none does the job; tests/test_internals.py
+checks them against the installed Lightning and torch, so an upgrade that moves them fails there, not in a run."""
 
 import lightning as L
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -21,3 +21,9 @@ def add_summary(writer: SummaryWriter, summary: Summary, step: int | None = None
     faster as one channel) and `add_hparams` writes a second run per call, where the HParams tab needs the session
     record in the run's own event file."""
     writer._get_file_writer().add_summary(summary, step)
+
+
+def stop_at_next_step(trainer: L.Trainer) -> None:
+    """Make Lightning stop at its next safe point, as after SIGTERM: the loops raise SIGTERMException between steps
+    (and agree on it across DDP processes), never inside a step or a checkpoint write."""
+    trainer._signal_connector.received_sigterm = True

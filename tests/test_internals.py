@@ -1,4 +1,4 @@
-"""The two private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
+"""The three private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
 torch: an upgrade that moves or changes them fails here."""
 
 import lightning as L
@@ -9,7 +9,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
-from autoencoders.internals import add_summary, scalar_logging_step
+from autoencoders.internals import add_summary, scalar_logging_step, stop_at_next_step
 from autoencoders.models import AE
 
 
@@ -41,3 +41,10 @@ def test_a_summary_built_here_reaches_the_event_file(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("check")] == [(7, 1.5)]
+
+
+def test_a_requested_stop_is_what_lightning_reads_as_sigterm():
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    assert not trainer.received_sigterm
+    stop_at_next_step(trainer)
+    assert trainer.received_sigterm  # what its loops check between steps, raising SIGTERMException
