@@ -91,7 +91,7 @@ class M2(VAE):
         **base: Any,
     ):
         if alpha is not None:
-            check_positive("model.alpha", alpha, "0.1 times the number of training images")
+            check_positive("model.alpha", alpha, "40 (or null: 0.1 x the training images)")
         pretrained = read_checkpoint(encoder_ckpt) if encoder_ckpt is not None else None
         if pretrained is not None:
             m1 = m1_settings(pretrained, encoder_ckpt, image_shape)
