@@ -110,13 +110,17 @@ class Gaussian(Likelihood):
     param_multiplier = 2
     discrete = False
 
+    def _location(self, loc: Tensor) -> Tensor:
+        """The mean from the decoder's output: in (0, 1), where intensities lie."""
+        return torch.sigmoid(loc)
+
     def _mean(self, params: Tensor) -> Tensor:
-        return torch.sigmoid(params.chunk(2, dim=1)[0])
+        return self._location(params.chunk(2, dim=1)[0])
 
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         loc, log_scale = params.chunk(2, dim=1)
         scale = log_scale.clamp(min=_GAUSSIAN_MIN_LOG_SCALE).exp()
-        return Normal(torch.sigmoid(loc), scale, validate_args=False).log_prob(x)  # no check: no GPU sync per step
+        return Normal(self._location(loc), scale, validate_args=False).log_prob(x)  # no check: no GPU sync per step
 
 
 class DiscretisedLogistic(Likelihood):

@@ -79,7 +79,7 @@ class Classifier(EpochMeanLogging, SplitSteps):
         # must not need the autoencoder's file: encoder_ckpt is no hyperparameter (the run's config records it).
         self.save_hyperparameters(ignore=["encoder_ckpt", "optimizer", "scheduler"], logger=False)
         self.method, self.encoder_ckpt = method, encoder_ckpt
-        self.frozen = method != "finetune" and method != "scratch"
+        self.frozen = method not in ("finetune", "scratch")
         self.pretraining_data: dict | None = None  # the autoencoder's training split, for the leak check
         if method == "pixels":
             self.encoder, features = nn.Flatten(), math.prod(image_shape)

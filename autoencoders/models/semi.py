@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from autoencoders.checkpoints import MODELS, read_checkpoint
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
-from autoencoders.likelihoods import Likelihood
+from autoencoders.likelihoods import Gaussian
 from autoencoders.losses import gaussian_log_prob, kl_divergence
 from autoencoders.models.classifier import check_held_out
 from autoencoders.models.vae import VAE
@@ -22,20 +22,13 @@ from autoencoders.samplers import Sampler
 FEATURES = 256  # what M2's image net passes on to q(z|x,y), which reads it beside y's one-hot vector
 
 
-class CodeGaussian(Likelihood):
-    """A diagonal Gaussian on real numbers, mean and log-scale from the decoder: M1+M2's p(z1|y,z2) over M1's codes."""
+class CodeGaussian(Gaussian):
+    """A diagonal Gaussian on real numbers (the mean unbounded): M1+M2's p(z1|y,z2) over M1's codes."""
 
     name = "code_gaussian"
-    param_multiplier = 2
-    discrete = False
 
-    def _mean(self, params: Tensor) -> Tensor:
-        return params.chunk(2, dim=1)[0]
-
-    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
-        loc, log_scale = params.chunk(2, dim=1)
-        log_scale = log_scale.clamp(min=math.log(1e-3))
-        return -0.5 * math.log(2 * math.pi) - log_scale - 0.5 * ((x - loc) / log_scale.exp()) ** 2
+    def _location(self, loc: Tensor) -> Tensor:
+        return loc
 
 
 class ClassSampler(Sampler):
@@ -165,13 +158,9 @@ class M2(VAE):
             z1 = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
         return z1[:, :, None, None]
 
-    def class_logits(self, x: Tensor) -> Tensor:
-        """log q(y|x) up to a constant, (B, num_classes), for images."""
-        return self.classifier(self.inputs(x))
-
     def forward(self, x: Tensor) -> Tensor:
-        """Class logits of images, as a classifier's."""
-        return self.class_logits(x)
+        """Class logits of images, log q(y|x) up to a constant, as a classifier's."""
+        return self.classifier(self.inputs(x))
 
     def z_posterior(self, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z|x,y) from the image net's features h (B, FEATURES) and one-hot y (B, C)."""
@@ -237,9 +226,13 @@ class M2(VAE):
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """q(z|x,y) for y the classifier's guess."""
+        return self._guessed_posterior(x)[:2]
+
+    def _guessed_posterior(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The mean and log-variance of q(z|x,y) for images x, y the classifier's guess, and that guess, one-hot."""
         x = self.inputs(x)
         guess = F.one_hot(self.classifier(x).argmax(1), self.num_classes).float()
-        return self.z_posterior(self.encoder(x), guess)
+        return *self.z_posterior(self.encoder(x), guess), guess
 
     def log_weights(self, x: Tensor, n: int) -> Tensor:
         """log p(x, y, z) - log q(y, z|x) for n draws y ~ q(y|x), z ~ q(z|x,y) of each image, nats, (n, B)."""
@@ -258,9 +251,8 @@ class M2(VAE):
 
     # The autoencoder interface: codes [z, one-hot y] -----------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
-        x = self.inputs(x)
-        guess = F.one_hot(self.classifier(x).argmax(1), self.num_classes).float()
-        return torch.cat([self.z_posterior(self.encoder(x), guess)[0], guess], 1)
+        mu, _, guess = self._guessed_posterior(x)
+        return torch.cat([mu, guess], 1)
 
     def decode(self, code: Tensor) -> Tensor:
         return self.likelihood.mean(self._image_params(code))
