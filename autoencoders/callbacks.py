@@ -1,7 +1,9 @@
-"""The Lightning callbacks of conf/callbacks: the best checkpoint by validation, a progress bar that costs little per
+"""The Lightning callbacks of conf/callbacks: the best checkpoint by validation and last.ckpt on a time budget, a
+progress bar that costs little per
 step, images of what an autoencoder does to real inputs, to prior samples and between two inputs, a NaN/Inf guard,
 a clear exit on preemption, and seeds that make resumes exact."""
 
+import copy
 import functools
 import signal
 import sys
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from autoencoders.checkpoints import all_finite
 from autoencoders.errors import EveryProcessError, UserError
-from autoencoders.internals import scalar_logging_step, stop_at_next_step
+from autoencoders.internals import checkpoint_of, scalar_logging_step, stop_at_next_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
 from autoencoders.pictures import image_grid
@@ -31,7 +33,12 @@ class BestCheckpoint(ModelCheckpoint):
     """The best checkpoint by a validation metric (null: the model's selection metric), weights only: it is for testing
     and evaluation, so it skips the optimizer state (2/3 of an Adam-trained model's bytes). `val_metrics` are the
     validation metrics of the epoch that saved it, so metrics.json reports val and test of one and the same
-    checkpoint."""
+    checkpoint.
+
+    A new best costs no write on the training path: its weights are copied and held in memory, and written (as
+    best-epochNNN.ckpt) just before the next last.ckpt, which names it, and at the end of fit or when training stops
+    on an error or a signal. The best it replaces is removed after that last.ckpt is durable, so the best checkpoint
+    that any last.ckpt names is on disk, after any crash."""
 
     def __init__(self, dirpath: str | Path, monitor: str, mode: str):
         super().__init__(
@@ -43,6 +50,8 @@ class BestCheckpoint(ModelCheckpoint):
             save_weights_only=True,
         )
         self.val_metrics: dict[str, float] = {}
+        self._held: tuple[str, dict] | None = None  # (file, checkpoint) of a best not yet written
+        self._replaced: list[str] = []  # earlier bests, to remove once a newer last.ckpt is durable
 
     def state_dict(self) -> dict[str, Any]:  # in last.ckpt, so a resumed run reports its best's metrics too
         return {**super().state_dict(), "val_metrics": self.val_metrics}
@@ -65,6 +74,105 @@ class BestCheckpoint(ModelCheckpoint):
         # validation runs more than once an epoch) replaces the first under its name.
         if self.best_model_score is not None and (before is None or bool(self.best_model_score != before)):
             self.val_metrics = latest_val_metrics(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's write of a new best
+        if trainer.is_global_zero:
+            self._held = filepath, copy.deepcopy(checkpoint_of(trainer, weights_only=True))
+        self._last_global_step_saved = trainer.global_step
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's removal of the last
+        self._replaced.append(filepath)
+
+    def write_held(self, trainer: L.Trainer) -> None:
+        if self._held is not None:
+            trainer.strategy.save_checkpoint(self._held[1], self._held[0])
+            self._held = None
+
+    def remove_replaced(self, trainer: L.Trainer) -> None:
+        """Remove the earlier bests, behind the saves in flight (SafeCheckpointIO queues removals)."""
+        for path in self._replaced:
+            if path != self.best_model_path:
+                trainer.strategy.remove_checkpoint(path)
+        self._replaced = []
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_all(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._write_all(trainer)
+
+    def _write_all(self, trainer: L.Trainer) -> None:
+        self.write_held(trainer)
+        if _last_checkpoint_callback(trainer) is None:  # else its next write removes them, once it is durable
+            self.remove_replaced(trainer)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """checkpoints/last.ckpt, the whole state at the end of an epoch, for exact resumes (ckpt_path=last).
+
+    It is written when at least `every_s` seconds have passed since the last write (0: every epoch), at the end of
+    fit, and when training stops on an error or a signal. Between writes, each epoch's end state is copied and held
+    in memory (on the model's device: an optimizer-state-sized copy, no disk), so a stop writes the last finished
+    epoch, never a half-trained one. A run killed outright (SIGKILL, power cut) resumes from the last write and trains
+    the epochs since again, which ends exactly where the uninterrupted run ends: batch order and noise are drawn from
+    (seed, epoch). Each write first writes the best checkpoint that the state names (BestCheckpoint)."""
+
+    def __init__(self, dirpath: str | Path, every_s: float):
+        super().__init__(dirpath=dirpath, filename="last", enable_version_counter=False)
+        self.every_s = every_s
+        self._held: tuple[str, dict] | None = None  # (file, checkpoint) of an epoch's end not yet written
+        self._written_at = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._written_at = time.monotonic()
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's write, at an epoch's end
+        self._last_global_step_saved = trainer.global_step
+        if trainer.is_global_zero:
+            self._held = filepath, checkpoint_of(trainer)
+            if time.monotonic() - self._written_at >= self.every_s:
+                self.write_held(trainer)
+            else:
+                self._held = filepath, copy.deepcopy(self._held[1])
+
+    def write_held(self, trainer: L.Trainer) -> bool:
+        """Write the held state, if any, after the best checkpoint that it names; whether there was one."""
+        if self._held is None:
+            return False
+        bests = [c for c in trainer.callbacks if isinstance(c, BestCheckpoint)]
+        for best in bests:
+            best.write_held(trainer)
+        try:
+            trainer.strategy.save_checkpoint(self._held[1], self._held[0])
+        finally:
+            self._held, self._written_at = None, time.monotonic()
+        for best in bests:
+            best.remove_replaced(trainer)
+        return True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write_held(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        write_last_state(trainer)
+
+
+def _last_checkpoint_callback(trainer: L.Trainer) -> LastCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+
+
+def write_last_state(trainer: L.Trainer) -> Path | None:
+    """Write the last finished epoch's state held in memory, if any; the run's last.ckpt, if it has one."""
+    callback = _last_checkpoint_callback(trainer)
+    if callback is None:
+        return None
+    try:
+        written = callback.write_held(trainer)  # in place once durable, which the end of the process waits for
+    except UserError:  # a non-finite state, which SafeCheckpointIO refuses: the previous file stays
+        written = False
+    last = Path(callback.dirpath or "", "last.ckpt")
+    return last if written or last.is_file() else None
 
 
 def latest_val_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -248,13 +356,6 @@ class CodeProbe(L.Callback):
         pl_module.log("val/probe_acc", accuracy, sync_dist=True, reduce_fx="max")
 
 
-def last_checkpoint_on_disk(trainer: L.Trainer) -> Path | None:
-    """The run's last.ckpt beside its checkpoint callback's files, if one has been written."""
-    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-    last = Path(dirpath, "last.ckpt") if dirpath else None
-    return last if last and last.is_file() else None
-
-
 class NanGuard(L.Callback):
     """Stop every process at the first non-finite training loss, naming its step, and never save a non-finite state.
 
@@ -311,7 +412,7 @@ class NanGuard(L.Callback):
             stop = "The weights became non-finite (a non-finite gradient, with a finite loss)"
         else:
             return
-        last = last_checkpoint_on_disk(trainer)
+        last = write_last_state(trainer)
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
         raise EveryProcessError(
             f"{stop}, so training stopped (at step {trainer.global_step}) with nothing saved after it, and {kept}. "
@@ -333,9 +434,9 @@ class Preemption(L.Callback):
     current step and exits with code 0, as if the run had finished; Ctrl-C (SIGINT) is made to stop the same way
     (on_fit_start). This says what was kept and how to resume, and makes the exit code 143 or 130 (128 + the signal),
     so a scheduler or script sees that the run did not finish (training.py turns Lightning's exit 1 after a second,
-    immediate Ctrl-C into 130 too). The state to
-    resume from is the last finished epoch's last.ckpt, already on disk; the unfinished epoch is trained again on
-    resume, which keeps a resumed run exactly equal to one that never stopped. Under SLURM, Lightning's own SLURM
+    immediate Ctrl-C into 130 too). The state to resume from is the last finished epoch's last.ckpt, written now if
+    it was held in memory (LastCheckpoint); the unfinished epoch is trained again on resume, which keeps a resumed run
+    exactly equal to one that never stopped. Under SLURM, Lightning's own SLURM
     plugin requeues on its signal."""
 
     def __init__(self) -> None:
@@ -373,7 +474,7 @@ class Preemption(L.Callback):
             signal_name = "Ctrl-C (SIGINT)"
         else:
             return
-        last = last_checkpoint_on_disk(trainer)
+        last = write_last_state(trainer)
         kept = (
             f"{last} holds the last finished epoch; resume it with ckpt_path=last hydra.run.dir={last.parent.parent}"
             if last

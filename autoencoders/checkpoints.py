@@ -33,8 +33,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
     the target's name atomically, and makes the rename durable (fsync of the folder); the replaced file is gone only
     then. So at every moment the target is a complete checkpoint that survives a kill and a power cut or node crash,
     and the training thread does not wait for the disk. One save per file is in flight at a time: the next save of
-    that file and its removal wait for it, a load and the end of training for all. A checkpoint whose weights or
-    optimizer state hold NaN or Inf is refused, so the last good one is never replaced by a broken model.
+    that file waits for it, a load and the end of training for all; a removal queues behind every save before it. A
+    checkpoint whose weights or optimizer state hold NaN or Inf is refused, so the last good one is never replaced by
+    a broken model.
     """
 
     def __init__(self) -> None:
@@ -66,8 +67,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
                     pending.result()
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
-        self.wait(Path(path))
-        super().remove_checkpoint(path)
+        """Queued behind every save in flight: a file is gone only once the saves that replace it are durable."""
+        path = Path(path)
+        with signals_deferred():
+            self.wait(path)
+            self._pending[path] = self._disk.submit(_durably_remove, path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None):
         """Always `weights_only=True`: this project's checkpoints hold only tensors and plain containers."""
@@ -84,11 +88,22 @@ def _durably_replace(src: Path, dst: Path) -> None:
     with open(src, "rb") as f:
         os.fsync(f.fileno())
     os.replace(src, dst)
-    folder = os.open(dst.parent, os.O_RDONLY)
+    _sync_folder(dst.parent)
+
+
+def _durably_remove(path: Path) -> None:
+    if path.exists():
+        path.unlink()
+        _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the folder's entries (a rename, a removal) durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(descriptor)
     finally:
-        os.close(folder)
+        os.close(descriptor)
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

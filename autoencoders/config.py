@@ -30,6 +30,7 @@ class TrainConfig:  # conf/train.yaml
     kl_weight: float = MISSING
     images_every_n_epochs: int = MISSING
     compile: bool = MISSING
+    checkpoint_every_s: float = MISSING
     ckpt_path: str | None = MISSING
     encoder_ckpt: str | None = MISSING
     objective: str | None = MISSING

@@ -1,4 +1,4 @@
-"""The three places where this project reaches past a public API, where none does the job; tests/test_internals.py
+"""The four places where this project reaches past a public API, where none does the job; tests/test_internals.py
 checks them against the installed Lightning and torch, so an upgrade that moves them fails there, not in a run."""
 
 import lightning as L
@@ -27,3 +27,9 @@ def stop_at_next_step(trainer: L.Trainer) -> None:
     """Make Lightning stop at its next safe point, as after SIGTERM: the loops raise SIGTERMException between steps
     (and agree on it across DDP processes), never inside a step or a checkpoint write."""
     trainer._signal_connector.received_sigterm = True
+
+
+def checkpoint_of(trainer: L.Trainer, weights_only: bool = False) -> dict:
+    """The checkpoint dict that `trainer.save_checkpoint` would write now, without writing it: so a callback can keep
+    an epoch's state in memory and write it later (callbacks.LastCheckpoint)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only)

@@ -79,6 +79,11 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.accelerator={cfg.trainer.accelerator} (e.g. trainer=gpu), but PyTorch sees no CUDA GPU here. "
             "Use trainer=default (the best device available) or trainer=cpu."
         )
+    if not 0 <= cfg.checkpoint_every_s < math.inf:
+        raise UserError(
+            f"checkpoint_every_s={cfg.checkpoint_every_s} is not a finite, non-negative number of seconds. Set e.g. "
+            "checkpoint_every_s=30 (last.ckpt at most every 30 s, and at the end) or 0 (after every epoch)."
+        )
     if not 0 <= cfg.seed < 2**32:
         raise UserError(f"seed={cfg.seed} is outside the seeds torch accepts. Use 0 <= seed < 2**32, e.g. seed=0.")
     if not 0 <= cfg.kl_weight < math.inf:

@@ -9,21 +9,24 @@ reconstruction_loss="bce") with the same fused Adam (lr 1e-3), batch size 128 an
 tensors: the statically binarised train split of the bundled 5,000 MNIST digits (data.binarize=static: train.py's
 default draws fresh binary images every epoch, which pythae's tensor input has no counterpart of), with the val split
 as pythae's eval data, since train.py validates every epoch. Each
-keeps the epoch with the best validation loss (pythae in memory, saved at the end; ours as best-epochNNN.ckpt, with
-last.ckpt every epoch and the TensorBoard logs and image grids that train.py writes).
+keeps the epoch with the best validation loss (pythae in memory, saved at the end; ours held in memory too and
+written as best-epochNNN.ckpt with last.ckpt, on train.py's time budget, beside the TensorBoard logs and image grids).
 
 s/epoch is the wall time of a fit over its epochs: the TrainingPipeline call (pythae's data checks, set-up, sanity
 forward pass, training, validation and final save), and the `trainer.fit` of train.py's `train` (sanity check,
 training, validation, checkpoints; the data module, model and Trainer are built before it, the test runs after it).
-pythae/this is pythae's s/epoch over a row's. The two take turns `--repeats` times in one process, in alternating
-order, and the table shows medians (the JSON file also every run's figures).
+Each seed gives both pipelines the same initial weights and binarised images, and one run each, taking turns in
+alternating order in one process; pythae/this is pythae's s/epoch over ours in the same seed's turn (the worst seed
+and the median are shown), and `this - pythae` the paired difference of test ELBOs, with its standard error over
+seeds.
 
 Each best model is then scored here, by neither framework's code: on the binarised test split, the ELBO (nats per
 image: log p(x|z) averaged over `--samples` draws of z, minus the analytic KL) and the importance-weighted bound
 from the same draws, which are the same for both models.
 
     pip install -e ".[bench]"
-    python benchmarks/peers.py [--epochs 20] [--repeats 3] [--threads N] [--samples 100] [--json FILE] [--quick]
+    python benchmarks/peers.py [--epochs 20] [--seeds 0 1 2 3 4] [--threads N] [--samples 100] [--json FILE] [--quick]
+                               [train.py overrides for both, e.g. trainer=gpu]
 """
 
 import argparse
@@ -55,7 +58,7 @@ from autoencoders.training import build, train
 LR = 1e-3
 OVERRIDES = [
     "model=vae", "model.widths=[512]", "latent_dim=16", "data.binarize=static", "data.batch_size=128",
-    f"optimizer.lr={LR}", "optimizer.fused=true", "trainer.accelerator=cpu",
+    f"optimizer.lr={LR}", "optimizer.fused=true",
 ]  # fmt: skip
 PIPELINES = ("pythae", "train.py")
 
@@ -106,7 +109,7 @@ def bernoulli_logits(p: Tensor) -> Tensor:
 
 
 def run_pythae(
-    datamodule: ImageDataModule, initial: VAE, epochs: int, out: Path
+    datamodule: ImageDataModule, initial: VAE, epochs: int, out: Path, seed: int, cuda: bool
 ) -> tuple[float, tuple[Encoder, Decoder]]:
     """Fit seconds of pythae's TrainingPipeline on `datamodule`'s train and val images, from `initial`'s weights, and
     its best model as pythae saved it."""
@@ -120,12 +123,12 @@ def run_pythae(
         num_epochs=epochs,
         learning_rate=LR,
         optimizer_params={"fused": True},
-        seed=0,
-        no_cuda=True,
+        seed=seed,
+        no_cuda=not cuda,
     )
     pipeline = TrainingPipeline(model=model, training_config=training_config)
     start = time.perf_counter()
-    pipeline(train_data=datamodule.inputs("train"), eval_data=datamodule.inputs("val"))
+    pipeline(train_data=datamodule.inputs("train").cpu(), eval_data=datamodule.inputs("val").cpu())
     seconds = time.perf_counter() - start
     best = AutoModel.load_from_folder(os.path.join(pipeline.trainer.training_dir, "final_model")).eval()
 
@@ -169,49 +172,82 @@ def test_bounds(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one run of each pipeline each")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for both; default: torch's choice")
     parser.add_argument("--samples", type=int, default=100, help="draws of z per test image for the bounds")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 repeat, 10 samples")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 seed, 10 samples")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides for both, e.g. trainer=gpu")
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.repeats, args.samples = 1, 1, 10
+        args.epochs, args.seeds, args.samples = 1, args.seeds[:1], 10
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    cuda = "trainer=gpu" in args.overrides
+    device = [] if any(o.startswith("trainer") for o in args.overrides) else ["trainer.accelerator=cpu"]
     runs: dict[str, dict[str, list[float]]] = {p: {"s/epoch": [], "test ELBO": [], "test IWAE": []} for p in PIPELINES}
     with tempfile.TemporaryDirectory() as tmp:
-        # what every train.py run here builds: pythae's images and initial weights, and everyone's test images
-        datamodule, initial = initial_model(OVERRIDES, Path(tmp))
-        test_images = datamodule.inputs("test")
-        for repeat in range(args.repeats):
-            for pipeline in PIPELINES[repeat % 2 :] + PIPELINES[: repeat % 2]:
-                out = Path(tmp) / str(repeat) / pipeline
+        for i, seed in enumerate(args.seeds):
+            # what both pipelines start from: the seed's initial weights and images; and everyone's test images
+            overrides = [*OVERRIDES, f"seed={seed}", *device, *args.overrides]
+            datamodule, initial = initial_model(overrides, Path(tmp) / f"seed-{seed}")
+            for pipeline in PIPELINES[i % 2 :] + PIPELINES[: i % 2]:  # alternating order
+                out = Path(tmp) / str(seed) / pipeline
                 if pipeline == "pythae":
-                    seconds, nets = run_pythae(datamodule, initial, args.epochs, out)
+                    seconds, nets = run_pythae(datamodule, initial, args.epochs, out, seed, cuda)
                 else:
-                    seconds, nets = run_ours(OVERRIDES, args.epochs, out)
-                elbo, iwae = test_bounds(*nets, test_images, args.samples)
+                    seconds, nets = run_ours(overrides, args.epochs, out)
+                elbo, iwae = test_bounds(*nets, datamodule.inputs("test").cpu(), args.samples)
                 for name, value in (("s/epoch", seconds / args.epochs), ("test ELBO", elbo), ("test IWAE", iwae)):
                     runs[pipeline][name].append(value)
 
-    results = {p: {name: statistics.median(values) for name, values in runs[p].items()} for p in PIPELINES}
-    for figures in results.values():
-        figures["pythae/this"] = results["pythae"]["s/epoch"] / figures["s/epoch"]
+    ours, theirs = runs["train.py"], runs["pythae"]
+    speedups = [t / o for t, o in zip(theirs["s/epoch"], ours["s/epoch"], strict=True)]  # seed by seed, same turn
+    gaps = [o - t for o, t in zip(ours["test ELBO"], theirs["test ELBO"], strict=True)]
+    results = {
+        p: {
+            "s/epoch (median)": statistics.median(runs[p]["s/epoch"]),
+            "s/epoch (worst)": max(runs[p]["s/epoch"]),
+            **{f"{name} (mean)": statistics.fmean(runs[p][name]) for name in ("test ELBO", "test IWAE")},
+            "test ELBO (sd)": statistics.stdev(runs[p]["test ELBO"]) if len(args.seeds) > 1 else math.nan,
+        }
+        for p in PIPELINES
+    }
+    comparison = {
+        "pythae/this s/epoch (worst seed)": min(speedups),
+        "pythae/this s/epoch (median)": statistics.median(speedups),
+        "ELBO this - pythae (mean)": statistics.fmean(gaps),
+        "ELBO this - pythae (standard error)": (
+            statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else math.nan
+        ),
+    }
     print(f"\nwall clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(
-        f"{args.epochs} epochs of {len(datamodule.train_set)} images, batch 128, fused Adam lr {LR}, medians of "
-        f"{args.repeats} repeats; test: {len(datamodule.test_set)} images, nats per image, IWAE k={args.samples}"
+        f"{args.epochs} epochs of {len(datamodule.train_set)} images, batch 128, fused Adam lr {LR}, seeds "
+        f"{' '.join(map(str, args.seeds))}; test: {len(datamodule.test_set)} images, nats per image, "
+        f"IWAE k={args.samples}"
     )
-    columns = ["s/epoch", "pythae/this", "test ELBO", "test IWAE"]
-    print(f"{'pipeline':10}" + "".join(f"{c:>14}" for c in columns))
+    columns = list(results["pythae"])
+    print(f"{'pipeline':10}" + "".join(f"{c:>20}" for c in columns))
     for pipeline, figures in results.items():
-        print(f"{pipeline:10}" + "".join(f"{figures[c]:14.3f}" for c in columns))
+        print(f"{pipeline:10}" + "".join(f"{figures[c]:20.3f}" for c in columns))
+    for name, value in comparison.items():
+        print(f"{name:40}{value:10.3f}")
     if args.json:
         summary = {"threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "epochs": args.epochs}
         args.json.write_text(
-            json.dumps({**summary, "samples": args.samples, "results": results, "runs": runs}, indent=2)
+            json.dumps(
+                {
+                    **summary,
+                    "seeds": args.seeds,
+                    "samples": args.samples,
+                    "results": results,
+                    "comparison": comparison,
+                    "runs": runs,
+                },
+                indent=2,
+            )  # fmt: skip
         )
 
 

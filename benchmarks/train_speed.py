@@ -14,12 +14,21 @@ and checkpoints count in proportion), and the table shows the median over repeat
 CPU instead of the wall clock: steadier on a busy machine, but blind to waiting on disk. The test loss (nats per image;
 -ELBO for VAEs) shows that the pipelines learn alike; for VAEs b also reports the importance-weighted bound (k=100).
 
+`--costs` measures instead what each pipeline costs per optimizer step and per epoch, whatever the model: a near-null
+model (an MLP AE with one 2-unit hidden layer and a 2-d code) trains on the bundled training set (32 steps an epoch)
+and on one ENLARGE times as large, made in memory from shifted copies of it (313 steps), with validation cut to the
+same 4 batches in both. Each pipeline's epoch time is fitted as `fixed + per_step * steps`: per_step (microseconds)
+is what the loop costs around each step, fixed (milliseconds) what it costs once an epoch (validation, checkpoints,
+logging). A small model's epoch on a GPU is about these two figures.
+
     python benchmarks/train_speed.py [--models ae conv_ae vae] [--epochs 20] [--repeats 3] [--threads N]
                                      [--clock wall|cpu] [--pipelines a b c l] [--json FILE] [--quick] [overrides ...]
+    python benchmarks/train_speed.py --costs [--pipelines a b l] [--epochs 10] [--repeats 3] [--json FILE] [--quick]
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -39,12 +48,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from autoencoders.data import ImageDataModule
+from autoencoders.data import ImageDataModule, MNISTSubset, SourceData
 from autoencoders.models import AE, VAE, minimised
 from autoencoders.training import build, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PIPELINES = ("a", "b", "c", "l")
+ENLARGE = 10
+NULL_MODEL = ["model=ae", "model.widths=[2]", "latent_dim=2", "trainer.limit_val_batches=4"]  # --costs
+SIZES = {  # --costs: train.py overrides of the two training sets
+    "bundled": [],
+    "enlarged": [f"data.source._target_={__name__}.EnlargedDigits", f"+data.source.factor={ENLARGE}"],
+}
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -63,6 +78,22 @@ class EpochTimer(L.Callback):
 
     def epochs(self) -> list[float]:
         return [end - start for start, end in pairwise(self.marks)]
+
+
+class EnlargedDigits(MNISTSubset):
+    """The bundled digits, `factor` times: each copy shifted by up to 2 pixels in each direction, so no two batches are
+    the same images (for timing only: the val and test splits hold shifted copies of training images)."""
+
+    def __init__(self, factor: int, cache_dir: str) -> None:
+        super().__init__(cache_dir)
+        self.factor = factor
+
+    def load(self) -> SourceData:
+        data = super().load()
+        generator = torch.Generator().manual_seed(0)
+        shifts = torch.randint(-2, 3, (self.factor, 2), generator=generator).tolist()
+        images = torch.cat([data.images.roll(shift, dims=(2, 3)) for shift in shifts])
+        return SourceData(images, data.labels.repeat(self.factor), data.num_classes)
 
 
 class PILImages(Dataset):
@@ -185,17 +216,60 @@ def run_arguments(description: str, epochs: int) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--quick", action="store_true", help="smoke run: first model, 1 epoch on 100 images")
+    parser.add_argument("--quick", action="store_true", help="smoke run: first model, 1 epoch on 100 images (--costs: all)")
     return parser
 
 
 def run_overrides(args: argparse.Namespace) -> list[str]:
     """train.py overrides for every run; `--quick` also cuts `args` to one model and one repeat."""
-    overrides = [f"trainer.max_epochs={1 if args.quick else args.epochs}", "trainer.accelerator=cpu"]
+    overrides = [f"trainer.max_epochs={1 if args.quick else args.epochs}"]
+    if not any(o.startswith("trainer") for o in getattr(args, "overrides", [])):  # e.g. trainer=gpu
+        overrides.append("trainer.accelerator=cpu")
     if args.quick:
         args.models, args.repeats = args.models[:1], 1
-        overrides += ["data.labels_per_class=10", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+        overrides += ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+        if not getattr(args, "costs", False):  # whose two training sets are the point
+            overrides.append("data.labels_per_class=10")
     return overrides
+
+
+def steps_per_epoch(overrides: list[str], out: Path) -> int:
+    datamodule, _ = data_and_model(compose_config(overrides, out))
+    return math.ceil(len(datamodule.train_set) / datamodule.hparams.batch_size)
+
+
+def costs(args: argparse.Namespace, overrides: list[str]) -> None:
+    """--costs: per-step and per-epoch fixed cost of each pipeline, from a near-null model's epochs at two sizes."""
+    pipelines = [p for p in args.pipelines if p != "c"]
+    times: dict[str, dict[str, list[float]]] = {size: {p: [] for p in pipelines} for size in SIZES}
+    sized = {size: [*NULL_MODEL, *extra, *overrides] for size, extra in SIZES.items()}
+    with tempfile.TemporaryDirectory() as out:
+        steps = {size: steps_per_epoch(sized[size], Path(out) / size) for size in SIZES}
+        for repeat in range(args.repeats):
+            for size in SIZES:
+                shift = repeat % len(pipelines)
+                for pipeline in pipelines[shift:] + pipelines[:shift]:
+                    epochs, _ = run(pipeline, "ae", sized[size], Path(out) / f"{repeat}{size}", CLOCKS[args.clock])
+                    times[size][pipeline].append(statistics.fmean(epochs[""]))
+    results = {}
+    for pipeline in pipelines:
+        small, large = (statistics.median(times[size][pipeline]) for size in SIZES)
+        per_step = (large - small) / (steps["enlarged"] - steps["bundled"])
+        results[pipeline] = {
+            **{f"{size} s/epoch": statistics.median(times[size][pipeline]) for size in SIZES},
+            "us/step": 1e6 * per_step,
+            "fixed ms/epoch": 1e3 * (small - per_step * steps["bundled"]),
+        }
+    print(f"\n{args.clock} clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"near-null model ({' '.join(NULL_MODEL)}), {steps['bundled']} and {steps['enlarged']} steps an epoch, "
+          f"medians of {args.repeats}")  # fmt: skip
+    columns = list(next(iter(results.values())))
+    print(f"{'pipeline':10}" + "".join(f"{c:>20}" for c in columns))
+    for pipeline, figures in results.items():
+        print(f"{pipeline:10}" + "".join(f"{figures[c]:20.3f}" for c in columns))
+    if args.json:
+        summary = {"clock": args.clock, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+        args.json.write_text(json.dumps({**summary, "steps": steps, "costs": results, "runs": times}, indent=2))
 
 
 def main() -> None:
@@ -203,11 +277,15 @@ def main() -> None:
     parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's choice")
     parser.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: this process's CPU time (all threads)")
+    parser.add_argument("--costs", action="store_true", help="per-step and per-epoch costs of a near-null model")
     parser.add_argument("overrides", nargs="*", help="train.py overrides for all pipelines, e.g. data.batch_size=256")
     args = parser.parse_args()
     overrides = [*run_overrides(args), *args.overrides]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.costs:
+        costs(args, overrides)
+        return
 
     times: dict[str, dict[str, list[float]]] = {model: {} for model in args.models}
     quality: dict[str, dict[str, list[float]]] = {model: {} for model in args.models}

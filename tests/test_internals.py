@@ -1,4 +1,4 @@
-"""The three private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
+"""The four private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
 torch: an upgrade that moves or changes them fails here."""
 
 import lightning as L
@@ -9,7 +9,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
-from autoencoders.internals import add_summary, scalar_logging_step, stop_at_next_step
+from autoencoders.internals import add_summary, checkpoint_of, scalar_logging_step, stop_at_next_step
 from autoencoders.models import AE
 
 
@@ -48,3 +48,15 @@ def test_a_requested_stop_is_what_lightning_reads_as_sigterm():
     assert not trainer.received_sigterm
     stop_at_next_step(trainer)
     assert trainer.received_sigterm  # what its loops check between steps, raising SIGTERMException
+
+
+def test_the_checkpoint_held_in_memory_is_what_save_checkpoint_writes(tmp_path):
+    x = torch.rand(8, 1, 8, 8)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)  # fmt: skip
+    trainer.fit(AE((1, 8, 8), latent_dim=2), DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "saved.ckpt")
+    saved, held = torch.load(tmp_path / "saved.ckpt", weights_only=True), checkpoint_of(trainer)
+    assert held.keys() == saved.keys() and held["global_step"] == saved["global_step"] == 2
+    assert all(torch.equal(held["state_dict"][k], v) for k, v in saved["state_dict"].items())
+    assert "optimizer_states" not in checkpoint_of(trainer, weights_only=True)

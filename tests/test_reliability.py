@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 import zipfile
 from argparse import Namespace
@@ -20,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from autoencoders.checkpoints import SafeCheckpointIO
+import autoencoders
+from autoencoders.checkpoints import SafeCheckpointIO, all_finite
 from autoencoders.cli import user_error
 from autoencoders.errors import UserError
 from autoencoders.training import train
-from tests.faulty_train import Fault
+from tests.faulty_train import PAUSE_S, Fault
 from tests.helpers import ROOT, TINY, compose_train, run_train
 
 # 2 epochs of 2 small batches, with deterministic CPU kernels so that two runs can be compared exactly.
@@ -57,12 +57,21 @@ def metrics(run_dir: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One run that was never interrupted, and the same run SIGKILLed in its second epoch (at global step 3)."""
+    """One 4-epoch run (2 steps each) that was never interrupted, and the same run SIGKILLed in its last epoch (at
+    global step 7), with last.ckpt at most every PAUSE_S seconds: a pause in epoch 1 makes its end write one, and
+    epoch 2's end state is only held in memory when the kill comes."""
     root = tmp_path_factory.mktemp("runs")
     whole, killed = root / "whole", root / "killed"
+    timed = [*RUN, "trainer.max_epochs=4", f"checkpoint_every_s={PAUSE_S}"]
     procs = [
-        start(ROOT / "train.py", *RUN, f"hydra.run.dir={whole}", cwd=root, env={}),
-        start(ROOT / "tests" / "faulty_train.py", *RUN, f"hydra.run.dir={killed}", cwd=root, env={"FAULT": "kill@3"}),
+        start(ROOT / "train.py", *timed, f"hydra.run.dir={whole}", cwd=root, env={}),
+        start(
+            ROOT / "tests" / "faulty_train.py",
+            *timed,
+            f"hydra.run.dir={killed}",
+            cwd=root,
+            env={"FAULT": "pause@3 kill@7"},
+        ),  # fmt: skip
     ]
     (_, err), _ = procs[0].communicate(), procs[1].communicate()
     assert procs[0].returncode == 0, err[-3000:]
@@ -70,16 +79,19 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"whole": whole, "killed": killed}
 
 
-def test_killed_run_resumes_with_no_epoch_lost_and_ends_like_an_uninterrupted_one(runs):
+def test_a_run_killed_between_timed_checkpoints_resumes_from_the_older_one_and_ends_like_an_uninterrupted_one(runs):
     killed = runs["killed"]
     last = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (last["epoch"], last["global_step"]) == (0, 2)  # the finished epoch is on disk
+    assert (last["epoch"], last["global_step"]) == (1, 4)  # epoch 2's end was held, not written, when the kill came
     assert not (killed / "metrics.json").exists()
+    # the best checkpoint that this last.ckpt names is on disk and loads: the run can still test it
+    (best,) = [state for key, state in last["callbacks"].items() if key.startswith("BestCheckpoint")]
+    assert Path(best["best_model_path"]).is_file() and autoencoders.load(best["best_model_path"])
 
     first_log = (killed / "train.log").read_text()
     original = {p.name: p.read_bytes() for p in (killed / ".hydra").glob("*.yaml")}
-    run_train(*RUN, f"hydra.run.dir={killed}", "ckpt_path=last", cwd=killed.parent, tiny=False)
-    assert metrics(killed) == pytest.approx(metrics(runs["whole"]), rel=1e-5)
+    run_train(*RUN, "trainer.max_epochs=4", f"hydra.run.dir={killed}", "ckpt_path=last", cwd=killed.parent, tiny=False)
+    assert metrics(killed) == pytest.approx(metrics(runs["whole"]), rel=1e-6)
     # the resume kept the history: the first attempt's command and config, and its log, which was appended to
     assert {p.name: p.read_bytes() for p in (killed / ".hydra").glob("*.yaml")} == original
     assert "ckpt_path=last" in (killed / ".hydra" / "attempt-2" / "overrides.yaml").read_text()
@@ -88,24 +100,23 @@ def test_killed_run_resumes_with_no_epoch_lost_and_ends_like_an_uninterrupted_on
 
 @pytest.mark.parametrize(
     ("sent", "code", "named"),
-    [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C (SIGINT)")],
+    [("term", 143, "SIGTERM"), ("int", 130, "Ctrl-C (SIGINT)")],
     ids=["TERM", "INT"],
 )
-def test_a_signal_stops_with_128_plus_its_number_naming_the_checkpoint_to_resume_from(tmp_path, sent, code, named):
-    """SIGTERM, as SLURM sends before preemption, or Ctrl-C: the run stops, keeps its last finished epoch and does not
-    report success."""
+def test_a_signal_stops_with_128_plus_its_number_writing_the_last_finished_epoch(tmp_path, sent, code, named):
+    """SIGTERM, as SLURM sends before preemption, or Ctrl-C, in epoch 2 or later of a run whose last.ckpt was not due
+    yet: the run writes the last finished epoch's end state, names it, and does not report success."""
     run_dir = tmp_path / "run"
-    proc = start(ROOT / "train.py", *TINY, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, env={})
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(sent)
-    _, err = proc.communicate(timeout=60)
+    proc = start(
+        ROOT / "tests" / "faulty_train.py", *TINY, "trainer.max_epochs=1000", "checkpoint_every_s=3600",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"FAULT": f"{sent}@5"},
+    )  # fmt: skip
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
-    assert f"error: stopped by {named} at step" in err
-    assert f"resume it with ckpt_path=last hydra.run.dir={run_dir}" in err
-    assert torch.load(last, weights_only=True)["epoch"] >= 0 and not (run_dir / "metrics.json").exists()
+    stopped = re.search(rf"error: stopped by {re.escape(named)} at step \d+ \(epoch (\d+)\)", err)
+    assert stopped and f"resume it with ckpt_path=last hydra.run.dir={run_dir}" in err
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == int(stopped[1]) - 1 >= 1 and not (run_dir / "metrics.json").exists()
 
 
 class SendsASignal:
@@ -139,24 +150,26 @@ def test_a_signal_during_a_checkpoint_write_arrives_after_it_and_the_checkpoint_
     assert saved["x"] == 7 and torch.equal(saved["state_dict"]["w"], torch.ones(3))
 
 
-def test_last_ckpt_is_the_latest_epoch_even_when_val_loss_stops_improving(tmp_path):
+def test_last_ckpt_is_the_latest_epoch_at_the_end_of_fit_even_when_val_loss_stops_improving(tmp_path):
     run_dir = tmp_path / "run"
-    train(
-        compose_train(run_dir, *TINY, "model=ae", "optimizer.lr=1e-30", "trainer.max_epochs=3")
-    )  # no step moves a weight
+    overrides = ["model=ae", "optimizer.lr=1e-30", "trainer.max_epochs=3", "checkpoint_every_s=3600"]
+    train(compose_train(run_dir, *TINY, *overrides))  # no step moves a weight; no last.ckpt is due before the end
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(runs, tmp_path):
+def test_nan_loss_stops_naming_the_step_and_writes_the_last_good_epoch(runs, tmp_path):
+    """NaN in epoch 5 of a resumed run whose last.ckpt was not due: epoch 4's end state, held in memory, is written."""
     run_dir = tmp_path / "run"
     shutil.copytree(runs["whole"], run_dir)
-    before = snapshot(run_dir / "checkpoints")
-    cfg = compose_train(run_dir, *RUN, "trainer.max_epochs=3", "ckpt_path=last")
-    with pytest.raises(UserError, match=r"loss became non-finite \(loss = nan\) at step 4 \(epoch 2\)"):
-        train(cfg, [Fault("nan", 4)])
-    assert snapshot(run_dir / "checkpoints") == before
+    cfg = compose_train(run_dir, *RUN, "trainer.max_epochs=6", "checkpoint_every_s=3600", "ckpt_path=last")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    kept = rf"the last good checkpoint, {re.escape(str(last))}, is kept"
+    with pytest.raises(UserError, match=rf"loss became non-finite \(loss = nan\) at step 11 \(epoch 5\).*{kept}"):
+        train(cfg, [Fault("nan", 11)])
+    state = torch.load(last, weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (4, 10) and all_finite(state["state_dict"].values())
 
 
 def test_checkpoint_writes_are_atomic_finite_and_read_back_weights_only(tmp_path, monkeypatch):
