@@ -29,13 +29,38 @@ from autoencoders.pictures import image_grid
 from autoencoders.probes import knn_vote
 
 
-class BestCheckpoint(ModelCheckpoint):
+class HeldCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that saves at epoch ends only, into memory: each save is a copy of the checkpoint (on the
+    model's device; no disk), held until `write_held` writes it."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._held: tuple[str, dict] | None = None  # (file, checkpoint) not yet written
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        """Nothing: ModelCheckpoint checks every step whether a step-based save is due, which none is here."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's save
+        self._last_global_step_saved = trainer.global_step
+        if trainer.is_global_zero:
+            self._held = filepath, copy.deepcopy(checkpoint_of(trainer, self.save_weights_only))
+
+    def write_held(self, trainer: L.Trainer) -> bool:
+        """Write the held checkpoint, if any; whether there was one."""
+        if self._held is None:
+            return False
+        (path, checkpoint), self._held = self._held, None
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        return True
+
+
+class BestCheckpoint(HeldCheckpoint):
     """The best checkpoint by a validation metric (null: the model's selection metric), weights only: it is for testing
     and evaluation, so it skips the optimizer state (2/3 of an Adam-trained model's bytes). `val_metrics` are the
     validation metrics of the epoch that saved it, so metrics.json reports val and test of one and the same
     checkpoint.
 
-    A new best costs no write on the training path: its weights are copied and held in memory, and written (as
+    A new best costs no write on the training path: its weights are held in memory, and written (as
     best-epochNNN.ckpt) just before the next last.ckpt, which names it, and at the end of fit or when training stops
     on an error or a signal. The best it replaces is removed after that last.ckpt is durable, so the best checkpoint
     that any last.ckpt names is on disk, after any crash."""
@@ -50,7 +75,6 @@ class BestCheckpoint(ModelCheckpoint):
             save_weights_only=True,
         )
         self.val_metrics: dict[str, float] = {}
-        self._held: tuple[str, dict] | None = None  # (file, checkpoint) of a best not yet written
         self._replaced: list[str] = []  # earlier bests, to remove once a newer last.ckpt is durable
 
     def state_dict(self) -> dict[str, Any]:  # in last.ckpt, so a resumed run reports its best's metrics too
@@ -75,18 +99,8 @@ class BestCheckpoint(ModelCheckpoint):
         if self.best_model_score is not None and (before is None or bool(self.best_model_score != before)):
             self.val_metrics = latest_val_metrics(trainer)
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's write of a new best
-        if trainer.is_global_zero:
-            self._held = filepath, copy.deepcopy(checkpoint_of(trainer, weights_only=True))
-        self._last_global_step_saved = trainer.global_step
-
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's removal of the last
         self._replaced.append(filepath)
-
-    def write_held(self, trainer: L.Trainer) -> None:
-        if self._held is not None:
-            trainer.strategy.save_checkpoint(self._held[1], self._held[0])
-            self._held = None
 
     def remove_replaced(self, trainer: L.Trainer) -> None:
         """Remove the earlier bests, behind the saves in flight (SafeCheckpointIO queues removals)."""
@@ -107,34 +121,28 @@ class BestCheckpoint(ModelCheckpoint):
             self.remove_replaced(trainer)
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(HeldCheckpoint):
     """checkpoints/last.ckpt, the whole state at the end of an epoch, for exact resumes (ckpt_path=last).
 
-    It is written when at least `every_s` seconds have passed since the last write (0: every epoch), at the end of
-    fit, and when training stops on an error or a signal. Between writes, each epoch's end state is copied and held
-    in memory (on the model's device: an optimizer-state-sized copy, no disk), so a stop writes the last finished
-    epoch, never a half-trained one. A run killed outright (SIGKILL, power cut) resumes from the last write and trains
-    the epochs since again, which ends exactly where the uninterrupted run ends: batch order and noise are drawn from
-    (seed, epoch). Each write first writes the best checkpoint that the state names (BestCheckpoint)."""
+    Each epoch's end state is held in memory, and written when at least `every_s` seconds have passed since the last
+    write (0: every epoch), at the end of fit, and when training stops on an error or a signal: so a stop writes the
+    last finished epoch, never a half-trained one. A run killed outright (SIGKILL, power cut) resumes from the last
+    write and trains the epochs since again, which ends exactly where the uninterrupted run ends: batch order and
+    noise are drawn from (seed, epoch). Each write first writes the best checkpoint that the state names."""
 
     def __init__(self, dirpath: str | Path, every_s: float):
         super().__init__(dirpath=dirpath, filename="last", enable_version_counter=False)
         self.every_s = every_s
-        self._held: tuple[str, dict] | None = None  # (file, checkpoint) of an epoch's end not yet written
         self._written_at = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._written_at = time.monotonic()
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's write, at an epoch's end
-        self._last_global_step_saved = trainer.global_step
-        if trainer.is_global_zero:
-            self._held = filepath, checkpoint_of(trainer)
-            if time.monotonic() - self._written_at >= self.every_s:
-                self.write_held(trainer)
-            else:
-                self._held = filepath, copy.deepcopy(self._held[1])
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if time.monotonic() - self._written_at >= self.every_s:
+            self.write_held(trainer)
 
     def write_held(self, trainer: L.Trainer) -> bool:
         """Write the held state, if any, after the best checkpoint that it names; whether there was one."""
@@ -144,9 +152,9 @@ class LastCheckpoint(ModelCheckpoint):
         for best in bests:
             best.write_held(trainer)
         try:
-            trainer.strategy.save_checkpoint(self._held[1], self._held[0])
+            super().write_held(trainer)
         finally:
-            self._held, self._written_at = None, time.monotonic()
+            self._written_at = time.monotonic()
         for best in bests:
             best.remove_replaced(trainer)
         return True

@@ -8,11 +8,14 @@ project saved before its checkpoints were made durable):
   safe        SafeCheckpointIO.save_checkpoint as training calls it, the previous save's fsync already done (as it is
               after an epoch of training): serialise, then hand the fsyncs and rename to the background thread
   safe_wait   the same and then waiting for the background thread: what a synchronous durable save would cost
+  held        a copy in memory (copy.deepcopy), what an epoch's end costs when no last.ckpt is due
+              (callbacks.LastCheckpoint, which writes at most every checkpoint_every_s seconds)
 
     python benchmarks/checkpoint_save.py [--repeats 30] [--latent-dim 16] [--json FILE] [--quick]
 """
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -57,6 +60,7 @@ def main() -> None:
             "crc": lambda: plain(True),
             "safe": lambda: io.save_checkpoint(checkpoint, target),
             "safe_wait": safe_wait,
+            "held": lambda: copy.deepcopy(checkpoint),
         }
         times: dict[str, list[float]] = {name: [] for name in ways}
         for _ in range(repeats):

@@ -15,7 +15,7 @@ CPU instead of the wall clock: steadier on a busy machine, but blind to waiting 
 -ELBO for VAEs) shows that the pipelines learn alike; for VAEs b also reports the importance-weighted bound (k=100).
 
 `--costs` measures instead what each pipeline costs per optimizer step and per epoch, whatever the model: a near-null
-model (an MLP AE with one 2-unit hidden layer and a 2-d code) trains on the bundled training set (32 steps an epoch)
+model (an MLP AE with one 2-unit hidden layer and a 4-d code) trains on the bundled training set (32 steps an epoch)
 and on one ENLARGE times as large, made in memory from shifted copies of it (313 steps), with validation cut to the
 same 4 batches in both. Each pipeline's epoch time is fitted as `fixed + per_step * steps`: per_step (microseconds)
 is what the loop costs around each step, fixed (milliseconds) what it costs once an epoch (validation, checkpoints,
@@ -55,7 +55,12 @@ from autoencoders.training import build, train
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PIPELINES = ("a", "b", "c", "l")
 ENLARGE = 10
-NULL_MODEL = ["model=ae", "model.widths=[2]", "latent_dim=2", "trainer.limit_val_batches=4"]  # --costs
+NULL_MODEL = [
+    "model=ae",
+    "model.widths=[2]",
+    "latent_dim=4",
+    "trainer.limit_val_batches=4",
+]  # --costs (4: a 2-d code adds scatter plots)
 SIZES = {  # --costs: train.py overrides of the two training sets
     "bundled": [],
     "enlarged": [f"data.source._target_={__name__}.EnlargedDigits", f"+data.source.factor={ENLARGE}"],
@@ -209,6 +214,12 @@ def run(
     return runners.get(pipeline, run_framework)(cfg, clock)
 
 
+def warm_up(pipelines: list[str], model: str, overrides: list[str], out: Path, clock: str) -> None:
+    """One untimed epoch of each pipeline: what a process pays once (lazy imports, first kernels) is not timed."""
+    for pipeline in pipelines:
+        run(pipeline, model, [*overrides, "trainer.max_epochs=1"], out / "warm-up", CLOCKS[clock])
+
+
 def run_arguments(description: str, epochs: int) -> argparse.ArgumentParser:
     """The options that train_speed.py and levers.py share: which models, how long, how often, where to."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,7 +227,9 @@ def run_arguments(description: str, epochs: int) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--quick", action="store_true", help="smoke run: first model, 1 epoch on 100 images (--costs: all)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: first model, 1 epoch on 100 images (--costs: all)"
+    )
     return parser
 
 
@@ -233,6 +246,11 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def peak_gpu_memory() -> dict[str, float]:
+    """The most GPU memory this process's tensors have held (MiB), on a GPU machine."""
+    return {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
+
+
 def steps_per_epoch(overrides: list[str], out: Path) -> int:
     datamodule, _ = data_and_model(compose_config(overrides, out))
     return math.ceil(len(datamodule.train_set) / datamodule.hparams.batch_size)
@@ -245,6 +263,7 @@ def costs(args: argparse.Namespace, overrides: list[str]) -> None:
     sized = {size: [*NULL_MODEL, *extra, *overrides] for size, extra in SIZES.items()}
     with tempfile.TemporaryDirectory() as out:
         steps = {size: steps_per_epoch(sized[size], Path(out) / size) for size in SIZES}
+        warm_up(pipelines, "ae", sized["bundled"], Path(out), args.clock)
         for repeat in range(args.repeats):
             for size in SIZES:
                 shift = repeat % len(pipelines)
@@ -268,7 +287,12 @@ def costs(args: argparse.Namespace, overrides: list[str]) -> None:
     for pipeline, figures in results.items():
         print(f"{pipeline:10}" + "".join(f"{figures[c]:20.3f}" for c in columns))
     if args.json:
-        summary = {"clock": args.clock, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+        summary = {
+            "clock": args.clock,
+            "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()[0],
+            **peak_gpu_memory(),
+        }
         args.json.write_text(json.dumps({**summary, "steps": steps, "costs": results, "runs": times}, indent=2))
 
 
@@ -290,6 +314,7 @@ def main() -> None:
     times: dict[str, dict[str, list[float]]] = {model: {} for model in args.models}
     quality: dict[str, dict[str, list[float]]] = {model: {} for model in args.models}
     with tempfile.TemporaryDirectory() as out:
+        warm_up(args.pipelines, args.models[0], overrides, Path(out), args.clock)
         for repeat in range(args.repeats):
             for model in args.models:
                 shift = repeat % len(args.pipelines)
@@ -318,7 +343,12 @@ def main() -> None:
     for model, figures in results.items():
         print(f"{model:10}" + "".join(f"{figures.get(c, float('nan')):16.3f}" for c in columns))
     if args.json:
-        summary = {"clock": args.clock, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+        summary = {
+            "clock": args.clock,
+            "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()[0],
+            **peak_gpu_memory(),
+        }
         args.json.write_text(json.dumps({**summary, "results": results}, indent=2))
 
 

@@ -24,7 +24,7 @@ import lightning as L
 from autoencoders import training
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
-PAUSE_S = 5.0
+PAUSE_S = 3.0
 SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT}
 
 

@@ -28,6 +28,31 @@ def test_train_speed_reports_each_pipeline_and_ratio(tmp_path):
     assert all(key in stdout for key in expected)
 
 
+@pytest.mark.slow
+def test_train_speed_costs_report_each_pipelines_per_step_and_per_epoch_cost(tmp_path):
+    out = tmp_path / "costs.json"
+    run_benchmark("train_speed.py", "--costs", "--quick", "--pipelines", "a", "l", "--json", str(out), cwd=tmp_path)
+    figures = json.loads(out.read_text())
+    assert figures["steps"] == {"bundled": 32, "enlarged": 313}  # 4,000 and 40,000 training images, batch 128
+    assert figures["costs"].keys() == {"a", "l"} and all(f["us/step"] > 0 for f in figures["costs"].values())
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_and_writes_one_json_file(tmp_path):
+    """On a CPU, as a smoke run: the CUDA-only tests skip, the benchmarks run for one epoch."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--quick"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps"].keys() == {"cuda_tests", "train_speed", "step_costs", "peers"}
+    assert all(step["status"] == 0 for step in report["steps"].values())
+    assert report["steps"]["step_costs"]["figures"]["costs"]["a"]["us/step"] > 0
+    assert "pythae/this s/epoch (median)" in report["steps"]["peers"]["figures"]["comparison"]
+    assert f"every figure is in {out}" in proc.stdout
+
+
 def test_startup_reports_help_and_config_times(tmp_path):
     out = tmp_path / "startup.json"
     run_benchmark("startup.py", "--quick", "--json", str(out), cwd=tmp_path)

@@ -308,6 +308,7 @@ BAD_INPUT = {
     "negative latent_dim": (["latent_dim=-4"], "latent_dim=-4 is not a positive integer"),
     "negative kl_weight": (["kl_weight=-1"], r"kl_weight=-1(\.0)? is not a finite, non-negative number"),
     "kl_weight nan": (["kl_weight=nan"], "kl_weight=nan is not a finite, non-negative number"),
+    "negative checkpoint_every_s": (["checkpoint_every_s=-1"], r"checkpoint_every_s=-1(\.0)? is not a finite"),
     "kl_weight inf": (["kl_weight=inf"], "kl_weight=inf is not a finite, non-negative number"),
     "negative seed": (["seed=-1"], r"seed=-1 is outside the seeds torch accepts. Use 0 <= seed < 2\*\*32"),
     "seed past 2**32": (["seed=4294967296"], "seed=4294967296 is outside the seeds torch accepts"),

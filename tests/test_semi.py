@@ -103,7 +103,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     epochs = ["trainer.limit_train_batches=null", "trainer.limit_val_batches=null", "trainer.limit_test_batches=null"]
     two_epochs = ["trainer.max_epochs=2", *epochs]
     run_train("latent_dim=8", *two_epochs, f"hydra.run.dir={root / 'vae'}", cwd=root)
-    common = ["model=m2", "latent_dim=8", "data.labels_per_class=10", *two_epochs]
+    common = ["model=m2", "latent_dim=8", "data.labels_per_class=10", "model.nll_samples=10", *two_epochs]
     run_train(*common, f"hydra.run.dir={root / 'm2'}", cwd=root)
     m1 = root / "vae" / "checkpoints" / "last.ckpt"
     run_train(*common, f"encoder_ckpt={m1}", f"hydra.run.dir={root / 'm1m2'}", cwd=root)
