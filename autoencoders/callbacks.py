@@ -100,7 +100,8 @@ class BestCheckpoint(HeldCheckpoint):
             self.val_metrics = latest_val_metrics(trainer)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's removal of the last
-        self._replaced.append(filepath)
+        if trainer.is_global_zero:  # the process that writes
+            self._replaced.append(filepath)
 
     def remove_replaced(self, trainer: L.Trainer) -> None:
         """Remove the earlier bests, behind the saves in flight (SafeCheckpointIO queues removals)."""

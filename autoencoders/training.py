@@ -21,6 +21,7 @@ from autoencoders.console import metrics_table
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
 from autoencoders.files import write_json
+from autoencoders.internals import skip_inherited_batch_hooks
 from autoencoders.likelihoods import for_data
 from autoencoders.loggers import build_loggers, finish, log_hparams, run_hparams
 from autoencoders.optim import run_values
@@ -185,6 +186,8 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
         cfg.trainer, "trainer", logger=loggers, callbacks=callbacks, plugins=[SafeCheckpointIO()]
     )
     check_launchable(trainer)
+    for callback in trainer.callbacks:  # Lightning's own too
+        skip_inherited_batch_hooks(callback)
     if trainer.is_global_zero:
         log_hparams(loggers, run_hparams(cfg, HydraConfig.get().runtime.choices))
 

@@ -1,4 +1,4 @@
-"""The four private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
+"""The five private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
 torch: an upgrade that moves or changes them fails here."""
 
 import lightning as L
@@ -9,7 +9,14 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
-from autoencoders.internals import add_summary, checkpoint_of, scalar_logging_step, stop_at_next_step
+from autoencoders.internals import (
+    BATCH_HOOKS,
+    add_summary,
+    checkpoint_of,
+    scalar_logging_step,
+    skip_inherited_batch_hooks,
+    stop_at_next_step,
+)
 from autoencoders.models import AE
 
 
@@ -60,3 +67,25 @@ def test_the_checkpoint_held_in_memory_is_what_save_checkpoint_writes(tmp_path):
     assert held.keys() == saved.keys() and held["global_step"] == saved["global_step"] == 2
     assert all(torch.equal(held["state_dict"][k], v) for k, v in saved["state_dict"].items())
     assert "optimizer_states" not in checkpoint_of(trainer, weights_only=True)
+
+
+def test_lightning_skips_the_batch_hooks_a_callback_inherits_and_calls_those_it_overrides(tmp_path):
+    calls = []
+
+    class Recorder(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            calls.append(batch_idx)
+
+    recorder, plain = Recorder(), L.Callback()
+    for callback in (recorder, plain):
+        skip_inherited_batch_hooks(callback)
+    assert all(getattr(plain, name) is None for name in BATCH_HOOKS)
+    assert callable(recorder.on_train_batch_end) and recorder.on_before_zero_grad is None
+    x = torch.rand(8, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=4)
+    trainer = L.Trainer(max_epochs=1, logger=False, callbacks=[recorder, plain], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(AE((1, 8, 8), latent_dim=2), loader, loader)
+    trainer.test(trainer.lightning_module, loader)
+    assert calls == [0, 1]  # each BATCH_HOOKS name is a hook Lightning dispatches, skipping None
+    assert all(hasattr(L.Callback, name) for name in BATCH_HOOKS)
