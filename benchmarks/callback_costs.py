@@ -32,7 +32,7 @@ class HookTimer(L.Callback):
             if isinstance(callback, (HookTimer, EpochTimer)):
                 continue
             for name in dir(L.Callback):
-                if name.startswith("on_"):
+                if name.startswith("on_") and callable(getattr(callback, name)):  # None: a hook Lightning skips
                     setattr(callback, name, self._timed(type(callback).__name__, name, getattr(callback, name)))
 
     def _timed(self, owner: str, hook: str, fn):

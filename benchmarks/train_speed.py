@@ -332,10 +332,13 @@ def main() -> None:
         }
         for model in args.models
     }
-    for figures in results.values():
+    for model, figures in results.items():
         for num, den in (("a", "b"), ("a", "b_train"), ("c", "a"), ("l", "b"), ("a", "l")):
             if f"{num} s/epoch" in figures and f"{den} s/epoch" in figures:
                 figures[f"{num}/{den}"] = figures[f"{num} s/epoch"] / figures[f"{den} s/epoch"]
+        if "a" in times[model] and "l" in times[model]:  # the worst repeat (a and l time the same repeat's turn)
+            pairs = zip(times[model]["a"], times[model]["l"], strict=True)
+            figures["a/l worst"] = max(ours / floor for ours, floor in pairs)
     print(f"\n{args.clock} clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(" ".join(overrides))
     columns = list(dict.fromkeys(k for figures in results.values() for k in figures))
@@ -349,7 +352,7 @@ def main() -> None:
             "load_average": os.getloadavg()[0],
             **peak_gpu_memory(),
         }
-        args.json.write_text(json.dumps({**summary, "results": results}, indent=2))
+        args.json.write_text(json.dumps({**summary, "results": results, "runs": times}, indent=2))
 
 
 if __name__ == "__main__":
