@@ -65,6 +65,8 @@ def test_quick_run_reports_both_pipelines(tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
-    assert results["pythae"]["pythae/this"] == 1 and results["train.py"]["pythae/this"] > 0
-    assert all(-1000 < figures["test ELBO"] <= figures["test IWAE"] < 0 for figures in results.values())
+    report = json.loads(out.read_text())
+    assert report["comparison"]["pythae/this s/epoch (median)"] > 0 and report["seeds"] == [0]
+    assert all(
+        -1000 < figures["test ELBO (mean)"] <= figures["test IWAE (mean)"] < 0 for figures in report["results"].values()
+    )
