@@ -1,9 +1,12 @@
 """The sweep report: one table of every job (overrides, status, val and test metrics) sorted by a validation metric,
-written as summary.csv and summary.md, and the plots a researcher expects: rate-distortion across kl_weight, and
-metrics against latent_dim per model (on the test split: reported, not used to choose)."""
+written as summary.csv and summary.md; when jobs differ only in `seed`, one more table of each configuration's mean
+± std over its seeds (summary_over_seeds.csv, and in summary.md), ranked on its validation mean; and the plots a
+researcher expects, with error bars over seeds: rate-distortion across kl_weight, and metrics against latent_dim per
+model (on the test split: reported, not used to choose)."""
 
 import csv
 import logging
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -54,9 +57,22 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
 
+    configurations = over_seeds(rows, metrics, sort_by)
+    seeded = any(c["n"] > 1 for c in configurations)
+    seed_columns = ["configuration", "n", *(f"{m} {s}" for m in metrics for s in ("mean", "std"))]
+    if seeded:
+        with open(sweep_dir / "summary_over_seeds.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=seed_columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(configurations)
+    else:  # not left from an older report of the same sweep dir
+        (sweep_dir / "summary_over_seeds.csv").unlink(missing_ok=True)
+
     plots = {
-        "rate_distortion.png": rate_distortion(rows),
-        "metrics_vs_latent_dim.png": metrics_vs_latent_dim(rows, [sort_by, "test/nll", "test/fid_prior", "test/recon"]),
+        "rate_distortion.png": rate_distortion(configurations),
+        "metrics_vs_latent_dim.png": metrics_vs_latent_dim(
+            configurations, [sort_by, "test/nll", "test/fid_prior", "test/recon"]
+        ),
     }
     for name, figure in plots.items():  # a plot with nothing to show is removed, not left from an older report
         if figure is None:
@@ -73,12 +89,59 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
         "",
         table,
         "",
+        *(over_seeds_section(configurations, metrics, sort_by) if seeded else []),
         *(f"- `<split>/{key}`: {METRICS[key][1]}" for key in dict.fromkeys(map(metric_key, metrics))),
         *(f"\n![{name}]({name})" for name, figure in plots.items() if figure is not None),
     ]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     log.info("Wrote %s:\n%s", sweep_dir / "summary.md", table)
     return rows
+
+
+def over_seeds(rows: list[dict], metrics: list[str], sort_by: str) -> list[dict]:
+    """The scored jobs grouped by their overrides other than `seed`: one row per configuration with its `n` seeds,
+    the mean of every metric under the metric's own name and its standard deviation under "<metric> std" (0 for
+    one seed), ranked on the mean of `sort_by`."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row.get("status") == "ok":
+            groups[" ".join(o for o in row["overrides"].split() if not o.startswith("seed="))].append(row)
+    configurations = []
+    for configuration, group in groups.items():
+        summary = {k: group[0].get(k) for k in ("model", "latent_dim", "kl_weight")}
+        summary |= {"configuration": configuration, "n": len(group), "overrides": configuration}
+        for metric in metrics:
+            values = [row[metric] for row in group if isinstance(row.get(metric), float | int)]
+            if values:
+                summary[metric] = summary[f"{metric} mean"] = statistics.fmean(values)
+                summary[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        configurations.append(summary)
+    sign = -1 if METRICS[metric_key(sort_by)][0] else 1
+    return sorted(configurations, key=lambda c: (sort_by not in c, sign * c.get(sort_by, 0)))
+
+
+def over_seeds_section(configurations: list[dict], metrics: list[str], sort_by: str) -> list[str]:
+    """summary.md's table of the configurations: mean ± std (n) of every metric, ranked on `sort_by`'s mean."""
+    shared = set.intersection(*(set(c["configuration"].split()) for c in configurations))
+
+    def cell(configuration: dict, metric: str) -> str:
+        if metric not in configuration:
+            return ""
+        return f"{configuration[metric]:.4g} ± {configuration[f'{metric} std']:.2g} ({configuration['n']})"
+
+    lines = [
+        "## Over seeds",
+        "",
+        f"Jobs that differ only in `seed`, as mean ± standard deviation (number of seeds), ranked on the mean of "
+        f"`{sort_by}`; also in summary_over_seeds.csv.",
+        "",
+        "| configuration | " + " | ".join(metrics) + " |",
+        "|" + "---|" * (len(metrics) + 1),
+    ]
+    for configuration in configurations:
+        name = " ".join(o for o in configuration["configuration"].split() if o not in shared) or "(all)"
+        lines.append(f"| {name} | " + " | ".join(cell(configuration, m) for m in metrics) + " |")
+    return [*lines, ""]
 
 
 def _metric_order(name: str) -> tuple[int, int, str]:
@@ -117,8 +180,8 @@ def _groups(rows: list[dict], keys: tuple[str, ...], needed: tuple[str, ...]) ->
 
 
 def rate_distortion(rows: list[dict]) -> Figure | None:
-    """KL (rate) against reconstruction NLL (distortion) of every VAE, one line per model and latent_dim through
-    its kl_weights; None without VAEs."""
+    """KL (rate) against reconstruction NLL (distortion) of every VAE configuration (over_seeds: bars of ± one
+    standard deviation over seeds), one line per model and latent_dim through its kl_weights; None without VAEs."""
     groups = _groups(rows, ("model", "latent_dim"), ("test/kl", "test/recon", "kl_weight"))
     if not groups:
         return None
@@ -127,7 +190,10 @@ def rate_distortion(rows: list[dict]) -> Figure | None:
     for (model, latent_dim), group in sorted(groups.items(), key=str):
         group.sort(key=lambda r: r["kl_weight"])
         kl, recon = [r["test/kl"] for r in group], [r["test/recon"] for r in group]
-        ax.plot(kl, recon, "o-", label=f"{model}, latent_dim={latent_dim}")
+        spread = {
+            f"{axis}err": [r.get(f"{m} std", 0) for r in group] for axis, m in (("x", "test/kl"), ("y", "test/recon"))
+        }
+        ax.errorbar(kl, recon, **spread, fmt="o-", capsize=3, label=f"{model}, latent_dim={latent_dim}")
         for row in group:
             ax.annotate(f"β={row['kl_weight']:g}", (row["test/kl"], row["test/recon"]), fontsize=8)
     ax.set(
@@ -140,8 +206,8 @@ def rate_distortion(rows: list[dict]) -> Figure | None:
 
 
 def metrics_vs_latent_dim(rows: list[dict], metrics: list[str]) -> Figure | None:
-    """One panel per metric that some run has, one line per model (and kl_weight) across latent_dim, in the same
-    colour in every panel."""
+    """One panel per metric that some configuration has (over_seeds: bars of ± one standard deviation over seeds),
+    one line per model (and kl_weight) across latent_dim, in the same colour in every panel."""
     metrics = [m for m in dict.fromkeys(metrics) if any(row.get(m) is not None for row in rows)]
     if not metrics:
         return None
@@ -154,9 +220,10 @@ def metrics_vs_latent_dim(rows: list[dict], metrics: list[str]) -> Figure | None
             model, kl_weight = key
             label = model if kl_weight is None else f"{model} (kl_weight={kl_weight:g})"
             x, y = [r["latent_dim"] for r in group], [r[metric] for r in group]
-            ax.plot(x, y, "o-", color=colours[key], label=label)
+            spread = [r.get(f"{metric} std", 0) for r in group]
+            ax.errorbar(x, y, yerr=spread, fmt="o-", capsize=3, color=colours[key], label=label)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="latent_dim", title=f"{metric} (test split)")
-    handles = {h.get_label(): h for ax in figure.axes for h in ax.get_lines()}
+        ax.set(xlabel="latent_dim", title=metric)  # its name says its split
+    handles = {label: h for ax in figure.axes for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
     figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
     return figure

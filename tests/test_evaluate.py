@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -16,6 +17,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import autoencoders
+from autoencoders import report
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.errors import UserError
 from autoencoders.evaluation import device, evaluate, reconstruction_metrics, sampler_identity, vae_metrics
@@ -318,3 +320,48 @@ def test_checkpoint_scored_on_data_of_another_shape_is_a_clear_error(sweep, tmp_
     with pytest.raises(UserError, match="trained on 1x28x28 images, but the data to score holds 3x32x32"):
         # a path holding "=" or "," must be quoted for Hydra
         evaluate(evaluate_config(f"run_dir='{run_dirs(sweep)['vae']}'", "data.source.image_size=32", *overrides))
+
+
+def test_a_sweep_report_over_seeds_gives_each_configuration_mean_and_std_ranked_on_validation(tmp_path):
+    """Jobs that differ only in `seed` are one configuration: its mean ± std over seeds (numpy's, ddof=1), ranked
+    on the validation mean; a failed job counts in no mean."""
+    val_recon = {  # (overrides, model, kl_weight): val/recon of seeds 0, 1, ...
+        ("model=ae latent_dim=2", "ae", None): [110.0, 112.0, 117.0],
+        ("model=vae latent_dim=2", "vae", 1.0): [105.0, 104.0],
+        ("model=vae latent_dim=2 kl_weight=4", "vae", 4.0): [120.0, 126.0],
+    }
+    rows = [
+        {"run": f"{i}_job", "status": "ok", "model": model, "latent_dim": 2, "kl_weight": kl_weight,
+         "overrides": f"{overrides} seed={seed}", "val/recon": value, "test/recon": value + 1, "test/kl": value / 10}
+        for i, ((overrides, model, kl_weight), values) in enumerate(val_recon.items())
+        for seed, value in enumerate(values)
+    ]  # fmt: skip
+    rows.append({"run": "9_job", "status": "failed: NaN", "model": "ae", "latent_dim": 2, "kl_weight": None,
+                 "overrides": "model=ae latent_dim=2 seed=3"})  # fmt: skip
+    report.write_report(tmp_path, rows, "val/recon")
+
+    with open(tmp_path / "summary_over_seeds.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [row["configuration"] for row in table] == [
+        "model=vae latent_dim=2", "model=ae latent_dim=2", "model=vae latent_dim=2 kl_weight=4"
+    ]  # lower val/recon is better  # fmt: skip
+    for row in table:
+        (values,) = [np.array(v) for (overrides, *_), v in val_recon.items() if overrides == row["configuration"]]
+        assert int(row["n"]) == len(values)
+        assert float(row["val/recon mean"]) == pytest.approx(values.mean())
+        assert float(row["val/recon std"]) == pytest.approx(values.std(ddof=1))
+        assert float(row["test/recon mean"]) == pytest.approx(values.mean() + 1)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Over seeds" in summary and f"| 113 ± {np.std([110, 112, 117], ddof=1):.2g} (3) |" in summary
+    for plot in ("rate_distortion.png", "metrics_vs_latent_dim.png"):
+        assert Image.open(tmp_path / plot).size[0] > 100
+    figure = report.metrics_vs_latent_dim(report.over_seeds(rows, ["val/recon"], "val/recon"), ["val/recon"])
+    (legend,) = figure.legends  # one entry per line, error bars and all
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["ae", "vae (kl_weight=1)", "vae (kl_weight=4)"]
+
+    one_seed_each = [row for row in rows if row["overrides"].endswith("seed=0")]
+    report.write_report(tmp_path, one_seed_each, "val/recon")  # the same sweep dir, evaluated again
+    assert (
+        not (tmp_path / "summary_over_seeds.csv").exists()
+        and "## Over seeds" not in (tmp_path / "summary.md").read_text()
+    )
