@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check a GPU machine in one command (within 8 minutes on one H200), every figure to one JSON file:
+# Check a GPU machine in one command (at most 8 minutes: each step has a time limit), every figure to one JSON file:
 #
 #   bash benchmarks/gpu_check.sh [OUT.json]    # default gpu_check.json: the CUDA-only tests, train_speed.py (s/epoch
 #                                              # of a, b and l; per-step and per-epoch costs), peers.py, peak memory
