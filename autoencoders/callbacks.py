@@ -19,13 +19,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
+from torchvision.utils import save_image
 
 from autoencoders.checkpoints import all_finite
 from autoencoders.errors import EveryProcessError, UserError
 from autoencoders.internals import checkpoint_of, scalar_logging_step, stop_at_next_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
-from autoencoders.pictures import image_grid
+from autoencoders.pictures import image_grid, latent_traversal
 from autoencoders.probes import knn_vote
 
 
@@ -251,12 +252,14 @@ class ImageLogger(L.Callback):
 
     Tags: images/reconstructions (originals above reconstructions), images/samples (decoded z ~ N(0, I)),
     images/interpolations (one row per pair, a*z1 + (1-a)*z2), and latent/scatter for 2-D codes. At the end of
-    fit, codes of the validation images go to TensorBoard's embedding projector (latent_dim > 2). Models other than
-    autoencoders (the classifier) get no images.
+    fit, the same grids of the final weights and a latent traversal (pictures.latent_traversal) are written as PNGs
+    into `dirpath` (the run's pictures/), and codes of the validation images go to TensorBoard's embedding projector
+    (latent_dim > 2). Models other than autoencoders (the classifier) get no images.
     """
 
     def __init__(
         self,
+        dirpath: str | Path | None = None,
         num_images: int = 16,
         num_samples: int = 64,
         num_pairs: int = 8,
@@ -264,6 +267,7 @@ class ImageLogger(L.Callback):
         num_codes: int = 1000,
         every_n_epochs: int = 5,
     ):
+        self.dirpath = Path(dirpath) if dirpath is not None else None
         self.num_images, self.num_samples, self.num_pairs, self.steps = num_images, num_samples, num_pairs, steps
         self.num_codes, self.every_n_epochs = num_codes, every_n_epochs
 
@@ -288,23 +292,27 @@ class ImageLogger(L.Callback):
             or (trainer.current_epoch % self.every_n_epochs and not last)
         ):
             return
-        step, model = scalar_logging_step(trainer), pl_module
+        step = scalar_logging_step(trainer)
+        if not self.has_prior and trainer.current_epoch == 0:
+            for logger in trainer.loggers:  # said once, where text can go, instead of decoding noise
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("images/samples", NO_PRIOR, step)
+        for tag, grid in self._grids(pl_module).items():
+            log_image(trainer.loggers, tag, grid, step)
+
+    def _grids(self, model: AE) -> dict[str, Tensor]:
+        """The grids of `model` by TensorBoard tag."""
         x = self.images[: self.num_images].to(model.device)
         grids = {"images/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
         if self.has_prior:
             grids["images/samples"] = image_grid(model.decode(self.prior_z.to(model.device)), nrow=8)
-        elif trainer.current_epoch == 0:
-            for logger in trainer.loggers:  # said once, where text can go, instead of decoding noise
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("images/samples", NO_PRIOR, step)
         pairs = self.images[: 2 * min(self.num_pairs, len(self.images) // 2)].to(model.device)  # a small val split
         if len(pairs):
             rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
             grids["images/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)
         if model.latent_dim == 2:
             grids["latent/scatter"] = self._scatter(model.encode(self.images.to(model.device)).cpu())
-        for tag, grid in grids.items():
-            log_image(trainer.loggers, tag, grid, step)
+        return grids
 
     def _scatter(self, codes: torch.Tensor) -> torch.Tensor:
         """The 2-D codes coloured by label, as a (3, H, W) image in [0, 1]."""
@@ -313,7 +321,7 @@ class ImageLogger(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")  # constrained: no axis label clipped
         points = ax.scatter(codes[:, 0], codes[:, 1], c=self.labels, cmap="tab10", s=4)
         ax.legend(*points.legend_elements(), title="label", fontsize="small", loc="best")
         ax.set(xlabel="z[0]", ylabel="z[1]", title="validation codes")
@@ -324,7 +332,16 @@ class ImageLogger(L.Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, AE) or pl_module.latent_dim == 2 or not trainer.is_global_zero:
+        if not isinstance(pl_module, AE) or not trainer.is_global_zero:
+            return
+        if self.dirpath is not None:
+            grids = self._grids(pl_module)
+            x = self.images[:1].to(pl_module.device)
+            grids["traversal"] = image_grid(latent_traversal(pl_module, x, self.steps, max_dims=32), self.steps)
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            for tag, grid in grids.items():
+                save_image(grid, self.dirpath / f"{tag.rsplit('/', 1)[-1]}.png")
+        if pl_module.latent_dim == 2:
             return
         codes = pl_module.encode(self.images.to(pl_module.device)).cpu()
         for logger in trainer.loggers:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -35,6 +36,20 @@ def vae_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("vae") / "run"
     run_train("model=vae", "latent_dim=2", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
     return run_dir
+
+
+def test_run_dir_holds_pictures_of_the_final_weights(vae_run):
+    """28x28 images in grids with 2-pixel borders: 16 validation images above their reconstructions, 8x8 prior
+    samples, 8 interpolations of 10 steps, a traversal of each of the 2 code dims in 10 steps, and the 2-d codes."""
+    pictures = vae_run / "pictures"
+    sizes = {p.name: Image.open(p).size for p in pictures.glob("*.png")}
+    side = lambda n: 2 + 30 * n  # noqa: E731
+    assert sizes == {
+        "reconstructions.png": (side(16), side(2)), "samples.png": (side(8), side(8)),
+        "interpolations.png": (side(10), side(8)), "traversal.png": (side(10), side(2)), "scatter.png": (500, 500),
+    }  # fmt: skip
+    reconstructions = np.asarray(Image.open(pictures / "reconstructions.png").convert("L"), dtype=float)
+    assert reconstructions[2:30].std() > 0 and reconstructions[32:60].std() > 0  # digits, not blank rows
 
 
 def test_run_dir_holds_config_checkpoints_and_metrics(vae_run):
