@@ -281,6 +281,7 @@ class ImageLogger(L.Callback):
         prior = pl_module.prior_sampler()
         self.has_prior = not prior.needs_fit  # a VQ-VAE's is fitted after training
         self.prior_z = prior.draw(self.num_samples, generator) if self.has_prior else None
+        self._latest: tuple[int, dict[str, Tensor]] = (-1, {})  # (global step, grids) last logged
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -297,7 +298,8 @@ class ImageLogger(L.Callback):
             for logger in trainer.loggers:  # said once, where text can go, instead of decoding noise
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text("images/samples", NO_PRIOR, step)
-        for tag, grid in self._grids(pl_module).items():
+        self._latest = trainer.global_step, self._grids(pl_module)
+        for tag, grid in self._latest[1].items():
             log_image(trainer.loggers, tag, grid, step)
 
     def _grids(self, model: AE) -> dict[str, Tensor]:
@@ -335,7 +337,8 @@ class ImageLogger(L.Callback):
         if not isinstance(pl_module, AE) or not trainer.is_global_zero:
             return
         if self.dirpath is not None:
-            grids = self._grids(pl_module)
+            step, grids = self._latest  # the last validation's, unless training went on after it
+            grids = dict(grids) if step == trainer.global_step else self._grids(pl_module)
             x = self.images[:1].to(pl_module.device)
             grids["traversal"] = image_grid(latent_traversal(pl_module, x, self.steps, max_dims=32), self.steps)
             self.dirpath.mkdir(parents=True, exist_ok=True)
