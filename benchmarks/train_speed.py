@@ -251,6 +251,19 @@ def peak_gpu_memory() -> dict[str, float]:
     return {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
 
 
+def report(args: argparse.Namespace, heading: str, row: str, table: dict, width: int, **saved: object) -> None:
+    """Print `table` (a row of figures per key) under the clock line and `heading`; write `saved` to --json."""
+    print(f"\n{args.clock} clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(heading)
+    columns = list(dict.fromkeys(k for figures in table.values() for k in figures))
+    print(f"{row:10}" + "".join(f"{c:>{width}}" for c in columns))
+    for name, figures in table.items():
+        print(f"{name:10}" + "".join(f"{figures.get(c, float('nan')):{width}.3f}" for c in columns))
+    if args.json:
+        machine = {"clock": args.clock, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+        args.json.write_text(json.dumps({**machine, **peak_gpu_memory(), **saved}, indent=2))
+
+
 def steps_per_epoch(overrides: list[str], out: Path) -> int:
     datamodule, _ = data_and_model(compose_config(overrides, out))
     return math.ceil(len(datamodule.train_set) / datamodule.hparams.batch_size)
@@ -279,21 +292,11 @@ def costs(args: argparse.Namespace, overrides: list[str]) -> None:
             "us/step": 1e6 * per_step,
             "fixed ms/epoch": 1e3 * (small - per_step * steps["bundled"]),
         }
-    print(f"\n{args.clock} clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"near-null model ({' '.join(NULL_MODEL)}), {steps['bundled']} and {steps['enlarged']} steps an epoch, "
-          f"medians of {args.repeats}")  # fmt: skip
-    columns = list(next(iter(results.values())))
-    print(f"{'pipeline':10}" + "".join(f"{c:>20}" for c in columns))
-    for pipeline, figures in results.items():
-        print(f"{pipeline:10}" + "".join(f"{figures[c]:20.3f}" for c in columns))
-    if args.json:
-        summary = {
-            "clock": args.clock,
-            "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg()[0],
-            **peak_gpu_memory(),
-        }
-        args.json.write_text(json.dumps({**summary, "steps": steps, "costs": results, "runs": times}, indent=2))
+    heading = (
+        f"near-null model ({' '.join(NULL_MODEL)}), {steps['bundled']} and {steps['enlarged']} steps an epoch, "
+        f"medians of {args.repeats}"
+    )
+    report(args, heading, "pipeline", results, 20, steps=steps, costs=results, runs=times)
 
 
 def main() -> None:
@@ -339,20 +342,7 @@ def main() -> None:
         if "a" in times[model] and "l" in times[model]:  # the worst repeat (a and l time the same repeat's turn)
             pairs = zip(times[model]["a"], times[model]["l"], strict=True)
             figures["a/l worst"] = max(ours / floor for ours, floor in pairs)
-    print(f"\n{args.clock} clock, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    print(" ".join(overrides))
-    columns = list(dict.fromkeys(k for figures in results.values() for k in figures))
-    print(f"{'model':10}" + "".join(f"{c:>16}" for c in columns))
-    for model, figures in results.items():
-        print(f"{model:10}" + "".join(f"{figures.get(c, float('nan')):16.3f}" for c in columns))
-    if args.json:
-        summary = {
-            "clock": args.clock,
-            "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg()[0],
-            **peak_gpu_memory(),
-        }
-        args.json.write_text(json.dumps({**summary, "results": results, "runs": times}, indent=2))
+    report(args, " ".join(overrides), "model", results, 16, results=results, runs=times)
 
 
 if __name__ == "__main__":
