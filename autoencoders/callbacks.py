@@ -43,8 +43,18 @@ class HeldCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's save
         self._last_global_step_saved = trainer.global_step
-        if trainer.is_global_zero:
-            self._held = filepath, copy.deepcopy(checkpoint_of(trainer, self.save_weights_only))
+        if not trainer.is_global_zero:
+            return
+        checkpoint = checkpoint_of(trainer, self.save_weights_only)
+        if self.due():  # written now, while its tensors are this step's: no copy
+            self._held = filepath, checkpoint
+            self.write_held(trainer)
+        else:  # held: a copy, since the tensors change with the next step
+            self._held = filepath, copy.deepcopy(checkpoint)
+
+    def due(self) -> bool:
+        """Whether a save is written at once instead of held."""
+        return False
 
     def write_held(self, trainer: L.Trainer) -> bool:
         """Write the held checkpoint, if any; whether there was one."""
@@ -141,10 +151,8 @@ class LastCheckpoint(HeldCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._written_at = time.monotonic()
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if time.monotonic() - self._written_at >= self.every_s:
-            self.write_held(trainer)
+    def due(self) -> bool:
+        return time.monotonic() - self._written_at >= self.every_s
 
     def write_held(self, trainer: L.Trainer) -> bool:
         """Write the held state, if any, after the best checkpoint that it names; whether there was one."""
