@@ -48,8 +48,7 @@ def scored_runs(sweep_dir: Path) -> int:
 def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     """Write summary.csv, summary.md and the plots into `sweep_dir`; returns the rows in table order."""
     higher_better = METRICS[metric_key(sort_by)][0]
-    sign = -1 if higher_better else 1
-    rows = sorted(rows, key=lambda r: (sort_by not in r, sign * r.get(sort_by, 0)))  # unscored rows last, in job order
+    rows = ranked(rows, sort_by)
     metrics = sorted({name for row in rows for name in row} - set(RUN_COLUMNS), key=_metric_order)
     columns = RUN_COLUMNS + metrics
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
@@ -109,15 +108,20 @@ def over_seeds(rows: list[dict], metrics: list[str], sort_by: str) -> list[dict]
     configurations = []
     for configuration, group in groups.items():
         summary = {k: group[0].get(k) for k in ("model", "latent_dim", "kl_weight")}
-        summary |= {"configuration": configuration, "n": len(group), "overrides": configuration}
+        summary |= {"configuration": configuration, "n": len(group)}
         for metric in metrics:
             values = [row[metric] for row in group if isinstance(row.get(metric), float | int)]
             if values:
                 summary[metric] = summary[f"{metric} mean"] = statistics.fmean(values)
                 summary[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         configurations.append(summary)
+    return ranked(configurations, sort_by)
+
+
+def ranked(rows: list[dict], sort_by: str) -> list[dict]:
+    """`rows` best first by `sort_by`; those without it last, in their order."""
     sign = -1 if METRICS[metric_key(sort_by)][0] else 1
-    return sorted(configurations, key=lambda c: (sort_by not in c, sign * c.get(sort_by, 0)))
+    return sorted(rows, key=lambda r: (sort_by not in r, sign * r.get(sort_by, 0)))
 
 
 def over_seeds_section(configurations: list[dict], metrics: list[str], sort_by: str) -> list[str]:
