@@ -256,7 +256,8 @@ NO_PRIOR = (
 
 class ImageLogger(L.Callback):
     """Every `every_n_epochs` validation epochs and after the last, log grids of a fixed batch of validation images
-    and of fixed prior draws, to every logger that takes images, at the step of that epoch's validation scalars.
+    and of prior draws at a fixed seed, to every logger that takes images, at the step of that epoch's validation
+    scalars.
 
     Tags: images/reconstructions (originals above reconstructions), images/samples (decoded z ~ N(0, I)),
     images/interpolations (one row per pair, a*z1 + (1-a)*z2), and latent/scatter for 2-D codes. At the end of
@@ -286,9 +287,7 @@ class ImageLogger(L.Callback):
         generator = torch.Generator().manual_seed(0)
         chosen = torch.randperm(len(images), generator=generator)[: self.num_codes]  # the split may be sorted by label
         self.images, self.labels = images[chosen], labels[chosen]
-        prior = pl_module.prior_sampler()
-        self.has_prior = not prior.needs_fit  # a VQ-VAE's is fitted after training
-        self.prior_z = prior.draw(self.num_samples, generator) if self.has_prior else None
+        self.has_prior = not pl_module.prior_sampler().needs_fit  # a VQ-VAE's is fitted after training
         self._latest: tuple[int, dict[str, Tensor]] = (-1, {})  # (global step, grids) last logged
 
     @torch.no_grad()
@@ -315,7 +314,9 @@ class ImageLogger(L.Callback):
         x = self.images[: self.num_images].to(model.device)
         grids = {"images/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
         if self.has_prior:
-            grids["images/samples"] = image_grid(model.decode(self.prior_z.to(model.device)), nrow=8)
+            # drawn anew with the same seed each time: a learned prior (VampPrior, a hierarchy's) changes in training
+            samples = model.sample(self.num_samples, torch.Generator().manual_seed(0))
+            grids["images/samples"] = image_grid(samples, nrow=8)
         pairs = self.images[: 2 * min(self.num_pairs, len(self.images) // 2)].to(model.device)  # a small val split
         if len(pairs):
             rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)

@@ -106,7 +106,9 @@ class AEConfig:  # conf/model/ae.yaml, conv_ae.yaml: autoencoders.models.AE
 @dataclass
 class VAEConfig(AEConfig):  # conf/model/vae.yaml, conv_vae.yaml: autoencoders.models.VAE
     kl_weight: float = MISSING
+    kl_schedule: str = MISSING
     kl_warmup_epochs: int = MISSING
+    kl_cycles: int = MISSING
     nll_samples: int = MISSING
 
 
@@ -133,9 +135,8 @@ class IWAEConfig(AEConfig):  # conf/model/iwae.yaml: autoencoders.models.IWAE
 
 
 @dataclass
-class BetaTCVAEConfig(AEConfig):  # conf/model/beta_tcvae.yaml: autoencoders.models.BetaTCVAE
+class BetaTCVAEConfig(VAEConfig):  # conf/model/beta_tcvae.yaml: autoencoders.models.BetaTCVAE
     tc_weight: float = MISSING
-    nll_samples: int = MISSING
 
 
 @dataclass
@@ -145,6 +146,54 @@ class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.models.VQVAE
     commitment: float = MISSING
     ema: bool = MISSING
     decay: float = MISSING
+
+
+@dataclass
+class RAEConfig(AEConfig):  # conf/model/rae.yaml: autoencoders.models.RAE
+    embedding_weight: float = MISSING
+    decoder_weight: float = MISSING
+
+
+@dataclass
+class AAEConfig(AEConfig):  # conf/model/aae.yaml: autoencoders.models.AAE
+    adversarial_weight: float = MISSING
+    discriminator_lr: float = MISSING
+    discriminator_width: int = MISSING
+
+
+@dataclass
+class InfoVAEConfig(VAEConfig):  # conf/model/info_vae.yaml: autoencoders.models.InfoVAE
+    alpha: float = MISSING
+    mmd_weight: float = MISSING
+
+
+@dataclass
+class VampVAEConfig(VAEConfig):  # conf/model/vamp.yaml: autoencoders.models.VampVAE
+    pseudo_inputs: int = MISSING
+
+
+@dataclass
+class IAFVAEConfig(VAEConfig):  # conf/model/vae_iaf.yaml: autoencoders.models.IAFVAE
+    flow_steps: int = MISSING
+    flow_widths: list[int] = MISSING
+
+
+@dataclass
+class HVAEConfig(VAEConfig):  # conf/model/hvae.yaml: autoencoders.models.HVAE
+    top_latent_dim: int | None = MISSING
+    hidden: int = MISSING
+
+
+@dataclass
+class FactorVAEConfig(VAEConfig):  # conf/model/factor_vae.yaml: autoencoders.models.FactorVAE
+    tc_weight: float = MISSING
+    discriminator_lr: float = MISSING
+    discriminator_width: int = MISSING
+
+
+@dataclass
+class FSQVAEConfig(AEConfig):  # conf/model/fsq.yaml: autoencoders.models.FSQVAE
+    levels: int = MISSING
 
 
 @dataclass
@@ -188,6 +237,7 @@ def register() -> None:
     store.store(name="data_schema", node=DataConfig)
     models = {"ae": AEConfig, "vae": VAEConfig, "dae": DAEConfig, "sparse_ae": SparseAEConfig, "wae": WAEConfig}
     models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
-    models["m2"] = M2Config
+    models |= {"m2": M2Config, "rae": RAEConfig, "aae": AAEConfig, "info_vae": InfoVAEConfig, "vamp": VampVAEConfig}
+    models |= {"vae_iaf": IAFVAEConfig, "hvae": HVAEConfig, "factor_vae": FactorVAEConfig, "fsq": FSQVAEConfig}
     for name, node in models.items():
         store.store(name=f"model_{name}_schema", node=node)

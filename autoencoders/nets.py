@@ -138,6 +138,37 @@ class ResNetDecoder(nn.Sequential):
         super().__init__(*layers, nn.Conv2d(channels[-1], out_c, 3, padding=1))
 
 
+class MADE(nn.Module):
+    """A masked autoencoder for distribution estimation (Germain et al., 2015): an MLP from (..., dim) inputs to
+    `outputs` numbers per input dim, output i depending only on inputs 1..i-1 (in the order given), so its Jacobian
+    from inputs to each output block is strictly lower triangular. An optional `context` (e.g. an encoder's features)
+    enters the first hidden layer unmasked."""
+
+    def __init__(self, dim: int, hidden: Sequence[int] = (64, 64), outputs: int = 2, context_dim: int = 0):
+        super().__init__()
+        self.dim, self.outputs = dim, outputs
+        degrees = [torch.arange(1, dim + 1)]  # input i has degree i
+        degrees += [torch.arange(width) % max(1, dim - 1) + 1 for width in hidden]  # hidden units: 1..dim-1, cycled
+        self.layers = nn.ModuleList(nn.Linear(len(a), len(b)) for a, b in zip(degrees, degrees[1:], strict=False))
+        self.out = nn.Linear(len(degrees[-1]), dim * outputs)
+        self.context = nn.Linear(context_dim, hidden[0], bias=False) if context_dim else None
+        for i in range(len(hidden)):  # a hidden unit sees inputs of degree <= its own
+            self.register_buffer(f"mask{i}", (degrees[i + 1][:, None] >= degrees[i][None]).float())
+        # output block k, entry i sees hidden units of degree < i
+        out_degrees = torch.arange(1, dim + 1).repeat(outputs)
+        self.register_buffer("out_mask", (out_degrees[:, None] > degrees[-1][None]).float())
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """(..., dim) -> (..., outputs, dim)."""
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = nn.functional.linear(h, layer.weight * getattr(self, f"mask{i}"), layer.bias)
+            if i == 0 and self.context is not None:
+                h = h + self.context(context)
+            h = nn.functional.relu(h)
+        return nn.functional.linear(h, self.out.weight * self.out_mask, self.out.bias).unflatten(-1, (self.outputs, -1))
+
+
 NETS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "mlp": (MLPEncoder, MLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),

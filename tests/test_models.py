@@ -95,10 +95,18 @@ def test_iwae_bound_is_at_least_the_elbo():
     assert torch.all(model.log_likelihood(x, k=200) >= elbo)
 
 
-def test_kl_warmup_ramps_the_weight_linearly_over_training_steps():
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ({"kl_warmup_epochs": 2}, [4.0 * min(1, step / 8) for step in range(12)]),  # linear over 2 epochs of 4 steps
+        ({"kl_schedule": "constant"}, [4.0] * 12),
+        ({"kl_schedule": "cyclic", "kl_cycles": 3}, [0.0, 2.0, 4.0, 4.0] * 3),  # 3 cycles of 4 steps: half a ramp
+    ],
+)
+def test_the_kl_weight_follows_its_schedule_over_training_steps(schedule, expected):
     x = torch.rand(32, 1, 28, 28)
     loader = DataLoader(TensorDataset(x, torch.zeros(32)), batch_size=8)  # 4 steps per epoch
-    model = VAE((1, 28, 28), latent_dim=2, kl_weight=4.0, kl_warmup_epochs=2)
+    model = VAE((1, 28, 28), latent_dim=2, kl_weight=4.0, **schedule)
     betas = []
 
     class RecordBeta(L.Callback):
@@ -115,8 +123,8 @@ def test_kl_warmup_ramps_the_weight_linearly_over_training_steps():
         accelerator="cpu",
     )
     trainer.fit(model, loader)
-    assert betas == pytest.approx([4.0 * min(1, step / 8) for step in range(12)])
-    assert VAE((1, 28, 28), kl_weight=4.0).kl_beta() == 4.0  # no warm-up: the full weight from the start
+    assert betas == pytest.approx(expected)
+    assert VAE((1, 28, 28), kl_weight=4.0, **schedule).kl_beta() == 4.0  # outside training: the full weight
 
 
 @pytest.mark.parametrize(
@@ -126,6 +134,9 @@ def test_kl_warmup_ramps_the_weight_linearly_over_training_steps():
         ({"latent_dim": -3}, "latent_dim=-3"),
         ({"kl_weight": -1.0}, "kl_weight=-1.0"),
         ({"likelihood": "mse"}, "likelihood='mse'"),
+        ({"kl_schedule": "cosine"}, "kl_schedule='cosine'"),
+        ({"kl_schedule": "constant", "kl_warmup_epochs": 3}, "constant` has no warm-up"),
+        ({"kl_schedule": "cyclic", "kl_cycles": 0}, "kl_cycles=0"),
     ],
 )
 def test_bad_hyperparameters_are_clear_errors(kwargs, match):

@@ -17,8 +17,26 @@ import autoencoders
 from autoencoders.errors import UserError
 from autoencoders.evaluation import evaluate
 from autoencoders.losses import imq_mmd, kl_decomposition
-from autoencoders.models import DAE, IWAE, VAE, VQVAE, WAE, BetaTCVAE, SparseAE
+from autoencoders.models import (
+    AAE,
+    DAE,
+    FSQVAE,
+    HVAE,
+    IAFVAE,
+    IWAE,
+    RAE,
+    VAE,
+    VQVAE,
+    WAE,
+    BetaTCVAE,
+    FactorVAE,
+    InfoVAE,
+    SparseAE,
+    VampVAE,
+)
+from autoencoders.models.adversarial import permute_dims
 from autoencoders.models.classifier import Classifier
+from autoencoders.models.vq import fsq_levels
 from autoencoders.samplers import CodePrior
 from autoencoders.training import train
 from tests.helpers import ROOT, TINY, compose_train
@@ -231,8 +249,198 @@ def test_the_code_prior_learns_the_dependence_between_tokens_and_a_vqvae_samples
     assert model.sample(4, sampler=fitted).shape == (4, *SHAPE)
 
 
+def normal_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) per image, from torch.distributions."""
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    return torch.distributions.kl_divergence(q, Normal(0, 1)).sum(-1)
+
+
+def test_the_vampprior_is_the_explicit_mixture_of_its_pseudo_inputs_posteriors():
+    model = VampVAE(SHAPE, pseudo_inputs=3, latent_dim=2)
+    z = torch.randn(5, 4, 2)
+    mu, logvar = model.encoder(model.pseudo_inputs.clamp(0, 1)).chunk(2, dim=1)
+    components = torch.distributions.Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+    mixture = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(torch.ones(3)), components)
+    torch.testing.assert_close(model.prior_log_prob(z), mixture.log_prob(z))
+    x = binary_images()
+    torch.manual_seed(5)
+    recon, kl = model.elbo_terms(x)
+    torch.manual_seed(5)
+    q_mu, q_logvar = model.posterior(x)
+    q = Normal(q_mu, torch.exp(0.5 * q_logvar))
+    draw = q_mu + q.stddev * torch.randn(1, *q_mu.shape)[0]
+    torch.testing.assert_close(kl, q.log_prob(draw).sum(1) - mixture.log_prob(draw))
+    torch.testing.assert_close(recon, bernoulli_nll(model.decoder(draw), x))
+    samples = model.prior_sampler().draw(20000, torch.Generator().manual_seed(0))  # the mixture's moments
+    torch.testing.assert_close(samples.mean(0), mu.mean(0), atol=0.05, rtol=0)
+
+
+def test_the_iaf_log_determinant_is_that_of_autograds_full_jacobian():
+    model = IAFVAE(SHAPE, flow_steps=3, flow_widths=[16, 16], latent_dim=3)
+    context = torch.randn(3)
+    z0 = torch.randn(3)
+    jacobian = torch.autograd.functional.jacobian(lambda z: model.flow(z, context)[0], z0)
+    _, log_det = model.flow(z0, context)
+    torch.testing.assert_close(log_det, torch.linalg.slogdet(jacobian)[1])
+    made = model.flow.made[0]  # one MADE: output i reads only inputs before i
+    made_jacobian = torch.autograd.functional.jacobian(lambda z: made(z, context)[0], z0)
+    assert torch.all(made_jacobian.triu() == 0)
+    x = binary_images()
+    torch.manual_seed(6)
+    recon, kl = model.elbo_terms(x)
+    torch.manual_seed(6)
+    mu, logvar, h = model.encoder(x).chunk(3, dim=1)
+    q0 = Normal(mu, torch.exp(0.5 * logvar))
+    z0 = mu + q0.stddev * torch.randn(1, *mu.shape)[0]
+    zt = model.flow(z0, h)[0]
+    log_dets = torch.stack([torch.linalg.slogdet(torch.autograd.functional.jacobian(
+        lambda z, c=c: model.flow(z, c)[0], z))[1] for z, c in zip(z0, h, strict=True)])  # fmt: skip
+    torch.testing.assert_close(kl, q0.log_prob(z0).sum(1) - log_dets - Normal(0, 1).log_prob(zt).sum(1))
+    torch.testing.assert_close(recon, bernoulli_nll(model.decoder(zt), x))
+
+
+def test_the_hierarchical_bound_is_the_two_layer_log_ratio_from_torch_distributions():
+    model = HVAE(SHAPE, top_latent_dim=2, hidden=8, latent_dim=3)
+    x = binary_images()
+    torch.manual_seed(7)
+    z1, log_ratio = model.latent_draws(x, 4)
+    torch.manual_seed(7)
+    mu, logvar = model.encoder(x).chunk(2, dim=1)
+    q2 = Normal(*(lambda m, lv: (m, torch.exp(0.5 * lv)))(*model.bottom_up(torch.cat([mu, logvar], 1)).chunk(2, 1)))
+    z2 = q2.loc + q2.scale * torch.randn(4, *q2.loc.shape)
+    p_mu, p_logvar = model.prior_net(z2).chunk(2, -1)
+    p1 = Normal(p_mu, torch.exp(0.5 * p_logvar))
+    # q(z1|x,z2) is proportional to N(mu, var) * p(z1|z2): log q1 = log N(z1; mu, var) + log p1(z1) - log of their
+    # overlap, the normaliser, which is the density N(mu; p_mu, var + p_var)
+    bottom = Normal(mu, torch.exp(0.5 * logvar))
+    overlap = Normal(p_mu, torch.sqrt(logvar.exp() + p_logvar.exp())).log_prob(mu)
+    log_q1 = bottom.log_prob(z1) + p1.log_prob(z1) - overlap
+    expected = q2.log_prob(z2).sum(-1) + log_q1.sum(-1) - Normal(0, 1).log_prob(z2).sum(-1) - p1.log_prob(z1).sum(-1)
+    torch.testing.assert_close(log_ratio, expected)
+    assert torch.all(model.log_likelihood(x, k=200) >= torch.stack([model.elbo(x) for _ in range(100)]).mean(0))
+    draws = model.prior_sampler().draw(3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws, model.prior_sampler().draw(3, torch.Generator().manual_seed(0)))
+
+
+def test_the_info_vae_loss_weights_the_kl_and_the_mmd_to_prior_draws():
+    model = InfoVAE(SHAPE, alpha=0.5, mmd_weight=3.0, latent_dim=2)
+    x = binary_images()
+    torch.manual_seed(8)
+    terms = model.loss_terms(x)
+    torch.manual_seed(8)
+    mu, logvar = model.posterior(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    prior = torch.randn_like(z)
+    kl = normal_kl(mu, logvar).mean()
+    recon = bernoulli_nll(model.decoder(z), x).mean()
+    torch.testing.assert_close(terms["loss"], recon + 0.5 * kl + 2.5 * imq_mmd(z, prior))
+    torch.testing.assert_close(terms["elbo"], -(recon + kl))
+    with pytest.raises(UserError, match="alpha=2"):
+        InfoVAE(SHAPE, alpha=2.0)
+
+
+def test_the_rae_loss_adds_the_code_and_decoder_weight_penalties():
+    model = RAE(SHAPE, embedding_weight=0.5, decoder_weight=0.01, latent_dim=2)
+    x = binary_images()
+    terms = model.loss_terms(x)
+    z = model.encode(x)
+    weights = sum(float((m.weight.detach() ** 2).sum()) for m in model.decoder.modules() if isinstance(m, torch.nn.Linear))
+    recon = bernoulli_nll(model.decoder(z), x).mean()
+    expected = recon + 0.5 * 0.5 * (z**2).sum(1).mean() + 0.01 * weights
+    torch.testing.assert_close(terms["loss"], expected)
+    with pytest.raises(UserError, match="no N\\(0, I\\) prior"):
+        model.sample(2)
+    fitted = model.prior_sampler().fit(torch.randn(50, 2))
+    assert model.sample(3, sampler=fitted).shape == (3, *SHAPE)
+
+
+@pytest.mark.parametrize("levels", [5, 4])
+def test_fsq_rounds_each_bounded_code_number_to_the_nearest_of_its_levels(levels):
+    model = FSQVAE(SHAPE, levels=levels, latent_dim=3)
+    z = torch.linspace(-6, 6, 300).view(-1, 3).requires_grad_()
+    codes = model.quantize(z)
+    grid = fsq_levels(levels)
+    half = (levels - 1) * (1 - 1e-3) / 2
+    offset = 0.5 if levels % 2 == 0 else 0.0
+    bounded = (torch.tanh(z + np.arctanh(offset / half)) * half - offset).detach() / (levels // 2)
+    nearest = grid[(bounded.unsqueeze(-1) - grid).abs().argmin(-1)]
+    torch.testing.assert_close(codes.detach(), nearest)
+    assert len(torch.unique(codes)) == levels  # every level is reached over the range
+    codes.sum().backward()  # straight through: the gradient of the bounding alone
+    slope = (1 - torch.tanh(z.detach() + np.arctanh(offset / half)) ** 2) * half / (levels // 2)
+    torch.testing.assert_close(z.grad, slope)
+
+
+def test_the_aae_and_factor_vae_losses_are_their_binary_cross_entropies():
+    aae = AAE(SHAPE, adversarial_weight=2.0, latent_dim=2)
+    x = binary_images()
+    torch.manual_seed(9)
+    terms = aae.loss_terms(x)
+    torch.manual_seed(9)
+    z = aae.encode(x)
+    d_fake, d_real = torch.sigmoid(aae.discriminator(z)), torch.sigmoid(aae.discriminator(torch.randn_like(z)))
+    torch.testing.assert_close(terms["adversarial"], -torch.log(d_fake).mean())
+    torch.testing.assert_close(terms["discriminator"], -torch.log(d_real).mean() - torch.log(1 - d_fake).mean())
+    recon = bernoulli_nll(aae.decoder(z), x).mean()
+    torch.testing.assert_close(terms["loss"], recon + 2.0 * terms["adversarial"])
+
+    factor = FactorVAE(SHAPE, tc_weight=3.0, latent_dim=2)
+    torch.manual_seed(10)
+    terms = factor.loss_terms(x)
+    torch.manual_seed(10)
+    mu, logvar = factor.posterior(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    p_joint = torch.sigmoid(factor.discriminator(z))
+    recon = bernoulli_nll(factor.decoder(z), x).mean()
+    tc = torch.log(p_joint / (1 - p_joint)).mean()
+    torch.testing.assert_close(terms["loss"], recon + normal_kl(mu, logvar).mean() + 3.0 * tc, rtol=1e-5, atol=1e-4)
+
+
+def test_the_factor_vae_discriminator_learns_the_total_correlation_of_a_correlated_gaussian():
+    """Trained on its own loss, D's mean logit on joint draws estimates the TC, here -1/2 log det(correlation)."""
+    torch.manual_seed(0)
+    model = FactorVAE(SHAPE, latent_dim=2, discriminator_width=64)
+    scale = torch.linalg.cholesky(torch.tensor([[1.0, 0.9], [0.9, 1.0]]))
+    exact_tc = -0.5 * math.log(1 - 0.9**2)
+    optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=1e-3)
+    for _ in range(600):
+        z = torch.randn(256, 2) @ scale.T
+        joint, product = model.discriminator(z), model.discriminator(permute_dims(z))
+        loss = F.binary_cross_entropy_with_logits(joint, torch.ones_like(joint)) + (
+            F.binary_cross_entropy_with_logits(product, torch.zeros_like(product))
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        estimate = model.discriminator(torch.randn(20000, 2) @ scale.T).mean().item()
+    assert estimate == pytest.approx(exact_tc, rel=0.15)
+    z = torch.randn(1000, 2)
+    permuted = permute_dims(z)  # each column a permutation of its own values
+    assert torch.equal(permuted.sort(0).values, z.sort(0).values) and not torch.equal(permuted, z)
+
+
+def test_adversarial_models_step_both_optimizers_and_count_only_the_autoencoders_steps(tmp_path):
+    import lightning as L
+
+    x = binary_images(32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(32)), batch_size=8)
+    model = AAE(SHAPE, latent_dim=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, loader)
+    assert trainer.global_step == 8  # 4 batches a epoch, one autoencoder step each
+    moved = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"encoder", "decoder", "discriminator"}
+    states = trainer.strategy.optimizer_state(trainer.optimizers[1])["state"]
+    assert all(s["step"] == 8 for s in states.values())  # the discriminator's Adam stepped once per batch
+
+
 # Every zoo model through train.py's and evaluate.py's code, and as a classifier's encoder ----------------------------
 ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae": BetaTCVAE, "vqvae": VQVAE}
+ZOO |= {"vamp": VampVAE, "vae_iaf": IAFVAE, "hvae": HVAE, "factor_vae": FactorVAE, "aae": AAE, "info_vae": InfoVAE}
+ZOO |= {"rae": RAE, "fsq": FSQVAE}
 
 
 def zoo_config(name: str) -> list[str]:
@@ -282,8 +490,9 @@ def test_each_zoo_models_encoder_serves_a_classifier_with_its_own_code(zoo_runs,
     ckpt = zoo_runs[name] / "checkpoints" / "last.ckpt"
     classifier, model = Classifier((1, 28, 28), 10, encoder_ckpt=ckpt), autoencoders.load(ckpt)
     x = torch.rand(4, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(classifier.encoder(x), model.encode(x))
+    with torch.no_grad():  # the encoder net's code: a VAE's posterior mean (before any flow or top-down pass)
+        features = model.posterior(x)[0] if isinstance(model, VAE) else model.encoder(x)
+        torch.testing.assert_close(classifier.encoder(x), features)
 
 
 def test_the_readmes_new_model_example_trains_and_loads_back(tmp_path, monkeypatch):

@@ -2,12 +2,16 @@
 in MODELS, by the name its checkpoints record."""
 
 from autoencoders.checkpoints import MODELS
-from autoencoders.models.ae import AE, DAE, WAE, SparseAE
+from autoencoders.models.adversarial import AAE, FactorVAE
+from autoencoders.models.ae import AE, DAE, RAE, WAE, SparseAE
 from autoencoders.models.base import minimised
 from autoencoders.models.classifier import Classifier
+from autoencoders.models.hierarchical import HVAE
+from autoencoders.models.iaf import IAFVAE
 from autoencoders.models.semi import M2
-from autoencoders.models.vae import IWAE, VAE, BetaTCVAE
-from autoencoders.models.vq import VQVAE
+from autoencoders.models.vae import IWAE, VAE, BetaTCVAE, InfoVAE
+from autoencoders.models.vamp import VampVAE
+from autoencoders.models.vq import FSQVAE, VQVAE
 
-__all__ = ["AE", "DAE", "SparseAE", "WAE", "VAE", "IWAE", "BetaTCVAE", "VQVAE", "M2", "Classifier", "MODELS"]
-__all__ += ["minimised"]
+__all__ = ["AE", "DAE", "SparseAE", "WAE", "RAE", "AAE", "VAE", "IWAE", "BetaTCVAE", "InfoVAE", "VampVAE", "IAFVAE"]
+__all__ += ["HVAE", "FactorVAE", "VQVAE", "FSQVAE", "M2", "Classifier", "MODELS", "minimised"]

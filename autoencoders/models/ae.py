@@ -1,4 +1,4 @@
-"""Deterministic autoencoders: AE, DAE, and AEs with a penalty on their codes (sparse, WAE)."""
+"""Deterministic autoencoders: AE, DAE, and AEs with a penalty on their codes (sparse, WAE, RAE)."""
 
 import math
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ from autoencoders.losses import imq_mmd
 from autoencoders.models.base import EpochMeanLogging, SplitSteps, minimised
 from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory
-from autoencoders.samplers import Sampler
+from autoencoders.samplers import GMMSampler, Sampler
 
 
 class AE(EpochMeanLogging, SplitSteps):
@@ -81,7 +81,15 @@ class AE(EpochMeanLogging, SplitSteps):
         """Decode n codes drawn from `sampler`, a fitted sampler of samplers.py (e.g. a Gaussian mixture of the
         training codes); None: `prior_sampler()`, z ~ N(0, I): a VAE's prior, and for a plain AE the lecture's
         'random embedding'."""
-        return self.decode((sampler or self.prior_sampler()).draw(n, generator).to(self.device))
+        if sampler is None:
+            sampler = self.prior_sampler()
+            if sampler.needs_fit:
+                raise UserError(
+                    f"A {type(self).__name__} has no N(0, I) prior to sample from: its samples need a code prior "
+                    "fitted to its training codes. evaluate.py fits one (samplers=[prior]); in Python, pass "
+                    "sampler=model.prior_sampler().fit(model.encode(train_images))."
+                )
+        return self.decode(sampler.draw(n, generator).to(self.device))
 
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 10) -> Tensor:
         """Decode a*z1 + (1-a)*z2 for a from 1 to 0; returns (B, steps, C, H, W), row b going from x1[b] to x2[b]."""
@@ -191,3 +199,30 @@ class WAE(CodePenaltyAE):
 
     def penalty(self, z: Tensor) -> Tensor:
         return imq_mmd(z, torch.randn_like(z)) if len(z) > 1 else z.new_zeros(())
+
+
+class RAE(CodePenaltyAE):
+    """Regularised autoencoder, RAE-L2 (Ghosh et al., 2020): a deterministic AE with `loss` = recon +
+    embedding_weight * |z|^2 / 2 + decoder_weight * |decoder weights|^2, the last logged as `decoder_l2` (biases
+    excluded). Its samples come from a Gaussian mixture fitted to the training codes after training (ex-post density
+    estimation; evaluate.py's `prior` sampler fits it, `gmm_components` 10 by default)."""
+
+    term, weight_key = "code_l2", "embedding_weight"
+
+    def __init__(
+        self, image_shape: Sequence[int], embedding_weight: float = 1e-4, decoder_weight: float = 1e-7, **base: Any
+    ):
+        check_non_negative("model.embedding_weight", embedding_weight, "1e-4")
+        check_non_negative("model.decoder_weight", decoder_weight, "1e-7")
+        super().__init__(image_shape, **base)
+
+    def penalty(self, z: Tensor) -> Tensor:
+        return 0.5 * z.pow(2).sum(1).mean()
+
+    def prior_sampler(self) -> GMMSampler:
+        return GMMSampler(self.latent_dim)
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        terms = super().loss_terms(x, split)
+        decoder_l2 = sum(p.pow(2).sum() for name, p in self.decoder.named_parameters() if name.endswith("weight"))
+        return terms | {"loss": terms["loss"] + self.hparams.decoder_weight * decoder_l2, "decoder_l2": decoder_l2}

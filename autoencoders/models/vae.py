@@ -1,4 +1,4 @@
-"""Gaussian-latent VAEs: VAE (β-VAE with kl_weight=β), IWAE, β-TCVAE."""
+"""Gaussian-latent VAEs: VAE (β-VAE with kl_weight=β), IWAE, β-TCVAE, InfoVAE."""
 
 import math
 from collections.abc import Sequence
@@ -9,21 +9,28 @@ from torch import Tensor
 
 from autoencoders.errors import UserError, check_positive
 from autoencoders.likelihoods import bits_per_dim
-from autoencoders.losses import gaussian_log_prob, kl_decomposition, kl_divergence
+from autoencoders.losses import gaussian_log_prob, imq_mmd, kl_decomposition, kl_divergence
 from autoencoders.models.ae import AE
 from autoencoders.optim import OptimizerFactory
 
+KL_SCHEDULES = ("linear", "constant", "cyclic")
+
 
 class VAE(AE):
-    """Gaussian-latent VAE. Encoder outputs (mu, log-variance); loss = recon + beta*KL, beta warmed up linearly.
+    """Gaussian-latent VAE. Encoder outputs (mu, log-variance); loss = recon + beta*KL, beta = `kl_weight` on the
+    schedule `kl_schedule` (`kl_beta`).
 
     The best checkpoint is the one with the highest `val/elbo` (KL weight 1, whatever the training weight). The test
     split also gets `test/nll`, the importance-weighted bound with `nll_samples` samples, and `test/bpd`.
+
+    Subclasses with another prior (`prior_log_prob`) or posterior (`latent_draws`) whose KL has no closed form set
+    `analytic_kl = False`: their `kl` is then the one-sample estimate log q(z|x) - log p(z) at the z decoded.
     """
 
     code_multiplier = 2
     selection = ("val/elbo", "max")
     bounds_images = True  # elbo and log_likelihood bound log p(x) of images (M1+M2's: of another model's codes)
+    analytic_kl = True  # KL(q(z|x) || N(0, I)) in closed form
 
     def __init__(
         self,
@@ -37,6 +44,8 @@ class VAE(AE):
         kl_weight: float = 1.0,
         kl_warmup_epochs: int = 0,
         nll_samples: int = 100,
+        kl_schedule: str = "linear",
+        kl_cycles: int = 4,
     ):
         if not 0 <= kl_weight < math.inf:
             raise UserError(f"kl_weight={kl_weight} is no weight: use a finite kl_weight>=0 (1 is the standard VAE).")
@@ -44,15 +53,28 @@ class VAE(AE):
             raise UserError(
                 f"model.kl_warmup_epochs={kl_warmup_epochs!r} is not a number of epochs. Use 0 (no warm-up) or more."
             )
+        if kl_schedule not in KL_SCHEDULES or (kl_schedule == "constant" and kl_warmup_epochs):
+            raise UserError(
+                f"model.kl_schedule={kl_schedule!r} with model.kl_warmup_epochs={kl_warmup_epochs}: use one of "
+                f"{', '.join(KL_SCHEDULES)}; `constant` has no warm-up (model.kl_warmup_epochs=0)."
+            )
+        check_positive("model.kl_cycles", kl_cycles, "4")
         if nll_samples < 1:
             raise UserError(f"model.nll_samples={nll_samples!r} must be a positive integer, e.g. 100.")
         super().__init__(image_shape, latent_dim, arch, widths, likelihood, optimizer, scheduler)
         self.steps_per_epoch: float | None = None  # optimizer steps per epoch, once training starts (warm-up)
+        self.total_steps: float | None = None  # optimizer steps of the whole run, once training starts (cycles)
 
     def on_train_start(self) -> None:
         # under gradient accumulation fewer than batches; inf for a training set without a length
         steps = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
         self.steps_per_epoch = math.ceil(steps) if math.isfinite(steps) else steps
+        self.total_steps = self.trainer.estimated_stepping_batches
+        if self.hparams.kl_schedule == "cyclic" and not math.isfinite(self.total_steps):
+            raise UserError(
+                "model.kl_schedule=cyclic spreads its model.kl_cycles cycles over the run's steps, but this run has no "
+                "end (trainer.max_epochs=-1 without trainer.max_steps). Set trainer.max_epochs or +trainer.max_steps."
+            )
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
@@ -61,8 +83,22 @@ class VAE(AE):
     def encode(self, x: Tensor) -> Tensor:
         return self.posterior(x)[0]
 
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) of codes (..., D), nats, summed over the code: N(0, I)."""
+        return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+
+    def latent_draws(self, x: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """n draws z ~ q(z|x) of each image's code, (n, B, D), by the reparameterization trick, and log q(z|x) -
+        log p(z) of each, (n, B), nats."""
+        mu, logvar = self.posterior(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(n, *mu.shape, device=mu.device)
+        return z, gaussian_log_prob(z, mu, logvar) - self.prior_log_prob(z)
+
     def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """One-sample reconstruction NLL and analytic KL per image (nats), via the reparameterization trick."""
+        """One-sample reconstruction NLL and KL per image (nats): the KL analytic where `analytic_kl`."""
+        if not self.analytic_kl:
+            z, kl = self.latent_draws(x, 1)
+            return self.likelihood.nll(self.decoder(z[0]), x), kl[0]
         mu, logvar = self.posterior(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         return self.likelihood.nll(self.decoder(z), x), kl_divergence(mu, logvar)
@@ -74,11 +110,9 @@ class VAE(AE):
 
     def log_weights(self, x: Tensor, n: int) -> Tensor:
         """log p(x, z_i) - log q(z_i|x) for n draws z_i ~ q(z|x) of each image, nats, shape (n, B)."""
-        mu, logvar = self.posterior(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(n, *mu.shape, device=mu.device)  # (n, B, D)
+        z, log_q_over_p = self.latent_draws(x, n)
         log_px_z = -self.likelihood.nll(self.decoder(z.flatten(0, 1)), x.repeat(n, 1, 1, 1)).view(n, -1)
-        log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-        return log_px_z + log_pz - gaussian_log_prob(z, mu, logvar)
+        return log_px_z - log_q_over_p
 
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, k: int = 1000, chunk: int = 100) -> Tensor:
@@ -90,12 +124,17 @@ class VAE(AE):
         return torch.logsumexp(log_w, 0) - math.log(k)
 
     def kl_beta(self) -> float:
-        """kl_weight, ramped linearly from 0 over kl_warmup_epochs of training steps."""
-        warmup = self.hparams.kl_warmup_epochs
-        if not warmup or self.steps_per_epoch is None:  # not in training (evaluate.py): the full weight
-            return self.hparams.kl_weight
-        progress = self.global_step / max(1, warmup * self.steps_per_epoch)
-        return self.hparams.kl_weight * min(1.0, progress)
+        """The KL weight at this training step: `kl_weight` times the schedule's factor in [0, 1]. `linear`: ramped
+        up from 0 over kl_warmup_epochs (0: none), then 1. `constant`: 1. `cyclic` (Fu et al., 2019): the run's steps
+        in `kl_cycles` equal cycles, each ramping from 0 over its first half, then 1 for the second."""
+        schedule, weight = self.hparams.kl_schedule, self.hparams.kl_weight
+        if self.steps_per_epoch is None:  # not in training (evaluate.py): the full weight
+            return weight
+        if schedule == "cyclic":
+            cycle = self.total_steps / self.hparams.kl_cycles
+            return weight * min(1.0, (self.global_step % cycle) / (0.5 * cycle))
+        warmup = self.hparams.kl_warmup_epochs * self.steps_per_epoch
+        return weight * min(1.0, self.global_step / warmup) if warmup else weight
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         recon, kl = (t.mean() for t in self.elbo_terms(x))
@@ -130,8 +169,9 @@ class IWAE(VAE):
 class BetaTCVAE(VAE):
     """β-TCVAE (Chen et al., 2018): the KL term split into index-code mutual information, total correlation and
     dimension-wise KL (losses.kl_decomposition, estimated from each batch for the whole training set), with the
-    total correlation weighted: `loss` = recon + mi + tc_weight * tc + dim_kl. `kl` and `elbo` stay the analytic
-    ones, so val/elbo and the checkpoint choice are a VAE's."""
+    total correlation weighted: `loss` = recon + beta * (mi + tc_weight * tc + dim_kl), beta the VAE's scheduled KL
+    weight (1 by default). `kl` and `elbo` stay the analytic ones, so val/elbo and the checkpoint choice are a
+    VAE's."""
 
     def __init__(self, image_shape: Sequence[int], tc_weight: float = 6.0, **base: Any):
         check_positive("model.tc_weight", tc_weight, "6")
@@ -139,6 +179,7 @@ class BetaTCVAE(VAE):
         self.dataset_size: int | None = None  # of the training set, once a Trainer sets the model up
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         train_set = getattr(self.trainer.datamodule, "train_set", None)
         self.dataset_size = len(train_set) if train_set is not None else None
 
@@ -148,5 +189,30 @@ class BetaTCVAE(VAE):
         recon = self.likelihood.nll(self.decoder(z), x).mean()
         kl = kl_divergence(mu, logvar).mean()
         parts = kl_decomposition(z, mu, logvar, self.dataset_size or len(x))
-        loss = recon + parts["mi"] + self.hparams.tc_weight * parts["tc"] + parts["dim_kl"]
+        loss = recon + self.kl_beta() * (parts["mi"] + self.hparams.tc_weight * parts["tc"] + parts["dim_kl"])
         return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), **parts}
+
+
+class InfoVAE(VAE):
+    """InfoVAE with the MMD divergence (Zhao et al., 2019; MMD-VAE): `loss` = recon + (1 - alpha) * beta * KL +
+    (alpha + mmd_weight - 1) * MMD^2(q(z), N(0, I)), the MMD between the batch's codes z ~ q(z|x) and as many prior
+    draws (losses.imq_mmd), beta the scheduled KL weight. alpha = 1 drops the KL (the MMD-VAE); alpha = 0 and
+    mmd_weight = 1 is the VAE. `kl` and `elbo` are a VAE's, so val/elbo and the checkpoint choice are too."""
+
+    def __init__(self, image_shape: Sequence[int], alpha: float = 0.0, mmd_weight: float = 10.0, **base: Any):
+        if not (alpha <= 1 and alpha + mmd_weight >= 1 and math.isfinite(mmd_weight)):
+            raise UserError(
+                f"model.alpha={alpha} and model.mmd_weight={mmd_weight} give a negative weight: the KL's is 1 - alpha "
+                "and the MMD's alpha + mmd_weight - 1. Use alpha <= 1 and alpha + mmd_weight >= 1 (e.g. 0 and 10)."
+            )
+        super().__init__(image_shape, **base)
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        mu, logvar = self.posterior(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        recon = self.likelihood.nll(self.decoder(z), x).mean()
+        kl = kl_divergence(mu, logvar).mean()
+        mmd = imq_mmd(z, torch.randn_like(z)) if len(z) > 1 else z.new_zeros(())
+        alpha, weight = self.hparams.alpha, self.hparams.mmd_weight
+        loss = recon + (1 - alpha) * self.kl_beta() * kl + (alpha + weight - 1) * mmd
+        return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "mmd": mmd}

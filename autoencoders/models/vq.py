@@ -1,5 +1,6 @@
-"""VQ-VAE: a discrete code from a learned codebook."""
+"""Quantised codes: VQ-VAE (a learned codebook) and FSQ (a fixed grid of levels)."""
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -8,7 +9,7 @@ from torch import Tensor
 
 from autoencoders.errors import UserError
 from autoencoders.models.ae import AE
-from autoencoders.samplers import CodePrior, Sampler, nearest_codes
+from autoencoders.samplers import CodePrior, nearest_codes
 
 
 class VQVAE(AE):
@@ -67,15 +68,6 @@ class VQVAE(AE):
     def prior_sampler(self) -> CodePrior:
         return CodePrior(self.codebook, self.n_tokens)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, sampler: Sampler | None = None) -> Tensor:
-        if sampler is None:
-            raise UserError(
-                "A VQ-VAE has no N(0, I) prior to sample from: its samples need a code prior fitted to its training "
-                "codes. evaluate.py fits one (samplers=[prior]); in Python, pass sampler=model.prior_sampler()"
-                ".fit(model.encode(train_images))."
-            )
-        return super().sample(n, generator, sampler)
-
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         z = self.encode(x)
         index = self.tokens(z)
@@ -112,3 +104,58 @@ class VQVAE(AE):
         self.ema_sum.mul_(decay).add_(stats[:, 1:], alpha=1 - decay)
         count = (self.ema_count + 1e-5) / (self.ema_count.sum() + size * 1e-5) * self.ema_count.sum()  # Laplace
         self.codebook.data.copy_(self.ema_sum / count[:, None])
+
+
+def fsq_levels(levels: int) -> Tensor:
+    """The values an FSQ code number takes: the integers of `levels` consecutive ones around 0, over levels // 2."""
+    return (torch.arange(levels) - levels // 2) / (levels // 2)
+
+
+class FSQPrior(CodePrior):
+    """An FSQ model's prior: CodePrior over the levels of each code number (one token per number), fitted to the
+    quantised training codes."""
+
+    def __init__(self, model: "FSQVAE"):
+        super().__init__(fsq_levels(model.hparams.levels)[:, None], model.latent_dim)
+        self.quantize = model.quantize
+
+    def fit(self, codes: Tensor) -> "FSQPrior":
+        return super().fit(self.quantize(codes.detach()))
+
+
+class FSQVAE(AE):
+    """Finite scalar quantisation (Mentzer et al., 2023): each of the encoder's latent_dim numbers is bounded to
+    `levels` values (tanh, shifted for an even count) and rounded, with straight-through gradients; the implicit
+    codebook is the grid of levels^latent_dim codes, with no codebook or commitment loss, so `loss` = recon. As for a
+    VQ-VAE, `encode` returns the numbers before rounding, `decode` rounds them, and samples need a code prior fitted
+    to the training codes (`prior_sampler`, evaluate.py's `prior`). Logs `usage`: the share of the levels that a
+    batch's code numbers use, over all numbers."""
+
+    def __init__(self, image_shape: Sequence[int], levels: int = 5, **base: Any):
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise UserError(f"model.levels={levels!r} must be an integer >= 2 values per code number, e.g. 5.")
+        super().__init__(image_shape, **base)
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """z bounded and rounded to its levels (straight-through), scaled to [-1, 1]."""
+        levels = self.hparams.levels
+        half_width = (levels - 1) * (1 - 1e-3) / 2
+        offset = 0.5 if levels % 2 == 0 else 0.0  # even counts: levels at -L/2 .. L/2 - 1
+        bounded = torch.tanh(z + math.atanh(offset / half_width)) * half_width - offset
+        return (bounded + (torch.round(bounded) - bounded).detach()) / (levels // 2)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.likelihood.mean(self.decoder(self.quantize(z)))
+
+    def decoder_params(self, x: Tensor) -> Tensor:
+        return self.decoder(self.quantize(self.encode(x)))
+
+    def prior_sampler(self) -> FSQPrior:
+        return FSQPrior(self)
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        codes = self.quantize(self.encode(x))
+        levels = self.hparams.levels
+        index = torch.round(codes.detach() * (levels // 2)).long() + levels // 2  # 0 .. levels-1
+        used = torch.zeros(self.latent_dim, levels, device=x.device).scatter_(1, index.T, 1.0)
+        return {"recon": self.likelihood.nll(self.decoder(codes), x).mean(), "usage": used.mean()}
