@@ -12,23 +12,26 @@ from autoencoders.errors import UserError
 
 @dataclass
 class ImageSplit:
-    """One split: uint8 images (N x C x H x W, 255 = white; binarised images are 0 or 255) and int64 labels."""
+    """One split: uint8 images (N x C x H x W, 255 = white; binarised images are 0 or 255), int64 labels, and the
+    images' factor value indices (N x K int64) for data made from known factors (SourceData.factors), else None."""
 
     images: Tensor
     labels: Tensor
+    factors: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: Tensor | slice) -> "ImageSplit":
-        return ImageSplit(self.images[index], self.labels[index])
+        return ImageSplit(self.images[index], self.labels[index], None if self.factors is None else self.factors[index])
 
     @property
     def nbytes(self) -> int:
-        return self.images.nbytes + self.labels.nbytes
+        return self.images.nbytes + self.labels.nbytes + (0 if self.factors is None else self.factors.nbytes)
 
     def to(self, device: torch.device) -> "ImageSplit":
-        return ImageSplit(self.images.to(device), self.labels.to(device))
+        factors = None if self.factors is None else self.factors.to(device)
+        return ImageSplit(self.images.to(device), self.labels.to(device), factors)
 
 
 class Batches:

@@ -1,4 +1,5 @@
-"""Image data: one LightningDataModule fed by interchangeable sources (bundled MNIST subset, torchvision sets, folders).
+"""Image data: one LightningDataModule fed by interchangeable sources (bundled MNIST subset, torchvision sets, folders,
+sprites made in code).
 
 Every split lives in memory as uint8 images (N x C x H x W) with int64 labels, on the accelerator when it fits under
 `device_cap_gb`. Batches are cut from them by index, with the order drawn on the split's device, and become float images
@@ -38,7 +39,8 @@ class ImageDataModule(L.LightningDataModule):
     `binarize` (Burda et al.'s protocol for binary likelihoods): `dynamic` draws a fresh Bernoulli sample of each
     training image every time it is used, `static` binarises the training images once; in both cases val and test are
     binarised once with a generator fixed by `split_seed`, so their scores are reproducible. `real_split(split)`
-    always returns the grey images, which sample-quality metrics compare against.
+    always returns the grey images, which sample-quality metrics compare against. For data made from known factors
+    (data=sprites), `factors(split)` gives each image's factor values, aligned with every split and subset above.
 
     On an accelerator, the splits move to its memory once, train first, while their uint8 bytes fit within
     `device_cap_gb` (per process); a split that does not fit stays in host memory and is copied per batch.
@@ -46,6 +48,8 @@ class ImageDataModule(L.LightningDataModule):
 
     image_shape: tuple[int, int, int]
     num_classes: int
+    factor_names: tuple[str, ...]  # of the factors each image is made from (`factors`); () for data without them
+    factor_sizes: tuple[int, ...]
     train_set: ImageSplit  # what the model sees (binarised if so), uint8
     val_set: ImageSplit
     test_set: ImageSplit
@@ -112,15 +116,19 @@ class ImageDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         data = self.source.load()
-        images, labels = data.images, data.labels.long()
+        images, labels, factors = data.images, data.labels.long(), data.factors
+
+        def cut(index: Tensor) -> ImageSplit:  # the images at these positions, with their labels and factors
+            return ImageSplit(images[index], labels[index], None if factors is None else factors[index])
+
         split = torch.Generator().manual_seed(hp.split_seed)
         if data.test_images is None:
             val, test, train = _stratified_split(labels, [hp.val_fraction, hp.test_fraction], split)
-            test_images, test_labels = images[test], labels[test]
+            test_split = cut(test)
         else:
             (val, train), test = _stratified_split(labels, [hp.val_fraction], split), None
-            test_images, test_labels = data.test_images, data.test_labels.long()
-        for name, size in (("train", len(train)), ("val", len(val)), ("test", len(test_labels))):
+            test_split = ImageSplit(data.test_images, data.test_labels.long())
+        for name, size in (("train", len(train)), ("val", len(val)), ("test", len(test_split))):
             if size == 0:
                 raise UserError(
                     f"The {name} split of {len(labels)} images is empty. Use more images, or adjust "
@@ -138,14 +146,8 @@ class ImageDataModule(L.LightningDataModule):
             )
         self.split_index = {"train": train, "val": val, **({} if test is None else {"test": test})}
         # The grey images of every split, which sample quality is measured against ...
-        self._real = {
-            "full_train": ImageSplit(images[full_train], labels[full_train]),
-            "val": ImageSplit(images[val], labels[val]),
-            "test": ImageSplit(test_images, test_labels),
-        }
-        self._real["train"] = (
-            self._real["full_train"] if train is full_train else ImageSplit(images[train], labels[train])
-        )
+        self._real = {"full_train": cut(full_train), "val": cut(val), "test": test_split}
+        self._real["train"] = self._real["full_train"] if train is full_train else cut(train)
         # ... and what the model sees: binarised once with a generator fixed by split_seed (val, test, and train if
         # static; a dynamic train split is binarised per batch, in on_after_batch_transfer), or the grey images.
         binarized = torch.Generator().manual_seed(hp.split_seed)
@@ -163,19 +165,26 @@ class ImageDataModule(L.LightningDataModule):
         self._real["val"], self.split_index["val"] = self._real["val"][kept_val], val[kept_val]
         self.image_shape = tuple(images.shape[1:])
         self.num_classes = data.num_classes
+        self.factor_names, self.factor_sizes = data.factor_names, data.factor_sizes
 
     def _binarized(self, split: str, generator: torch.Generator) -> ImageSplit:
         real = self._real[split]
         if self.hparams.binarize is None:
             return real
         binary = torch.bernoulli(to_unit_float(real.images), generator=generator).to(torch.uint8).mul_(255)
-        return ImageSplit(binary, real.labels)
+        return ImageSplit(binary, real.labels, real.factors)
 
     def real_split(self, split: str) -> tuple[Tensor, Tensor]:
         """The grey images (float, in [0, 1]) and labels of `split` (train, val, test, or full_train: the train split
         before labels_per_class), whatever `binarize` is."""
         real = self._real[split]
         return to_unit_float(real.images), real.labels
+
+    def factors(self, split: str) -> Tensor | None:
+        """The factor value indices (N x K int64; column k names `factor_names[k]` and lies in range(factor_sizes[k]))
+        of `split` (train, val, test or full_train), row for row those of `real_split(split)` and `inputs(split)`; None
+        for data without factors."""
+        return self._real[split].factors
 
     def probe_split(self) -> tuple[Tensor, Tensor]:
         """`probe_labels_per_class` labelled images per class of the whole training split (drawn with `seed`), as the

@@ -1,4 +1,5 @@
-"""Where images come from: the bundled MNIST subset, torchvision sets, image folders; each a `Source`."""
+"""Where images come from: the bundled MNIST subset, torchvision sets, image folders (and sprites.py's shapes made in
+code); each a `Source`."""
 
 import os
 import warnings
@@ -16,13 +17,20 @@ from autoencoders.files import save_cache
 
 
 class SourceData(NamedTuple):
-    """What a source loads: uint8 images (N x C x H x W), int64 labels (N), and the official test split if any."""
+    """What a source loads: uint8 images (N x C x H x W), int64 labels (N), and the official test split if any.
+
+    A source made from known factors of variation (SpritesSource) also gives each image's value indices (`factors`,
+    N x K int64: column k in range(factor_sizes[k])) and the factors' names and sizes; the others leave them empty.
+    """
 
     images: Tensor
     labels: Tensor
     num_classes: int
     test_images: Tensor | None = None
     test_labels: Tensor | None = None
+    factors: Tensor | None = None
+    factor_names: tuple[str, ...] = ()
+    factor_sizes: tuple[int, ...] = ()
 
 
 class Source:
