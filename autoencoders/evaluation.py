@@ -204,6 +204,10 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
         metrics |= vae_metrics(model, images, cfg.k, cfg.k_chunk, cfg.batch_size)
     if isinstance(model, VQVAE):
         metrics |= codebook_metrics(model, images, cfg.batch_size)
+    factors = data.factors(split)
+    if factors is not None:
+        stage("disentanglement: the codes against the %s factors", ", ".join(data.factor_names))
+        metrics |= factor_metrics(model, images, factors, cfg.batch_size, cfg.seed)
     data_key = data_name(data_cfg, checkpoint)
     stage("samplers: %s (fitted to the training codes, or read from the cache)", ", ".join(cfg.samplers))
     draw = fitted_samplers(model, data, data_key, checkpoint, cfg)
@@ -344,6 +348,19 @@ def fitted_samplers(
             save_cache(sampler.fit(codes).state_dict(), cache, f"the fitted {name} sampler")
         found[name] = functools.partial(model.sample, sampler=sampler)
     return found
+
+
+@torch.no_grad()
+def factor_metrics(model: AE, images: Tensor, factors: Tensor, batch_size: int, seed: int) -> dict[str, float]:
+    """MIG, DCI, SAP and the FactorVAE score (disentanglement.py) of the codes of `images` against their known
+    factors; none for a code of one number, which they cannot be computed for."""
+    if model.code_dim < 2:
+        log.info("No disentanglement scores: they need codes of at least 2 numbers (this model's have 1)")
+        return {}
+    from autoencoders.disentanglement import disentanglement_metrics  # scikit-learn loads only for data with factors
+
+    codes = torch.cat([model.encode(x).cpu() for x in _batches(images, batch_size, model)])
+    return disentanglement_metrics(codes, factors, seed)
 
 
 def sampler_identity(checkpoint: Path, data_key: str, cfg: DictConfig) -> str:

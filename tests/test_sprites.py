@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from autoencoders.data import ImageDataModule, Source, SourceData, SpritesSource
 from autoencoders.data.sprites import FACTOR_NAMES, render_templates
 from autoencoders.errors import UserError
+from autoencoders.evaluation import evaluate
 from autoencoders.likelihoods import for_data
 from autoencoders.training import build, train
 from tests.helpers import ROOT, TINY, compose_train
@@ -223,11 +224,21 @@ def test_the_config_makes_the_default_grid_with_a_bernoulli_likelihood(monkeypat
     assert for_data(cfg.model.likelihood, cfg.data.binarize) == "bernoulli"
 
 
-def test_a_tiny_training_run_on_sprites_ends_with_finite_metrics(tmp_path):
-    run = [*TINY, "data=sprites", "data.source.orientations=2", "data.source.positions=4", "model=conv_vae",
-           "model.widths=[8,16]", "latent_dim=4", "logger=csv"]  # fmt: skip
+DISENTANGLEMENT = {"mig", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap", "factorvae_score"}
+
+
+def test_a_tiny_run_on_sprites_trains_and_evaluate_py_scores_its_disentanglement(tmp_path):
+    grid = ["data.source.orientations=2", "data.source.positions=4"]  # 288 images
+    run = [*TINY, "data=sprites", *grid, "model=conv_vae", "model.widths=[8,16]", "latent_dim=4", "logger=csv"]
     metrics = train(compose_train(tmp_path / "run", *run))
     assert {"val/elbo", "test/elbo", "test/nll"} <= metrics.keys()
     assert all(math.isfinite(value) for value in metrics.values())
     datamodule, model = build(compose_train(tmp_path / "again", *run))
     assert datamodule.image_shape == (1, 32, 32) and model.hparams.likelihood == "bernoulli"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", [f"ckpt_path={ckpt}", "data=sprites", *grid, "k=5",
+                                   "num_samples=0", "samplers=[prior]", f"cache_dir={tmp_path}"])  # fmt: skip
+    (scores,) = evaluate(cfg)
+    assert {f"test/{name}" for name in DISENTANGLEMENT} <= scores.keys()
+    assert all(0 <= scores[f"test/{name}"] <= 1 for name in DISENTANGLEMENT)
