@@ -24,7 +24,8 @@ from autoencoders import report
 from autoencoders.saved_runs import run_config, sweep_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["ae", "conv_ae", "vae", "conv_vae", "dae", "sparse_ae", "wae", "iwae", "beta_tcvae", "vqvae"]
+MODELS = ["ae", "conv_ae", "vae", "conv_vae", "dae", "sparse_ae", "wae", "rae", "aae", "iwae", "beta_tcvae", "info_vae"]
+MODELS += ["vamp", "vae_iaf", "hvae", "factor_vae", "vqvae", "fsq"]
 SAMPLERS = ("prior", "gaussian", "gmm")
 CLASSIFIER = [  # as conf/experiment/transfer.yaml trains its classifiers
     "model=classifier", "data.labels_per_class=10", "trainer.max_epochs=-1", "+trainer.max_steps=500",

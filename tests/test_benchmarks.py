@@ -95,3 +95,13 @@ def test_model_zoo_trains_scores_and_reuses_each_model_and_prints_the_table(tmp_
     assert [row.split("`")[1] for row in rows] == ["ae", "vqvae"]
     assert all(" % | " in row and row.endswith(" s |") for row in rows)
     assert (tmp_path / "zoo" / "table.md").read_text().strip() in stdout
+
+
+@pytest.mark.slow
+def test_the_disentanglement_benchmark_trains_scores_and_tables_every_model_over_seeds(tmp_path):
+    stdout = run_benchmark("disentanglement.py", "--quick", "--out", str(tmp_path / "d"), "--seeds", "0", "1",
+                           cwd=tmp_path)  # fmt: skip
+    rows = [line for line in stdout.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["vae", "β-VAE (kl_weight=4)", "beta_tcvae", "factor_vae"]
+    assert all(row.count(" ± ") == 7 for row in rows)
+    assert (tmp_path / "d" / "table.md").read_text().strip() in stdout
