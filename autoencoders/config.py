@@ -146,6 +146,8 @@ class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.models.VQVAE
     commitment: float = MISSING
     ema: bool = MISSING
     decay: float = MISSING
+    codebook_init: str = MISSING
+    revive_below: float = MISSING
 
 
 @dataclass

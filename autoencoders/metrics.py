@@ -28,6 +28,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from autoencoders.data import ImageDataModule
 from autoencoders.files import save_cache
+from autoencoders.samplers import SAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def metric_key(name: str) -> str:
     for key in METRICS:
         prefix, placeholder, suffix = key.partition("{sampler}")
         sampler = base.removeprefix(prefix).removesuffix(suffix)
-        if placeholder and sampler and "_" not in sampler and prefix + sampler + suffix == base:
+        if placeholder and sampler in SAMPLERS and prefix + sampler + suffix == base:
             return key
     raise KeyError(name)
 

@@ -132,6 +132,20 @@ def test_evaluations_with_other_settings_get_folders_of_their_own(sweep, tmp_pat
     assert json.loads((found[2] / "metrics.json").read_text()) == scored[2]
 
 
+def test_the_flow_and_two_stage_samplers_are_fitted_once_cached_and_scored_with_fid_and_kid(sweep, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
+    settings = [f"run_dir={run}", "samplers=[maf,two_stage]", "num_samples=50", "kid_subsets=5", "fid.epochs=1",
+                "k=2", f"cache_dir={tmp_path}"]  # fmt: skip
+    (scores,) = evaluate(evaluate_config(*settings))
+    names = [f"test/{m}_{s}" for m in ("fid", "kid") for s in ("maf", "two_stage")]
+    assert all(math.isfinite(scores[name]) for name in names)
+    fitted = {p: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()}
+    assert sorted(p.name.split("_", 1)[1].rsplit("_", 1)[0] for p in fitted) == ["maf", "two_stage"]
+    assert evaluate(evaluate_config(*settings))[0] == scores  # read back from the cache: the same draws
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()} == fitted
+
+
 def test_more_samples_than_the_split_has_images_is_refused_before_any_scoring(sweep, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))

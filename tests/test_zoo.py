@@ -219,13 +219,42 @@ def test_vqvae_perplexity_and_usage_count_the_codebook_vectors_a_batch_uses():
 
 
 def test_the_ema_codebook_moves_to_the_mean_of_its_tokens():
-    model = VQVAE(SHAPE, codebook_size=2, embedding_dim=1, latent_dim=2, decay=0.5)
+    model = VQVAE(SHAPE, codebook_size=2, embedding_dim=1, latent_dim=2, decay=0.5, codebook_init="random")
     with torch.no_grad():
         model.codebook.copy_(torch.tensor([[-1.0], [1.0]]))
     model.encode = lambda x: torch.tensor([[-2.0, 4.0]]).repeat(len(x), 1)
     for _ in range(40):
         model.loss_terms(binary_images(3))
     torch.testing.assert_close(model.codebook.detach(), torch.tensor([[-2.0], [4.0]]), atol=1e-3, rtol=0)
+
+
+def test_the_first_training_batch_sets_the_codebook_to_the_k_means_of_its_tokens():
+    """Tokens from three tight clusters: the codebook becomes their three means (in some order), however far away
+    its random start was; a validation batch, or a step of a resumed run (global_step > 0), changes nothing."""
+    model = VQVAE(SHAPE, codebook_size=3, embedding_dim=2, latent_dim=4, ema=False)
+    centres = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+    generator = torch.Generator().manual_seed(0)
+    tokens = centres.repeat_interleave(20, 0) + 0.1 * torch.randn(60, 2, generator=generator)
+    model.encode = lambda x: tokens.view(30, 4)
+    start = model.codebook.detach().clone()
+    model.loss_terms(binary_images(30), "val")
+    assert torch.equal(model.codebook.detach(), start)
+    model.loss_terms(binary_images(30))
+    means = tokens.view(3, 20, 2).mean(1)
+    found = sorted(model.codebook.detach().tolist())
+    torch.testing.assert_close(torch.tensor(found), torch.tensor(sorted(means.tolist())))
+
+
+def test_a_dead_codebook_vector_is_moved_onto_a_token_and_counted():
+    model = VQVAE(SHAPE, codebook_size=2, embedding_dim=1, latent_dim=2, decay=0.5, codebook_init="random", ema=False)
+    with torch.no_grad():
+        model.codebook.copy_(torch.tensor([[0.0], [100.0]]))  # vector 1 is never the nearest
+    model.encode = lambda x: torch.tensor([[-1.0, 1.0]]).repeat(len(x), 1)
+    revived = [model.loss_terms(binary_images(2))["revived"].item() for _ in range(12)]
+    # its use halves every step from 1 (decay 0.5): under revive_below=0.01 after 7 steps, when it moves onto a token
+    assert revived == [0.0] * 7 + [1.0] + [0.0] * 4
+    assert model.codebook[1].item() in (-1.0, 1.0)
+    assert model.loss_terms(binary_images(2), "val")["usage"].item() == 1.0  # both vectors in use again
 
 
 def test_the_code_prior_learns_the_dependence_between_tokens_and_a_vqvae_samples_only_with_it():
@@ -344,7 +373,8 @@ def test_the_rae_loss_adds_the_code_and_decoder_weight_penalties():
     x = binary_images()
     terms = model.loss_terms(x)
     z = model.encode(x)
-    weights = sum(float((m.weight.detach() ** 2).sum()) for m in model.decoder.modules() if isinstance(m, torch.nn.Linear))
+    linear = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    weights = sum(float((m.weight.detach() ** 2).sum()) for m in linear)
     recon = bernoulli_nll(model.decoder(z), x).mean()
     expected = recon + 0.5 * 0.5 * (z**2).sum(1).mean() + 0.01 * weights
     torch.testing.assert_close(terms["loss"], expected)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autoencoders.errors import UserError
+from autoencoders.errors import UserError, check_non_negative
 from autoencoders.models.ae import AE
 from autoencoders.samplers import CodePrior, nearest_codes
 
@@ -19,6 +19,11 @@ class VQVAE(AE):
     term, unless `ema`: then the codebook follows exponential moving averages of its tokens, `decay`). The squared
     distances are summed per image (not nats). Logs the codebook's `perplexity` (exp of the entropy of its use in a
     batch) and `usage` (the share of its vectors a batch uses).
+
+    `codebook_init=kmeans` sets the codebook to k-means centroids of the first training batch's tokens (instead of
+    N(0, I) draws far from the encoder's codes). A vector whose exponential moving average of use (tokens per step,
+    `decay`) falls below `revive_below` is dead: it is moved onto a random token of the batch (`revived` logs how many
+    a step moved; 0 turns revival off).
 
     `encode` returns z_e and `decode` quantizes first. There is no N(0, I) prior: samples come from a CodePrior
     (samplers.py) fitted to the training codes, which evaluate.py fits and caches (`samplers=[prior]`) or
@@ -32,9 +37,14 @@ class VQVAE(AE):
         commitment: float = 0.25,
         ema: bool = True,
         decay: float = 0.99,
+        codebook_init: str = "kmeans",
+        revive_below: float = 0.01,
         **base: Any,
     ):
         latent_dim = base.get("latent_dim", 16)
+        if codebook_init not in ("kmeans", "random"):
+            raise UserError(f"model.codebook_init={codebook_init!r} is unknown. Use kmeans or random.")
+        check_non_negative("model.revive_below", revive_below, "0.01")
         if embedding_dim < 1 or latent_dim % embedding_dim:
             raise UserError(
                 f"model.embedding_dim={embedding_dim} does not divide latent_dim={latent_dim} into tokens. Use a "
@@ -50,6 +60,7 @@ class VQVAE(AE):
         self.codebook = torch.nn.Parameter(torch.randn(codebook_size, embedding_dim), requires_grad=not ema)
         self.register_buffer("ema_count", torch.ones(codebook_size))
         self.register_buffer("ema_sum", self.codebook.detach().clone())
+        self.kmeans_done = False  # in this process; a resumed run (global_step > 0) keeps its codebook
 
     def tokens(self, z: Tensor) -> Tensor:
         """The codebook index of each of z's tokens, (B, n_tokens)."""
@@ -70,16 +81,18 @@ class VQVAE(AE):
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         z = self.encode(x)
+        training = split == "train" and self.training
+        revived = self._maintain_codebook(z.detach().view(-1, self.codebook.shape[1])) if training else None
         index = self.tokens(z)
         chosen = self.codebook[index].flatten(1)
         recon = self.likelihood.nll(self.decoder(z + (chosen - z).detach()), x).mean()  # straight-through
         commitment = (z - chosen.detach()).pow(2).sum(1).mean()
         terms = {"recon": recon, "commitment": commitment}
         loss = recon + self.hparams.commitment * commitment
-        if self.hparams.ema:
-            if split == "train" and self.training:
-                self._ema_update(z.detach().view(-1, self.codebook.shape[1]), index.flatten())
-        else:
+        if training:
+            self._ema_update(z.detach().view(-1, self.codebook.shape[1]), index.flatten())
+            terms["revived"] = revived
+        if not self.hparams.ema:
             terms["codebook"] = (z.detach() - chosen).pow(2).sum(1).mean()
             loss = loss + terms["codebook"]
         return {"loss": loss, **terms, **self.codebook_use(index)}
@@ -93,17 +106,59 @@ class VQVAE(AE):
 
     @torch.no_grad()
     def _ema_update(self, tokens: Tensor, index: Tensor) -> None:
-        """Under DDP the batch statistics are summed over every process first, so each keeps the same codebook: the
-        one a single process would keep on the whole batch."""
+        """The moving averages of each vector's use (always: revival reads them) and, with `ema`, of its tokens' sum,
+        which the codebook follows. Under DDP the batch statistics are summed over every process first, so each
+        keeps the same codebook: the one a single process would keep on the whole batch."""
         decay, size = self.hparams.decay, len(self.codebook)
         one_hot = torch.nn.functional.one_hot(index, size).type_as(tokens)
         stats = torch.cat([one_hot.sum(0)[:, None], one_hot.T @ tokens], 1)  # per vector: its count, its tokens' sum
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
             torch.distributed.all_reduce(stats)
         self.ema_count.mul_(decay).add_(stats[:, 0], alpha=1 - decay)
+        if not self.hparams.ema:
+            return
         self.ema_sum.mul_(decay).add_(stats[:, 1:], alpha=1 - decay)
         count = (self.ema_count + 1e-5) / (self.ema_count.sum() + size * 1e-5) * self.ema_count.sum()  # Laplace
         self.codebook.data.copy_(self.ema_sum / count[:, None])
+
+    @torch.no_grad()
+    def _maintain_codebook(self, tokens: Tensor) -> Tensor:
+        """Before a training step: the k-means initialisation at the first, and the revival of dead vectors; returns
+        how many vectors were revived. Process 0's codebook then goes to every DDP process."""
+        if self.hparams.codebook_init == "kmeans" and self.global_step == 0 and not self.kmeans_done:
+            self.kmeans_done = True
+            self._set_vectors(
+                torch.arange(len(self.codebook), device=tokens.device), kmeans(tokens, len(self.codebook))
+            )
+        dead = torch.nonzero(self.ema_count < self.hparams.revive_below).flatten()
+        if len(dead):  # the same on every process: the counts are summed over them
+            self._set_vectors(dead, tokens[torch.randint(len(tokens), (len(dead),), device=tokens.device)])
+        return torch.tensor(float(len(dead)), device=tokens.device)
+
+    def _set_vectors(self, index: Tensor, vectors: Tensor) -> None:
+        """Codebook vectors `index` become `vectors`, each with a moving-average count of one token."""
+        self.codebook.data[index] = vectors
+        self.ema_sum[index], self.ema_count[index] = vectors, 1.0
+        if _distributed():
+            for tensor in (self.codebook.data, self.ema_sum, self.ema_count):
+                torch.distributed.broadcast(tensor, 0)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def kmeans(points: Tensor, k: int, iterations: int = 20) -> Tensor:
+    """k centroids of `points` (N, E) by Lloyd's algorithm from k distinct random points (with repeats if N < k); a
+    cluster that empties keeps its centroid."""
+    centroids = points[torch.randperm(len(points), device=points.device)[:k]]
+    if len(centroids) < k:
+        centroids = points[torch.randint(len(points), (k,), device=points.device)]
+    for _ in range(iterations):
+        members = torch.nn.functional.one_hot(nearest_codes(points, centroids), k).type_as(points)  # (N, k)
+        counts = members.sum(0)
+        centroids = torch.where(counts[:, None] > 0, members.T @ points / counts.clamp_min(1)[:, None], centroids)
+    return centroids
 
 
 def fsq_levels(levels: int) -> Tensor:
