@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -26,7 +25,7 @@ from autoencoders.errors import EveryProcessError, UserError
 from autoencoders.internals import checkpoint_of, scalar_logging_step, stop_at_next_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
-from autoencoders.pictures import image_grid, latent_traversal
+from autoencoders.pictures import image_grid, kl_chart, kl_per_dim, latent_traversal, manifold, scatter_chart
 from autoencoders.probes import knn_vote
 
 
@@ -86,14 +85,16 @@ class BestCheckpoint(HeldCheckpoint):
             save_weights_only=True,
         )
         self.val_metrics: dict[str, float] = {}
+        self.selected_at: dict[str, int] = {}  # the epoch and step of the best
         self._replaced: list[str] = []  # earlier bests, to remove once a newer last.ckpt is durable
 
     def state_dict(self) -> dict[str, Any]:  # in last.ckpt, so a resumed run reports its best's metrics too
-        return {**super().state_dict(), "val_metrics": self.val_metrics}
+        return {**super().state_dict(), "val_metrics": self.val_metrics, "selected_at": self.selected_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.val_metrics = state_dict.get("val_metrics", {})
+        self.selected_at = state_dict.get("selected_at", {})
 
     # Lightning saves at the end of the training epoch when validation ran just before it, else at validation's end.
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,6 +110,7 @@ class BestCheckpoint(HeldCheckpoint):
         # validation runs more than once an epoch) replaces the first under its name.
         if self.best_model_score is not None and (before is None or bool(self.best_model_score != before)):
             self.val_metrics = latest_val_metrics(trainer)
+            self.selected_at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:  # ModelCheckpoint's removal of the last
         if trainer.is_global_zero:  # the process that writes
@@ -259,10 +261,11 @@ class ImageLogger(L.Callback):
     and of prior draws at a fixed seed, to every logger that takes images, at the step of that epoch's validation
     scalars.
 
-    Tags: images/reconstructions (originals above reconstructions), images/samples (decoded z ~ N(0, I)),
+    Tags: images/reconstructions (originals above reconstructions), images/samples (decoded prior draws),
     images/interpolations (one row per pair, a*z1 + (1-a)*z2), and latent/scatter for 2-D codes. At the end of
-    fit, the same grids of the final weights and a latent traversal (pictures.latent_traversal) are written as PNGs
-    into `dirpath` (the run's pictures/), and codes of the validation images go to TensorBoard's embedding projector
+    fit, also latent/traversal (pictures.latent_traversal), latent/manifold (2-D codes) and latent/kl_per_dim
+    (VAEs); each tag carries its pictures.DESCRIPTIONS. All of them, of the final weights, are written as PNGs into
+    `dirpath` (the run's pictures/), and codes of the validation images go to TensorBoard's embedding projector
     (latent_dim > 2). Models other than autoencoders (the classifier) get no images.
     """
 
@@ -322,36 +325,34 @@ class ImageLogger(L.Callback):
             rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
             grids["images/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)
         if model.latent_dim == 2:
-            grids["latent/scatter"] = self._scatter(model.encode(self.images.to(model.device)).cpu())
+            grids["latent/scatter"] = scatter_chart(model.encode(self.images.to(model.device)), self.labels)
         return grids
 
-    def _scatter(self, codes: torch.Tensor) -> torch.Tensor:
-        """The 2-D codes coloured by label, as a (3, H, W) image in [0, 1]."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")  # constrained: no axis label clipped
-        points = ax.scatter(codes[:, 0], codes[:, 1], c=self.labels, cmap="tab10", s=4)
-        ax.legend(*points.legend_elements(), title="label", fontsize="small", loc="best")
-        ax.set(xlabel="z[0]", ylabel="z[1]", title="validation codes")
-        fig.canvas.draw()
-        rgb = torch.from_numpy(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-        plt.close(fig)
-        return rgb.permute(2, 0, 1).float() / 255
+    def _final_grids(self, model: AE) -> dict[str, Tensor]:
+        """What the end of training adds: the latent traversal, for 2-d codes the decoded manifold, for VAEs the KL
+        per code dimension."""
+        images = self.images.to(model.device)
+        grids = {"latent/traversal": image_grid(latent_traversal(model, images, self.steps, 32), self.steps)}
+        if model.latent_dim == 2:
+            grids["latent/manifold"] = image_grid(manifold(model, images), 15)
+        kl = kl_per_dim(model, images)
+        if kl is not None:
+            grids["latent/kl_per_dim"] = kl_chart(kl)
+        return grids
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, AE) or not trainer.is_global_zero:
             return
+        step, grids = self._latest  # the last validation's, unless training went on after it
+        grids = dict(grids) if step == trainer.global_step else self._grids(pl_module)
+        final = self._final_grids(pl_module)
+        step = scalar_logging_step(trainer)
+        for tag, grid in final.items():
+            log_image(trainer.loggers, tag, grid, step)
         if self.dirpath is not None:
-            step, grids = self._latest  # the last validation's, unless training went on after it
-            grids = dict(grids) if step == trainer.global_step else self._grids(pl_module)
-            x = self.images[:1].to(pl_module.device)
-            grids["traversal"] = image_grid(latent_traversal(pl_module, x, self.steps, max_dims=32), self.steps)
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            for tag, grid in grids.items():
+            for tag, grid in (grids | final).items():
                 save_image(grid, self.dirpath / f"{tag.rsplit('/', 1)[-1]}.png")
         if pl_module.latent_dim == 2:
             return

@@ -64,6 +64,9 @@ class FailureSummary(Callback):
             )
         else:  # also what a launcher that keeps the jobs' output to itself (submitit) leaves the console
             print(f"sweep {sweep_dir}: {len(done)} job(s) ran to the end; each has its metrics.json and train.log.")
+        from autoencoders.loggers import record_sweep  # imports torch: only once the jobs are done
+
+        record_sweep(sweep_dir, sorted((job for job in statuses if statuses[job].state == FINISHED), key=job_order))
         # this invocation's jobs that did not finish: a failure recorded now, or a job started now that went silent
         unfinished = [
             (job.resolve().relative_to(sweep_dir.resolve()), status)

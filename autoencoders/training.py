@@ -23,7 +23,17 @@ from autoencoders.errors import UserError, check_positive
 from autoencoders.files import write_json
 from autoencoders.internals import skip_inherited_batch_hooks
 from autoencoders.likelihoods import for_data
-from autoencoders.loggers import build_loggers, finish, log_hparams, run_hparams
+from autoencoders.loggers import (
+    RunMetrics,
+    build_loggers,
+    finish,
+    log_hparams,
+    log_outcome,
+    metric_order,
+    run_hparams,
+    tensorboard_writer,
+    write_experiment,
+)
 from autoencoders.optim import run_values
 from autoencoders.rundirs import (
     check_run_dir,
@@ -188,24 +198,22 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
     check_launchable(trainer)
     for callback in trainer.callbacks:  # Lightning's own too
         skip_inherited_batch_hooks(callback)
+    hparams = run_hparams(cfg, HydraConfig.get().runtime.choices)
     if trainer.is_global_zero:
-        log_hparams(loggers, run_hparams(cfg, HydraConfig.get().runtime.choices))
+        log_hparams(loggers, hparams, run_dir.name, OmegaConf.to_yaml(cfg))
 
     cli.training_started.append(run_dir)  # from here on, the run dir stays whatever happens
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SystemExit as stop:  # Lightning's sys.exit(1) after Ctrl-C, once Preemption has said what was kept
-        if isinstance(stop.__context__, KeyboardInterrupt):
-            raise SystemExit(130) from None
+        metrics, test_ckpt, selected_at = _fit_and_test(trainer, model, datamodule, ckpt_path, callbacks)
+    except BaseException as error:
+        if trainer.is_global_zero:  # TensorBoard's HParams tab shows each run's status
+            log_outcome(loggers, {}, trainer.global_step, "aborted" if isinstance(error, SystemExit) else "failure")
         raise
-    # The best checkpoint by validation is tested; without one (fast_dev_run, or no best_checkpoint callback), the
-    # weights as they are, with the validation metrics of the last epoch.
-    best = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)
-    test_ckpt = (best.best_model_path if best else "") or None
-    val = best.val_metrics if test_ckpt else latest_val_metrics(trainer)
-    test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True)
-    metrics = {**val, **test[0]}
     if trainer.is_global_zero:
+        log_outcome(loggers, metrics | selected_at, trainer.global_step, "success")
+        writer = tensorboard_writer(loggers)
+        if writer is not None and HydraConfig.get().mode == RunMode.RUN:  # a sweep's end writes the sweep's
+            write_experiment(writer, [hparams], metric_order([RunMetrics(model.selection[0], list(metrics))]))
         finish(loggers)
         write_json(run_dir / "metrics.json", metrics)
         chosen = Path(test_ckpt).name if test_ckpt else "the final weights"
@@ -214,3 +222,24 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
             *(run_dir, chosen, metrics_table(dict(sorted(metrics.items())))),
         )
     return metrics
+
+
+def _fit_and_test(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None,
+    callbacks: list[L.Callback],
+) -> tuple[dict[str, float], str | None, dict[str, int]]:  # fmt: skip
+    """Train, then test the best checkpoint by validation; without one (fast_dev_run, or no best_checkpoint
+    callback), the weights as they are, with the validation metrics of the last epoch. Returns both splits' metrics,
+    the checkpoint tested (None: the final weights) and the epoch and step it was saved at."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit as stop:  # Lightning's sys.exit(1) after Ctrl-C, once Preemption has said what was kept
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
+    best = next((c for c in callbacks if isinstance(c, BestCheckpoint)), None)
+    test_ckpt = (best.best_model_path if best else "") or None
+    val = best.val_metrics if test_ckpt else latest_val_metrics(trainer)
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False, weights_only=True)
+    selected_at = best.selected_at if test_ckpt else {"epoch": trainer.current_epoch - 1, "step": trainer.global_step}
+    return {**val, **test[0]}, test_ckpt, selected_at

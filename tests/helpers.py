@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.hparams import hparams_plugin
+from werkzeug.test import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -65,3 +70,18 @@ def knn_accuracy(
         votes = [sum(max(s, 0) for s, y in nearest[:k] if y == c) for c in range(10)]
         correct += votes.index(max(votes)) == label
     return correct / len(codes)
+
+
+def hparams_plugin_route(logdir: Path, route: str, request: dict) -> dict:
+    """What TensorBoard's hparams plugin answers the browser for `logdir`, loaded by TensorBoard's own code."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    context = base_plugin.TBContext(
+        logdir=str(logdir), multiplexer=multiplexer,
+        data_provider=data_provider.MultiplexerDataProvider(multiplexer, str(logdir)),
+    )  # fmt: skip
+    app = hparams_plugin.HParamsPlugin(context).get_plugin_apps()[route]
+    response = Client(app).post(route, json={"experimentName": "", **request})
+    assert response.status_code == 200
+    return json.loads(response.get_data())

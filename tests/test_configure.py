@@ -11,16 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins import base_plugin
-from tensorboard.plugins.hparams import hparams_plugin
-from werkzeug.test import Client
 
 from autoencoders.cli import user_error
 from autoencoders.loggers import build_loggers
 from autoencoders.training import build, build_callbacks, train
-from tests.helpers import ROOT, TINY, compose_train, run_train
+from tests.helpers import ROOT, TINY, compose_train, hparams_plugin_route, run_train
 
 README = (ROOT / "README.md").read_text()
 
@@ -183,26 +179,23 @@ def sweeps(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in orders}
 
 
-def hparams_plugin_route(logdir: Path, route: str, request: dict) -> dict:
-    """What TensorBoard's hparams plugin answers the browser for `logdir`, loaded by TensorBoard's own code."""
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    context = base_plugin.TBContext(
-        logdir=str(logdir), multiplexer=multiplexer,
-        data_provider=data_provider.MultiplexerDataProvider(multiplexer, str(logdir)),
-    )  # fmt: skip
-    app = hparams_plugin.HParamsPlugin(context).get_plugin_apps()[route]
-    response = Client(app).post(route, json={"experimentName": "", **request})
-    assert response.status_code == 200
-    return json.loads(response.get_data())
-
-
 @pytest.mark.parametrize("order", ["ae_first", "vae_first"])
 def test_the_hparams_tab_of_a_sweep_has_every_metric_and_the_differing_hparams_first(sweeps, order):
     experiment = hparams_plugin_route(sweeps[order], "/experiment", {"hparamsLimit": 2})
-    metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
-    assert {"val/elbo", "val/kl", "val/recon", "test/nll", "test/recon"} <= metrics  # the VAE's, whoever came first
+    metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
+    vae = {"val/elbo", "val/kl", "val/recon", "test/nll", "test/recon"}  # the VAE's, whoever came first
+    assert vae | {f"best/{name}" for name in vae} <= set(metrics) and "epoch" not in metrics
+    # The tab ticks the first five and colours parallel coordinates by the first: the selected checkpoints' recon
+    # (the AE's selection metric, which the VAE has too), then other metrics both models have, so no run drops out.
+    assert metrics[:2] == ["best/val/recon", "best/test/recon"]
+    groups = hparams_plugin_route(sweeps[order], "/session_groups", {
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE"], "startIndex": 0, "sliceSize": 10,
+        "colParams": [{"metric": {"tag": name, "group": ""}} for name in metrics[:5]]})["sessionGroups"]  # fmt: skip
+    ticked = set(metrics[:5])  # every run has a value in every ticked column
+    assert len(groups) == 4 and all(ticked <= {v["name"]["tag"] for v in group["metricValues"]} for group in groups)
+    jobs = sorted(path.name for path in sweeps[order].glob("*_model-*"))
+    assert sorted(group["name"] for group in groups) == jobs  # each row named by its run dir
+    assert {session["status"] for group in groups for session in group["sessions"]} == {"STATUS_SUCCESS"}
     assert sorted((h["name"], h["differs"]) for h in experiment["hparamInfos"]) == [
         ("latent_dim", True),
         ("model", True),

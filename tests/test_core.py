@@ -17,7 +17,7 @@ from autoencoders.evaluation import reconstruction_metrics
 from autoencoders.likelihoods import LIKELIHOODS
 from autoencoders.models import AE, IWAE, M2, MODELS, VAE, VQVAE
 from autoencoders.models.ae import CodePenaltyAE
-from tests.helpers import TINY, compose_train, run_train
+from tests.helpers import TINY, compose_train, hparams_plugin_route, run_train
 
 SHAPE = (1, 8, 8)
 
@@ -144,7 +144,12 @@ def test_a_failure_after_training_started_keeps_the_run_dir_with_the_error_in_tr
     assert proc.returncode == 2 and proc.stderr.count("error: ") == 1
     log = (tmp_path / "run" / "train.log").read_text()
     assert "error: The training loss became non-finite" in log
-    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    (group,) = hparams_plugin_route(
+        tmp_path / "run",
+        "/session_groups",
+        {"allowedStatuses": ["STATUS_FAILURE"], "startIndex": 0, "sliceSize": 10, "colParams": []},
+    )["sessionGroups"]
+    assert group["name"] == "run"  # TensorBoard's HParams tab lists the run as failed
 
 
 def test_a_rerun_that_finishes_a_failed_job_removes_its_stale_failure_record(tmp_path):

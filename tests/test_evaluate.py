@@ -245,9 +245,23 @@ def test_active_units_count_dims_whose_posterior_mean_varies_across_images():
     assert active_units(means) == 2
 
 
-def test_latent_traversal_sets_one_dim_per_row():
-    model = autoencoders.models.AE((1, 28, 28), latent_dim=3)
-    assert latent_traversal(model, torch.rand(1, 1, 28, 28), steps=5, max_dims=2).shape == (10, 1, 28, 28)
+def test_the_traversal_sweeps_each_dim_over_3_stds_of_the_codes_a_vaes_in_order_of_kl():
+    model = autoencoders.models.VAE((1, 28, 28), latent_dim=3)
+    images = torch.rand(50, 1, 28, 28)
+    decoded = []
+    model.decode = lambda z: decoded.append(z) or torch.zeros(len(z), 1, 28, 28)
+    assert latent_traversal(model, images, steps=5, max_dims=2).shape == (10, 1, 28, 28)
+    (z,) = decoded
+    mu, logvar = model.posterior(images)
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, torch.exp(0.5 * logvar)), torch.distributions.Normal(0, 1)
+    ).mean(0)
+    first, second = torch.argsort(kl, descending=True)[:2].tolist()
+    rows = z.view(2, 5, 3).detach()
+    spread = torch.linspace(-3, 3, 5) * mu.std(0)[first] + mu.mean(0)[first]
+    torch.testing.assert_close(rows[0, :, first], spread)
+    torch.testing.assert_close(rows[0, :, second], mu[0, second].detach().expand(5))  # the others: image 0's code
+    assert len(torch.unique(rows[1, :, second])) == 5
 
 
 def test_failed_running_and_crashed_jobs_are_listed_with_their_status_not_dropped(sweep, tmp_path):

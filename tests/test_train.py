@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from omegaconf import open_dict
@@ -22,7 +23,7 @@ from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
 from autoencoders.models import VAE
 from autoencoders.rundirs import RunDirGuard, run_name
-from tests.helpers import ROOT, run_train
+from tests.helpers import ROOT, hparams_plugin_route, run_train
 
 
 def event_tags(run_dir) -> dict:
@@ -40,13 +41,15 @@ def vae_run(tmp_path_factory):
 
 def test_run_dir_holds_pictures_of_the_final_weights(vae_run):
     """28x28 images in grids with 2-pixel borders: 16 validation images above their reconstructions, 8x8 prior
-    samples, 8 interpolations of 10 steps, a traversal of each of the 2 code dims in 10 steps, and the 2-d codes."""
+    samples, 8 interpolations of 10 steps, a traversal of each of the 2 code dims in 10 steps, the decoded 15x15
+    manifold, and charts of the 2-d codes and of the KL per dimension."""
     pictures = vae_run / "pictures"
     sizes = {p.name: Image.open(p).size for p in pictures.glob("*.png")}
     side = lambda n: 2 + 30 * n  # noqa: E731
     assert sizes == {
         "reconstructions.png": (side(16), side(2)), "samples.png": (side(8), side(8)),
         "interpolations.png": (side(10), side(8)), "traversal.png": (side(10), side(2)), "scatter.png": (500, 500),
+        "manifold.png": (side(15), side(15)), "kl_per_dim.png": (500, 500),
     }  # fmt: skip
     reconstructions = np.asarray(Image.open(pictures / "reconstructions.png").convert("L"), dtype=float)
     assert reconstructions[2:30].std() > 0 and reconstructions[32:60].std() > 0  # digits, not blank rows
@@ -119,13 +122,34 @@ def test_the_best_checkpoint_is_chosen_on_val_elbo_and_metrics_json_reports_its_
     assert selection["best_model_score"].item() == pytest.approx(elbo[best_epoch])
 
 
-def test_tensorboard_holds_the_image_summaries_and_hparams(vae_run):
+def test_tensorboard_holds_the_pictures_with_their_descriptions_the_config_and_no_epoch_chart(vae_run):
     tags = event_tags(vae_run)
-    assert {"images/reconstructions", "images/samples", "images/interpolations", "latent/scatter"} <= set(
-        tags["images"]
-    )
-    assert {"train/loss_epoch", "val/loss", "val/elbo"} <= set(tags["scalars"])
-    assert set(tags["hparams"]) == {"_hparams_/session_start_info"}  # no experiment record: see test_configure.py
+    pictures = {"images/reconstructions", "images/samples", "images/interpolations", "latent/scatter"}
+    pictures |= {"latent/traversal", "latent/manifold", "latent/kl_per_dim"}
+    assert pictures <= set(tags["images"])
+    assert {"train/loss_epoch", "val/loss", "val/elbo", "best/val/elbo", "best/test/nll"} <= set(tags["scalars"])
+    assert "epoch" not in tags["scalars"]  # Lightning's, of no use as a chart
+    acc = EventAccumulator(str(vae_run), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    description = acc.SummaryMetadata("latent/traversal").summary_description
+    assert description.startswith("One row per code dimension (VAEs: in order of KL")
+    config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "    model:\n      _target_: autoencoders.models.VAE" in config  # a markdown code block
+    hparams = yaml.safe_load((vae_run / "hparams.yaml").read_text())
+    assert hparams["model"] == "vae" and hparams["latent_dim"] == 2 and len(hparams) > 30  # in full
+
+
+def test_the_hparams_tab_of_a_run_opens_on_its_selection_and_test_metrics_and_names_it(vae_run):
+    experiment = hparams_plugin_route(vae_run, "/experiment", {})
+    metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
+    assert metrics[:2] == ["best/val/elbo", "best/test/nll"]  # the five TensorBoard ticks start with these
+    (group,) = hparams_plugin_route(vae_run, "/session_groups", {
+        "allowedStatuses": ["STATUS_SUCCESS"], "startIndex": 0, "sliceSize": 10,
+        "colParams": [{"metric": {"tag": "best/val/elbo", "group": ""}}]})["sessionGroups"]  # fmt: skip
+    assert group["name"] == vae_run.name and group["sessions"][0]["status"] == "STATUS_SUCCESS"
+    best = {v["name"]["tag"]: v["value"] for v in group["metricValues"]}
+    metrics_json = json.loads((vae_run / "metrics.json").read_text())
+    assert best["best/val/elbo"] == pytest.approx(metrics_json["val/elbo"]) and best["best/epoch"] in (0, 1)
 
 
 def test_load_returns_the_trained_model(vae_run):
