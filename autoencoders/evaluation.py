@@ -3,10 +3,10 @@ from its own saved config (both in saved_runs.py) and its model from its checkpo
 write its results.
 
 A run is only read: each (checkpoint, split, data, settings) evaluation gets its own folder,
-<run>/eval/<checkpoint>_<split>_<data>_<settings>/ (metrics.json, config.yaml, PNGs, TensorBoard events), where
-<settings> hashes every evaluate setting that changes the numbers or pictures (SCORED_SETTINGS), and a sweep's report
-goes to the sweep dir. A sweep is scored on both held-out splits and ranked on validation only; its test columns are
-reported, never used to choose.
+<run>/eval/<checkpoint>_<split>_<data>_<settings>/ (metrics.json, config.yaml, PNGs, TensorBoard events and
+report.html), where <settings> hashes every evaluate setting that changes the numbers or pictures (SCORED_SETTINGS),
+and a sweep's report goes to the sweep dir. A sweep is scored on both held-out splits and ranked on validation only;
+its test columns are reported, never used to choose.
 """
 
 import functools
@@ -43,7 +43,7 @@ from autoencoders.metrics import (
     metric_key,
 )
 from autoencoders.models import AE, VAE, VQVAE
-from autoencoders.pictures import ImageSampler, picture_grids, save_pictures
+from autoencoders.pictures import DESCRIPTIONS, ImageSampler, picture_grids, save_pictures
 from autoencoders.samplers import CACHE_VERSION, SAMPLERS, make_sampler
 from autoencoders.saved_runs import build_data, data_config, find_checkpoint, run_config, sweep_jobs
 
@@ -230,12 +230,21 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
         settings = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint_file": str(checkpoint), "split": split}
         OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, staging / "config.yaml")
         write_json(staging / "metrics.json", metrics)
+        report.write_html(staging / "report.html", checkpoint.name, run_report(checkpoint, metrics, grids), staging)
         replace_dir(staging, out_dir)
     except BaseException:  # a half-written evaluation never stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("Scored %s on %s; wrote %s:\n%s", checkpoint.name, split, out_dir, metrics_table(metrics))
     return metrics
+
+
+def run_report(checkpoint: Path, metrics: dict[str, float], grids: dict[str, Tensor]) -> list[str]:
+    """report.html of one evaluation, as Markdown: its metrics with their meaning, then its pictures."""
+    meaning = {name: METRICS[metric_key(name)][1].replace("|", "\\|") for name in metrics}  # | would end the cell
+    rows = [f"| `{name}` | {value:.6g} | {meaning[name]} |" for name, value in metrics.items()]
+    pictures = [f"## {name}\n\n{DESCRIPTIONS.get(name.split('_')[0], '')}\n\n![{name}]({name}.png)" for name in grids]
+    return [f"# {checkpoint}", "", "| metric | value | meaning |", "|---|---|---|", *rows, "", *pictures]
 
 
 def data_name(data_cfg: DictConfig, checkpoint: Path) -> str:

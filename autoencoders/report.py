@@ -2,14 +2,19 @@
 written as summary.csv and summary.md; when jobs differ only in `seed`, one more table of each configuration's mean
 ± std over its seeds (summary_over_seeds.csv, and in summary.md), ranked on its validation mean; and the plots a
 researcher expects, with error bars over seeds: rate-distortion across kl_weight, and metrics against latent_dim per
-model (on the test split: reported, not used to choose)."""
+model (on the test split: reported, not used to choose). report.html holds all of it and each run's pictures, in one
+self-contained page."""
 
+import base64
 import csv
+import html
 import logging
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import markdown
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
@@ -93,8 +98,37 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
         *(f"\n![{name}]({name})" for name, figure in plots.items() if figure is not None),
     ]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    log.info("Wrote %s:\n%s", sweep_dir / "summary.md", table)
+    pictures = [f"\n## Pictures of {row['run']}\n" + "\n".join(
+        f"![{image.stem}]({image.resolve()})" for image in sorted((sweep_dir / row["run"] / "pictures").glob("*.png"))
+    ) for row in rows]  # fmt: skip
+    write_html(sweep_dir / "report.html", f"Sweep {sweep_dir.name}", [*lines, *pictures], sweep_dir)
+    log.info("Wrote %s and report.html:\n%s", sweep_dir / "summary.md", table)
     return rows
+
+
+def write_html(path: Path, title: str, lines: list[str], folder: Path) -> None:
+    """One self-contained HTML page of the Markdown `lines`: every image they show (a path, relative to `folder` or
+    absolute) embedded as a data URI, so the page opens from disk, moved or mailed, without its folder."""
+
+    def embed(match: re.Match) -> str:
+        image = folder / match.group(2)
+        data = base64.b64encode(image.read_bytes()).decode() if image.is_file() else ""
+        return f"{match.group(1)}data:image/png;base64,{data}{match.group(3)}"
+
+    body = re.sub(
+        r'(<img [^>]*src=")([^"]+\.png)(")', embed, markdown.markdown("\n".join(lines), extensions=["tables"])
+    )
+    path.write_text(HTML.format(title=html.escape(title), body=body))
+
+
+HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }} img {{ max-width: 100%; margin: 0.3em; }}
+</style></head><body>
+{body}
+</body></html>
+"""
 
 
 def over_seeds(rows: list[dict], metrics: list[str], sort_by: str) -> list[dict]:

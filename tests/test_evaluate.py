@@ -1,11 +1,14 @@
 """evaluate.py on a tiny two-run sweep (ae, vae) trained here: metrics, pictures, the sweep report and bad input."""
 
 import csv
+import html
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,36 @@ def test_sweep_report_ranks_on_validation_and_reports_test_beside_it(sweep):
     for plot in ("rate_distortion.png", "metrics_vs_latent_dim.png"):
         assert Image.open(sweep / plot).size[0] > 100
     assert sorted(p.name for p in sweep.parent.iterdir()) == ["cache", "sweep"]  # evaluate.py left no logs behind
+
+
+def test_report_html_is_one_self_contained_page_of_the_tables_plots_and_every_runs_pictures(sweep):
+    page = (sweep / "report.html").read_text()
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    pictures = sorted(p.name for p in (run_dirs(sweep)["vae"] / "pictures").glob("*.png"))
+    assert len(pictures) >= 5 and len(sources) == 2 + 2 * len(pictures) - 1  # the plots; the AE has no KL chart
+    assert all(src.startswith("data:image/png;base64,") and len(src) > 1000 for src in sources)
+    assert page.count("<table>") == 1 and page.count("<tr>") == 3 and "Pictures of 1_" in page
+    run_page = (eval_dir(run_dirs(sweep)["vae"]) / "report.html").read_text()
+    assert "<td><code>test/nll</code></td>" in run_page and run_page.count('src="data:image/png;base64,') >= 5
+
+
+@pytest.mark.slow  # a browser: `pytest -m slow`
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_report_html_opens_from_disk_in_a_real_browser_with_every_image_decoded(sweep, tmp_path):
+    """Headless Chromium loads report.html from a copy in another folder (so nothing beside it can help) in a frame
+    of a page that counts its tables and the images that decoded."""
+    shutil.copy(sweep / "report.html", tmp_path / "report.html")
+    (tmp_path / "check.html").write_text(
+        '<iframe id="r" src="report.html"></iframe><pre id="out"></pre><script>'
+        "r.onload = () => { const d = r.contentDocument, images = [...d.images]; out.textContent = JSON.stringify({"
+        'tables: d.querySelectorAll("table").length, images: images.length,'
+        "decoded: images.filter(i => i.complete && i.naturalWidth > 0).length}); };</script>"
+    )
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+               "--virtual-time-budget=10000", "--dump-dom", (tmp_path / "check.html").as_uri()]  # fmt: skip
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    found = json.loads(html.unescape(re.search(r'<pre id="out">([^<]*)</pre>', dom).group(1)))
+    assert found["tables"] == 1 and found["images"] >= 10 and found["decoded"] == found["images"]
 
 
 @pytest.mark.parametrize("model", ["ae", "vae"])
