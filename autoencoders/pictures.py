@@ -135,7 +135,13 @@ def scatter_chart(codes: Tensor, labels: Tensor) -> Tensor:
 
 def kl_chart(kl: Tensor) -> Tensor:
     """A bar per code dimension: its KL in nats."""
-    return chart(lambda ax: ax.bar(range(len(kl)), kl.cpu()), "KL per code dimension", "dimension u", "KL (nats)")
+    from matplotlib.ticker import MaxNLocator
+
+    def draw(ax) -> None:
+        ax.bar(range(len(kl)), kl.cpu())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    return chart(draw, "KL per code dimension", "dimension u", "KL (nats)")
 
 
 def image_grid(images: Tensor, nrow: int) -> Tensor:

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import lightning as L
@@ -53,6 +54,12 @@ def test_run_dir_holds_pictures_of_the_final_weights(vae_run):
     }  # fmt: skip
     reconstructions = np.asarray(Image.open(pictures / "reconstructions.png").convert("L"), dtype=float)
     assert reconstructions[2:30].std() > 0 and reconstructions[32:60].std() > 0  # digits, not blank rows
+
+
+def test_the_readme_shows_one_picture_of_each_kind_a_run_writes(vae_run):
+    shown = re.findall(r"\(docs/pictures/([a-z_]+\.png)\)", (ROOT / "README.md").read_text())
+    assert sorted(shown) == sorted(p.name for p in (vae_run / "pictures").glob("*.png"))  # a 2-d VAE writes all
+    assert all(Image.open(ROOT / "docs" / "pictures" / name).size[0] > 100 for name in shown)
 
 
 def test_run_dir_holds_config_checkpoints_and_metrics(vae_run):
