@@ -23,15 +23,21 @@ if TYPE_CHECKING:
     import lightning as L
 
 
-def run_name(overrides: Sequence[str]) -> str:
+def run_name(overrides: Sequence[str], sweep_dir: str | None = None) -> str:
     """`_key-value` for each command-line override, sorted (the `run_name` resolver of conf/train.yaml's dirs).
 
     The name can be passed back on a command line unquoted: no `=`, `,`, `/` or spaces. A path-valued setting is named
     by its last part (a checkpoint by its run's folder), so it never nests folders; `ckpt_path` and hydra.* settings
     are left out. Past 200 characters, a hash of the whole name replaces the rest, so names stay distinct.
+
+    A sweep job's name (`sweep_dir` given) leaves out the overrides that every job of the sweep shares: those of the
+    sweep's command line, as its multirun.yaml records them, that sweep no values (`data=sprites`, not `model=ae,vae`).
     """
+    shared = set()
+    if sweep_dir is not None and (Path(sweep_dir) / "multirun.yaml").is_file():  # Hydra's basic sweeper writes it
+        shared = set(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides.task)
     parts = []
-    for override in sorted(overrides):
+    for override in sorted(set(overrides) - shared):
         key, _, value = override.lstrip("+~").partition("=")
         if key.startswith("hydra.") or key == "ckpt_path":
             continue

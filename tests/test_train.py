@@ -246,3 +246,13 @@ def test_run_dir_names_keep_a_values_sign_and_drop_what_a_command_line_cannot_ta
     names = {value: run_name([f"kl_weight={value}"]) for value in ("0.5", "-0.5")}
     assert names == {"0.5": "_kl_weight-0.5", "-0.5": "_kl_weight--0.5"}
     assert run_name(["model.widths=[64,32]", "hydra.run.dir=x", "ckpt_path=last"]) == "_model.widths-64-32"
+
+
+def test_sweep_job_names_leave_out_the_overrides_every_job_shares(tmp_path):
+    """What `train.py -m model=ae,vae seed=-1,1 latent_dim=2` names its jobs, from the multirun.yaml that Hydra's
+    sweeper writes before it launches them."""
+    command = ["model=ae,vae", "seed=-1,1", "latent_dim=2"]
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": command}}}))
+    job = ["model=vae", "seed=-1", "latent_dim=2"]
+    assert run_name(job, str(tmp_path)) == "_model-vae_seed--1"
+    assert run_name(job, str(tmp_path / "elsewhere")) == "_latent_dim-2_model-vae_seed--1"  # no record: every override
