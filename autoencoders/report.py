@@ -98,8 +98,10 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
         *(f"\n![{name}]({name})" for name, figure in plots.items() if figure is not None),
     ]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    pictures = [f"\n## Pictures of {row['run']}\n" + "\n".join(
-        f"![{image.stem}]({image.resolve()})" for image in sorted((sweep_dir / row["run"] / "pictures").glob("*.png"))
+    pictures = [f"\n## Pictures of {row['run']}\n\n" + "".join(
+        f'<figure style="display:inline-block"><img src="{image.resolve()}" alt="{image.stem}">'
+        f"<figcaption>{image.stem}</figcaption></figure>"
+        for image in sorted((sweep_dir / row["run"] / "pictures").glob("*.png"))
     ) for row in rows]  # fmt: skip
     write_html(sweep_dir / "report.html", f"Sweep {sweep_dir.name}", [*lines, *pictures], sweep_dir)
     log.info("Wrote %s and report.html:\n%s", sweep_dir / "summary.md", table)
