@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -51,9 +52,12 @@ SELECTIONS = ("small_val", "full_val", "none")  # which checkpoint is tested (co
 
 # Lightning's messages that no user of train.py can act on, silenced one by one (not by category):
 # a deprecation inside Lightning's own pytree code; the logging-interval warning, which does not apply because epoch
-# metrics and `train/*_step` are logged by global step, across epochs; and an advertisement for a cloud logger.
+# metrics and `train/*_step` are logged by global step, across epochs; outside SLURM, the hint to start with srun;
+# and an advertisement for a cloud logger.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+if "SLURM_JOB_ID" not in os.environ:  # srun's hint only applies to a process that SLURM started (a login node has srun)
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
 )

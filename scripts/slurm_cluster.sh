@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# A single-node SLURM cluster in a folder of its own, for the tests (tests/conftest.py) or a try by hand:
+#   scripts/slurm_cluster.sh start <dir>   # writes <dir>/slurm.conf, starts munged, slurmctld and slurmd, and returns
+#                                          # once sinfo shows the node idle; then: export SLURM_CONF=<dir>/slurm.conf
+#   scripts/slurm_cluster.sh stop <dir>    # stops the daemons it started
+# Needs Debian's slurm-wlm and munge (apt-get install slurm-wlm munge), run as root.
+set -euo pipefail
+action=${1:?start or stop}
+dir=$(realpath -m "${2:?a folder for the cluster}")
+export SLURM_CONF=$dir/slurm.conf
+
+stop() {
+  for daemon in slurmd slurmctld munged; do
+    [[ -f $dir/$daemon.pid ]] && kill "$(cat "$dir/$daemon.pid")" 2>/dev/null || true
+  done
+  for _ in $(seq 50); do
+    pgrep -f "$SLURM_CONF|$dir/munge" > /dev/null || return 0
+    sleep 0.1
+  done
+  pkill -9 -f "$SLURM_CONF|$dir/munge" || true
+}
+
+if [[ $action == stop ]]; then stop; exit 0; fi
+
+mkdir -p "$dir"/{state,spool,munge}
+node=$(hostname -s)
+memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+cat > "$SLURM_CONF" <<CONF
+ClusterName=autoencoders
+SlurmctldHost=$node
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$dir/munge/munge.socket
+CredType=cred/munge
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+SlurmctldPort=${SLURMCTLD_PORT:-6817}
+SlurmdPort=${SLURMD_PORT:-6818}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+SchedulerParameters=sched_interval=1
+NodeName=$node CPUs=$(nproc) RealMemory=$memory State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+
+munged --force --socket="$dir/munge/munge.socket" --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" \
+  --seed-file="$dir/munge/seed"
+slurmctld -f "$SLURM_CONF"
+slurmd -f "$SLURM_CONF"
+for _ in $(seq 300); do  # up to 30 s
+  if [[ $(sinfo --noheader --format=%t 2>/dev/null) == idle ]]; then
+    echo "SLURM $(sinfo --version | cut -d' ' -f2): node $node idle; export SLURM_CONF=$SLURM_CONF"
+    exit 0
+  fi
+  sleep 0.1
+done
+echo "error: the node did not become idle within 30 s; see $dir/slurmctld.log and $dir/slurmd.log" >&2
+stop
+exit 1
