@@ -63,7 +63,10 @@ class FailureSummary(Callback):
                 "ran to the end now."
             )
         else:  # also what a launcher that keeps the jobs' output to itself (submitit) leaves the console
-            print(f"sweep {sweep_dir}: {len(done)} job(s) ran to the end; each has its metrics.json and train.log.")
+            print(
+                f"sweep {sweep_dir}: {len(done)} job(s) ran to the end: {', '.join(done)}; each has its metrics.json "
+                "and train.log."
+            )
         from autoencoders.loggers import record_sweep  # imports torch: only once the jobs are done
 
         record_sweep(sweep_dir, sorted((job for job in statuses if statuses[job].state == FINISHED), key=job_order))
@@ -100,29 +103,29 @@ class LauncherCheck(Callback):
 
 
 class ThreadSplit(Callback):
-    """Hydra callback: under a launcher that runs several jobs at once on this machine, each job's torch gets its
-    share of the cores instead of every job using every core: cores // n_jobs threads under joblib, so that jobs x
-    threads <= cores; under submitit_local, which starts every job at once, `hydra.launcher.cpus_per_task` threads
-    (null: 1)."""
+    """Hydra callback: under a launcher that runs several jobs at once on a machine, each job's torch gets its share
+    of the cores instead of every job using every core: cores // n_jobs threads under joblib, so that jobs x threads
+    <= cores; under submitit (local, or SLURM, whose nodes may not confine a job to its CPUs),
+    `hydra.launcher.cpus_per_task` threads (null: 1)."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = OmegaConf.select(config, "hydra.launcher", default={})
         n_jobs = launcher.get("n_jobs")
-        local_submitit = str(launcher.get("_target_", "")).endswith("submitit_launcher.LocalLauncher")
-        if n_jobs is None and not local_submitit:
+        submitit = str(launcher.get("_target_", "")).startswith("hydra_plugins.hydra_submitit_launcher")
+        if n_jobs is None and not submitit:
             return
         import joblib
         import torch
 
         cores = joblib.cpu_count()  # respects CPU affinity and cgroup quotas
-        if local_submitit:
+        if submitit:
             threads = launcher.get("cpus_per_task") or 1
         else:
             parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but 1
             threads = max(1, cores // parallel)
         torch.set_num_threads(threads)
         log.info(
-            "%d cores, jobs run in parallel: torch uses %d thread(s) in this job (process %d)",
+            "%d cores, jobs run in parallel: torch threads: %d in this job (process %d)",
             *(cores, torch.get_num_threads(), os.getpid()),
         )
 

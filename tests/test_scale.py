@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from autoencoders.models import VQVAE
 from tests.helpers import ROOT, run_train
 
-THREADS_LINE = re.compile(r"^\[(.{23})\].*torch uses (\d+) thread\(s\) in this job \(process (\d+)\)", re.M)
+THREADS_LINE = re.compile(r"^\[(.{23})\].*torch threads: (\d+) in this job \(process (\d+)\)", re.M)
 
 
 @pytest.mark.slow  # in `pytest -m slow`: the default run must stay under 6 minutes
