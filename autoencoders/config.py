@@ -196,6 +196,7 @@ class FactorVAEConfig(VAEConfig):  # conf/model/factor_vae.yaml: autoencoders.mo
 @dataclass
 class FSQVAEConfig(AEConfig):  # conf/model/fsq.yaml: autoencoders.models.FSQVAE
     levels: int = MISSING
+    decoder_warmup_steps: int = MISSING
 
 
 @dataclass

@@ -401,6 +401,25 @@ def test_fsq_rounds_each_bounded_code_number_to_the_nearest_of_its_levels(levels
     torch.testing.assert_close(z.grad, slope)
 
 
+def test_fsq_trains_its_decoder_alone_for_its_warm_up_steps_then_its_encoder_too(tmp_path):
+    import lightning as L
+
+    x = binary_images(16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(16)), batch_size=8)
+    for steps, encoder_learns in ((2, False), (3, True)):
+        torch.manual_seed(0)
+        model = FSQVAE(SHAPE, levels=5, latent_dim=3, decoder_warmup_steps=2)
+        before = copy.deepcopy(model)
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, accelerator="cpu", limit_val_batches=0,
+                            default_root_dir=tmp_path)  # fmt: skip
+        trainer.fit(model, loader)
+        changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters(), strict=True)]
+        names = [name.split(".")[0] for name, _ in model.named_parameters()]
+        assert any(c for c, n in zip(changed, names, strict=True) if n == "decoder")
+        assert any(c for c, n in zip(changed, names, strict=True) if n == "encoder") == encoder_learns
+
+
 def test_the_aae_and_factor_vae_losses_are_their_binary_cross_entropies():
     aae = AAE(SHAPE, adversarial_weight=2.0, latent_dim=2)
     x = binary_images()

@@ -184,11 +184,17 @@ class FSQVAE(AE):
     codebook is the grid of levels^latent_dim codes, with no codebook or commitment loss, so `loss` = recon. As for a
     VQ-VAE, `encode` returns the numbers before rounding, `decode` rounds them, and samples need a code prior fitted
     to the training codes (`prior_sampler`, evaluate.py's `prior`). Logs `usage`: the share of the levels that a
-    batch's code numbers use, over all numbers."""
+    batch's code numbers use, over all numbers.
 
-    def __init__(self, image_shape: Sequence[int], levels: int = 5, **base: Any):
+    The first `decoder_warmup_steps` training steps train the decoder alone (the codes detached). Otherwise the
+    untrained decoder's error on the mean image pushes every image's code the same way into tanh's saturation,
+    where Adam, blind to the gradient's scale, keeps pushing it: each number then takes a single level (on the
+    bundled digits, recon 206 nats and 1 of 5 levels used, against 91 and all 5 with 50 or 100 warm-up steps)."""
+
+    def __init__(self, image_shape: Sequence[int], levels: int = 5, decoder_warmup_steps: int = 100, **base: Any):
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
             raise UserError(f"model.levels={levels!r} must be an integer >= 2 values per code number, e.g. 5.")
+        check_non_negative("model.decoder_warmup_steps", decoder_warmup_steps, "100")
         super().__init__(image_shape, **base)
 
     def quantize(self, z: Tensor) -> Tensor:
@@ -210,6 +216,8 @@ class FSQVAE(AE):
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         codes = self.quantize(self.encode(x))
+        if split == "train" and self.training and self.global_step < self.hparams.decoder_warmup_steps:
+            codes = codes.detach()
         levels = self.hparams.levels
         index = torch.round(codes.detach() * (levels // 2)).long() + levels // 2  # 0 .. levels-1
         used = torch.zeros(self.latent_dim, levels, device=x.device).scatter_(1, index.T, 1.0)
