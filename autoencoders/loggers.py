@@ -118,7 +118,8 @@ def log_hparams(loggers: list[Logger], hparams: Hparams, run_name: str, config_y
 
 def log_outcome(loggers: list[Logger], metrics: Mapping[str, float], step: int, status: str) -> None:
     """At a run's end (rank 0): the selected checkpoint's validation and test metrics as `best/<split>/<name>`, and
-    its SELECTED_AT, at the last step; in TensorBoard also the session's status (`success`, `failure`, `aborted`)."""
+    its SELECTED_AT, at the last step; in TensorBoard also the session's status (`success`, `failure`, or `unknown`
+    for a run that a signal stopped, to be resumed)."""
     for logger in loggers:
         if metrics:
             logger.log_metrics({f"best/{k}": v for k, v in metrics.items()}, step=step)

@@ -18,3 +18,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.pop("AUTOENCODERS_CACHE"), ignore_errors=True)
     for folder in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         os.environ.pop(folder)
+
+
+@pytest.fixture(autouse=True)
+def no_hydra_config_left_behind():
+    """A test that composes a config as train.py's (tests/helpers.py compose_train) registers it as Hydra's current
+    one; the next test in the process must not read its choices (evaluate.py names data by them)."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

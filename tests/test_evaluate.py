@@ -165,6 +165,7 @@ def test_evaluations_with_other_settings_get_folders_of_their_own(sweep, tmp_pat
     assert json.loads((found[2] / "metrics.json").read_text()) == scored[2]
 
 
+@pytest.mark.slow  # fits two nets and a FID feature net: `pytest -m slow`
 def test_the_flow_and_two_stage_samplers_are_fitted_once_cached_and_scored_with_fid_and_kid(sweep, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))

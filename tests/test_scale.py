@@ -41,7 +41,7 @@ def test_slurm_launcher_config_composes_with_its_keys():
         cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 0, 240)  # 0: a CPU partition
     assert launcher.array_parallelism == 16 and launcher.tasks_per_node == 1
 
 
@@ -61,7 +61,7 @@ def test_submitit_local_launcher_runs_a_sweep_offline_sharing_the_cores_and_says
         "-m", "hydra/launcher=submitit_local", "latent_dim=2",
         f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
-    (log,) = sweep.glob("0_*/train.log")
+    (log,) = sweep.glob("0*/train.log")
     assert (sweep / ".submitit").is_dir()  # the job ran as a submitit job, in its own process
     _, threads, _ = THREADS_LINE.search(log.read_text()).groups()
     assert int(threads) == 1  # submitit_local starts every job at once: one thread each unless cpus_per_task says

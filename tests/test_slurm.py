@@ -36,6 +36,7 @@ def queue() -> list[str]:
     return subprocess.run(["squeue", "--noheader", "--format=%i"], capture_output=True, text=True).stdout.split()
 
 
+@pytest.mark.slow  # a train.py subprocess: `pytest -m slow`
 @needs_slurm
 def test_a_run_that_slurm_did_not_start_says_nothing_of_srun_on_a_machine_that_has_it(tmp_path):
     proc = run_train("model=ae", "latent_dim=2", "hydra.run.dir=run", cwd=tmp_path)

@@ -494,7 +494,8 @@ ZOO |= {"rae": RAE, "fsq": FSQVAE}
 
 def zoo_config(name: str) -> list[str]:
     own = ["model.embedding_dim=1"] if name == "vqvae" else []  # 2 tokens of 1 number
-    return [*TINY, f"model={name}", "latent_dim=2", "model.arch=conv", *own]
+    quiet = ["~callbacks.images", "~logger"]  # pictures and loggers are tested elsewhere; evaluate.py draws the prior
+    return [*TINY, f"model={name}", "latent_dim=2", "model.arch=conv", *own, *quiet]
 
 
 @pytest.fixture(scope="module")
@@ -529,7 +530,7 @@ def test_each_zoo_model_trains_tests_and_loads_from_its_checkpoint(zoo_runs, nam
 def test_each_zoo_model_is_scored_by_evaluate_py(zoo_runs, name, tmp_path):
     ckpt = zoo_runs[name] / "checkpoints" / "last.ckpt"  # a lone checkpoint: the in-process run saved no .hydra/
     cfg = compose_evaluate(f"ckpt_path={ckpt}", "data=mnist_subset", "split=val", "num_samples=0",
-                           f"cache_dir={tmp_path}", "k=10", "images.num_samples=4", "samplers=[gaussian]")  # fmt: skip
+                           f"cache_dir={tmp_path}", "k=10", "images.num_samples=4", "samplers=[prior]")  # fmt: skip
     (metrics,) = evaluate(cfg)
     assert math.isfinite(metrics["val/recon"]) and ("val/nll" in metrics) == issubclass(ZOO[name], VAE)
 

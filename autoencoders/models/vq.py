@@ -124,28 +124,35 @@ class VQVAE(AE):
     @torch.no_grad()
     def _maintain_codebook(self, tokens: Tensor) -> Tensor:
         """Before a training step: the k-means initialisation at the first, and the revival of dead vectors; returns
-        how many vectors were revived. Process 0's codebook then goes to every DDP process."""
+        how many vectors were revived. Under DDP both read the whole batch, every process's tokens, and make the
+        same draws, so every process keeps the codebook a single process would."""
         if self.hparams.codebook_init == "kmeans" and self.global_step == 0 and not self.kmeans_done:
             self.kmeans_done = True
-            self._set_vectors(
-                torch.arange(len(self.codebook), device=tokens.device), kmeans(tokens, len(self.codebook))
-            )
+            every = torch.arange(len(self.codebook), device=tokens.device)
+            self._set_vectors(every, kmeans(_whole_batch(tokens), len(self.codebook)))
         dead = torch.nonzero(self.ema_count < self.hparams.revive_below).flatten()
         if len(dead):  # the same on every process: the counts are summed over them
-            self._set_vectors(dead, tokens[torch.randint(len(tokens), (len(dead),), device=tokens.device)])
+            batch = _whole_batch(tokens)
+            self._set_vectors(dead, batch[torch.randint(len(batch), (len(dead),), device=tokens.device)])
         return torch.tensor(float(len(dead)), device=tokens.device)
 
     def _set_vectors(self, index: Tensor, vectors: Tensor) -> None:
         """Codebook vectors `index` become `vectors`, each with a moving-average count of one token."""
         self.codebook.data[index] = vectors
         self.ema_sum[index], self.ema_count[index] = vectors, 1.0
-        if _distributed():
-            for tensor in (self.codebook.data, self.ema_sum, self.ema_count):
-                torch.distributed.broadcast(tensor, 0)
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _whole_batch(tokens: Tensor) -> Tensor:
+    """Every DDP process's `tokens`, in process order (the tokens themselves without DDP)."""
+    if not _distributed():
+        return tokens
+    gathered = [torch.empty_like(tokens) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, tokens.contiguous())
+    return torch.cat(gathered)
 
 
 def kmeans(points: Tensor, k: int, iterations: int = 20) -> Tensor:
