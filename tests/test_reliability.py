@@ -370,6 +370,10 @@ BAD_INPUT = {
         ["model=classifier", "encoder_ckpt={ckpt}", "data.split_seed=1"],
         "trained on .* of the classifier's validation and test images",
     ),
+    "unknown KL schedule": (["model.kl_schedule=cosine"], "model.kl_schedule='cosine'"),
+    "FSQ with one level": (["model=fsq", "model.levels=1"], "model.levels=1 must be an integer >= 2"),
+    "unknown VQ codebook start": (["model=vqvae", "model.codebook_init=zeros"], "model.codebook_init='zeros'"),
+    "sprites too small for their shapes": (["data=sprites", "data.source.image_size=8"], "image_size=8 is too small"),
 }
 
 

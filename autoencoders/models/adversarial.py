@@ -23,13 +23,21 @@ def code_discriminator(dim: int, hidden: int) -> nn.Sequential:
 
 class AdversarialTraining(AE):
     """Two optimizers through Lightning's manual optimization: each training step updates the autoencoder on its
-    `loss` (conf/optimizer, conf/scheduler), then the discriminator on `discriminator` (Adam at `discriminator_lr`,
-    betas (0.5, 0.9) as in FactorVAE), both terms of `loss_terms`. The discriminator's step is not counted in
+    `loss` (conf/optimizer, conf/scheduler), then the discriminator (an MLP of `discriminator_width` units on the
+    codes) on `discriminator` (Adam at `discriminator_lr`, betas (0.5, 0.9) as in FactorVAE), both terms of
+    `loss_terms`. The discriminator's step is not counted in
     `global_step`, which stays the autoencoder's steps. Schedules step as Lightning would step them (per step or per
     epoch, ReduceLROnPlateau on its monitored metric)."""
 
     automatic_optimization = False
-    discriminator: nn.Module
+
+    def __init__(
+        self, image_shape: Sequence[int], discriminator_lr: float = 1e-4, discriminator_width: int = 256, **base: Any
+    ):
+        check_positive("model.discriminator_lr", discriminator_lr, "1e-4")
+        check_positive("model.discriminator_width", discriminator_width, "256")
+        super().__init__(image_shape, **base)
+        self.discriminator = code_discriminator(self.latent_dim, discriminator_width)
 
     def parameter_groups(self) -> list[Tensor]:
         own = {id(p) for p in self.discriminator.parameters()}
@@ -79,31 +87,25 @@ class AAE(AdversarialTraining):
     apart from N(0, I) draws. `loss` = recon + adversarial_weight * `adversarial` (-log D(z), the encoder fooling the
     discriminator); `discriminator` = -log D(prior draw) - log(1 - D(z)), batch means. Samples decode N(0, I) draws."""
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        adversarial_weight: float = 1.0,
-        discriminator_lr: float = 1e-4,
-        discriminator_width: int = 256,
-        **base: Any,
-    ):
+    def __init__(self, image_shape: Sequence[int], adversarial_weight: float = 1.0, **base: Any):
         check_positive("model.adversarial_weight", adversarial_weight, "1")
-        check_positive("model.discriminator_lr", discriminator_lr, "1e-4")
-        check_positive("model.discriminator_width", discriminator_width, "256")
         super().__init__(image_shape, **base)
-        self.discriminator = code_discriminator(self.latent_dim, discriminator_width)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         z = self.encode(x)
         recon = self.likelihood.nll(self.decoder(z), x).mean()
         fake = self.discriminator(z)
         adversarial = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
-        real, detached = self.discriminator(torch.randn_like(z)), self.discriminator(z.detach())
-        discriminator = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + (
-            F.binary_cross_entropy_with_logits(detached, torch.zeros_like(detached))
-        )
+        discriminator = real_vs_fake(self.discriminator(torch.randn_like(z)), self.discriminator(z.detach()))
         loss = recon + self.hparams.adversarial_weight * adversarial
         return {"loss": loss, "recon": recon, "adversarial": adversarial, "discriminator": discriminator}
+
+
+def real_vs_fake(real: Tensor, fake: Tensor) -> Tensor:
+    """A discriminator's loss from its logits: -log D(real) - log(1 - D(fake)), batch means."""
+    return F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(
+        fake, torch.zeros_like(fake)
+    )
 
 
 def permute_dims(z: Tensor) -> Tensor:
@@ -120,19 +122,9 @@ class FactorVAE(AdversarialTraining, VAE):
     detached codes of the same batch (the paper draws a second batch). `kl` and `elbo` are a VAE's, so val/elbo and
     the checkpoint choice are too."""
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        tc_weight: float = 6.0,
-        discriminator_lr: float = 1e-4,
-        discriminator_width: int = 256,
-        **base: Any,
-    ):
+    def __init__(self, image_shape: Sequence[int], tc_weight: float = 6.0, **base: Any):
         check_positive("model.tc_weight", tc_weight, "6")
-        check_positive("model.discriminator_lr", discriminator_lr, "1e-4")
-        check_positive("model.discriminator_width", discriminator_width, "256")
         super().__init__(image_shape, **base)
-        self.discriminator = code_discriminator(self.latent_dim, discriminator_width)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         mu, logvar = self.posterior(x)
@@ -140,9 +132,6 @@ class FactorVAE(AdversarialTraining, VAE):
         recon = self.likelihood.nll(self.decoder(z), x).mean()
         kl = kl_divergence(mu, logvar).mean()
         tc = self.discriminator(z).mean()
-        joint, product = self.discriminator(z.detach()), self.discriminator(permute_dims(z.detach()))
-        discriminator = F.binary_cross_entropy_with_logits(joint, torch.ones_like(joint)) + (
-            F.binary_cross_entropy_with_logits(product, torch.zeros_like(product))
-        )
+        discriminator = real_vs_fake(self.discriminator(z.detach()), self.discriminator(permute_dims(z.detach())))
         loss = recon + self.kl_beta() * kl + self.hparams.tc_weight * tc
         return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "tc": tc, "discriminator": discriminator}
