@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoencoders.errors import UserError, check_positive
-from autoencoders.losses import kl_divergence
 from autoencoders.models.ae import AE
 from autoencoders.models.vae import VAE
 from autoencoders.optim import configure_optimizers
@@ -127,10 +126,8 @@ class FactorVAE(AdversarialTraining, VAE):
         super().__init__(image_shape, **base)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        mu, logvar = self.posterior(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        recon = self.likelihood.nll(self.decoder(z), x).mean()
-        kl = kl_divergence(mu, logvar).mean()
+        draw = self.gaussian_draw(x)
+        recon, kl, z = draw.recon.mean(), draw.kl.mean(), draw.z
         tc = self.discriminator(z).mean()
         discriminator = real_vs_fake(self.discriminator(z.detach()), self.discriminator(permute_dims(z.detach())))
         loss = recon + self.kl_beta() * kl + self.hparams.tc_weight * tc

@@ -2,7 +2,7 @@
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -14,6 +14,17 @@ from autoencoders.models.ae import AE
 from autoencoders.optim import OptimizerFactory
 
 KL_SCHEDULES = ("linear", "constant", "cyclic")
+
+
+class GaussianDraw(NamedTuple):
+    """One code per image drawn from the Gaussian posterior, with its parameters and, per image in nats, the
+    reconstruction NLL at that code and the analytic KL(q(z|x) || N(0, I))."""
+
+    z: Tensor
+    mu: Tensor
+    logvar: Tensor
+    recon: Tensor
+    kl: Tensor
 
 
 class VAE(AE):
@@ -99,9 +110,14 @@ class VAE(AE):
         if not self.analytic_kl:
             z, kl = self.latent_draws(x, 1)
             return self.likelihood.nll(self.decoder(z[0]), x), kl[0]
+        draw = self.gaussian_draw(x)
+        return draw.recon, draw.kl
+
+    def gaussian_draw(self, x: Tensor) -> GaussianDraw:
+        """z ~ q(z|x) by the reparameterization trick, and what the ELBO's terms need of it."""
         mu, logvar = self.posterior(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        return self.likelihood.nll(self.decoder(z), x), kl_divergence(mu, logvar)
+        return GaussianDraw(z, mu, logvar, self.likelihood.nll(self.decoder(z), x), kl_divergence(mu, logvar))
 
     def elbo(self, x: Tensor) -> Tensor:
         """Evidence lower bound per image in nats (always with KL weight 1)."""
@@ -184,11 +200,9 @@ class BetaTCVAE(VAE):
         self.dataset_size = len(train_set) if train_set is not None else None
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        mu, logvar = self.posterior(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        recon = self.likelihood.nll(self.decoder(z), x).mean()
-        kl = kl_divergence(mu, logvar).mean()
-        parts = kl_decomposition(z, mu, logvar, self.dataset_size or len(x))
+        draw = self.gaussian_draw(x)
+        recon, kl = draw.recon.mean(), draw.kl.mean()
+        parts = kl_decomposition(draw.z, draw.mu, draw.logvar, self.dataset_size or len(x))
         loss = recon + self.kl_beta() * (parts["mi"] + self.hparams.tc_weight * parts["tc"] + parts["dim_kl"])
         return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), **parts}
 
@@ -208,10 +222,8 @@ class InfoVAE(VAE):
         super().__init__(image_shape, **base)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        mu, logvar = self.posterior(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        recon = self.likelihood.nll(self.decoder(z), x).mean()
-        kl = kl_divergence(mu, logvar).mean()
+        draw = self.gaussian_draw(x)
+        recon, kl, z = draw.recon.mean(), draw.kl.mean(), draw.z
         mmd = imq_mmd(z, torch.randn_like(z)) if len(z) > 1 else z.new_zeros(())
         alpha, weight = self.hparams.alpha, self.hparams.mmd_weight
         loss = recon + (1 - alpha) * self.kl_beta() * kl + (alpha + weight - 1) * mmd
