@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 from autoencoders.checkpoints import all_finite
+from autoencoders.cli import to_log_file
 from autoencoders.errors import EveryProcessError, UserError
 from autoencoders.internals import checkpoint_of, scalar_logging_step, stop_at_next_step
 from autoencoders.loggers import log_image
@@ -519,8 +520,11 @@ class Preemption(L.Callback):
             if last
             else "no epoch had finished, so there is nothing to resume"
         )
-        print(f"error: stopped by {signal_name} at step {trainer.global_step} (epoch {trainer.current_epoch}); {kept}.",
-              file=sys.stderr)  # fmt: skip
+        message = (
+            f"error: stopped by {signal_name} at step {trainer.global_step} (epoch {trainer.current_epoch}); {kept}."
+        )
+        print(message, file=sys.stderr)
+        to_log_file(message)  # train.log says how the run stopped, also where its console is a SLURM job's log
 
 
 class EpochSeeds(L.Callback):

@@ -5,6 +5,8 @@ study's tables and the end-of-sweep summary. Imported before torch.
 - failed: it wrote failure.json (cli.failed_job_record) with its error;
 - finished: it wrote metrics.json after testing;
 - crashed: none of these, so it stopped without a word (killed, out of memory, its node gone).
+
+A failed or crashed job that hydra/launcher=slurm ran also names its SLURM job and that job's log.
 """
 
 import fcntl
@@ -12,6 +14,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.rundirs import LOCK_FILE
@@ -40,14 +44,28 @@ def job_status(run_dir: Path) -> JobStatus:
             error = json.loads(failure.read_text())["error"]
         except (OSError, ValueError, KeyError, TypeError):
             error = f"its {FAILURE_FILE} is unreadable; train.log has the error"
-        return JobStatus(FAILED, error, failure.stat().st_mtime)
+        return JobStatus(FAILED, error + slurm_job(run_dir), failure.stat().st_mtime)
     if metrics.is_file():
         return JobStatus(FINISHED, since=metrics.stat().st_mtime)
     return JobStatus(
         CRASHED,
         f"it stopped without writing {METRICS_FILE} or an error (killed, out of memory, or its machine went down); "
-        "its train.log ends where it stopped",
+        "its train.log ends where it stopped" + slurm_job(run_dir),
     )
+
+
+def slurm_job(run_dir: Path) -> str:
+    """' (SLURM job <id>, its log: <path>, stderr: <path>)' for a job that submitit ran on SLURM, else ''."""
+    try:
+        hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
+    except OSError:
+        return ""
+    if not str(hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return ""
+    sweep_dir = run_dir.parents[len(Path(hydra.sweep.subdir).parts) - 1]  # the job dir is <sweep dir>/<subdir>
+    hydra.sweep.dir = str(sweep_dir)  # as the job saw it, perhaps relative to another working dir
+    log = Path(hydra.launcher.submitit_folder.replace("%j", hydra.job.id)) / f"{hydra.job.id}_0_log"
+    return f" (SLURM job {hydra.job.id}, its log: {log}.out, stderr: {log}.err)"
 
 
 def lock_holder(run_dir: Path) -> str | None:

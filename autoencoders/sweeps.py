@@ -111,7 +111,7 @@ class ThreadSplit(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = OmegaConf.select(config, "hydra.launcher", default={})
         n_jobs = launcher.get("n_jobs")
-        submitit = str(launcher.get("_target_", "")).startswith("hydra_plugins.hydra_submitit_launcher")
+        submitit = "submitit_folder" in launcher  # hydra/launcher=slurm, submitit_local or submitit_slurm
         if n_jobs is None and not submitit:
             return
         import joblib

@@ -169,9 +169,18 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     if finished(run_dir, hydra.mode):
         log.info("Job %s finished in an earlier run of this sweep: skipped, its files left as they were", run_dir.name)
         return json.loads((run_dir / "metrics.json").read_text())
-    if hydra.mode == RunMode.MULTIRUN and cfg.ckpt_path is None and last_checkpoint(run_dir).is_file():
-        log.info("Job %s stopped in an earlier run of this sweep: resuming it from its last.ckpt", run_dir.name)
-        cfg.ckpt_path = "last"
+    if hydra.mode == RunMode.MULTIRUN and cfg.ckpt_path is None:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))  # set by SLURM in a requeued job
+        how = (
+            f"was requeued by SLURM (job {hydra.job.id}, restart {restarts})"
+            if restarts
+            else "stopped in an earlier run of this sweep"
+        )
+        if last_checkpoint(run_dir).is_file():
+            log.info("Job %s %s: resuming it from %s", run_dir.name, how, last_checkpoint(run_dir))
+            cfg.ckpt_path = "last"
+        elif restarts:
+            log.info("Job %s %s before its first checkpoint: training it from the start", run_dir.name, how)
     check_run_dir(run_dir, cfg.ckpt_path)
     lock_run_dir(run_dir)  # before anything in it is written
     try:

@@ -2,7 +2,6 @@
 because Hydra instantiates sweepers only from the hydra_plugins package; the study itself is autoencoders/transfer.py.
 """
 
-import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from autoencoders.cli import FAILURE_FILE
+from autoencoders.jobs import job_status
 from autoencoders.transfer import JOBS_DIR, PRETRAIN_DIR, check_unseen, pretrained_checkpoint, pretraining_overrides
 
 
@@ -87,7 +86,7 @@ class TransferSweeper(BasicSweeper):
             else:
                 if value is not None:
                     continue
-                reason = json.loads((run_dir / FAILURE_FILE).read_text())["error"]  # train.py's record of its failure
+                reason = str(job_status(run_dir))  # train.py's record of its failure, or how it stopped
             sys.exit(
                 f"error: pretraining the encoder for seed {seed} failed, so the study stops before any classifier "
                 f"trains: {reason} (its log: {run_dir / 'train.log'})"

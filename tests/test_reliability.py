@@ -234,7 +234,8 @@ def test_rerunning_a_crashed_sweep_skips_finished_jobs_untouched_and_resumes_the
     assert not list(sweep.glob("*/failure.json"))
     skipped = "1 job(s) had finished in an earlier run of the sweep and were skipped, their files left as they were"
     assert f"{skipped} ({done.name}); 1 job(s) ran to the end now." in proc.stdout
-    assert "resuming it from its last.ckpt" in (crashed / "train.log").read_text()
+    last = crashed / "checkpoints" / "last.ckpt"
+    assert f"stopped in an earlier run of this sweep: resuming it from {last}" in (crashed / "train.log").read_text()
 
 
 def test_failed_sweep_jobs_do_not_stop_the_others_and_are_listed_at_the_end(tmp_path):

@@ -40,7 +40,7 @@ def test_slurm_launcher_config_composes_with_its_keys():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.autoencoders_slurm.SlurmLauncher"  # Hydra's submitit launcher's subclass
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 0, 240)  # 0: a CPU partition
     assert launcher.array_parallelism == 16 and launcher.tasks_per_node == 1
 

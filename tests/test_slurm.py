@@ -1,21 +1,34 @@
-"""train.py on a real single-node SLURM cluster (scripts/slurm_cluster.sh: Debian's slurm-wlm and munge, started by
-root in a temporary folder), and beside SLURM's commands. Skipped where they are not installed."""
+"""train.py on a real single-node SLURM cluster with accounting (scripts/slurm_cluster.sh: Debian's slurm-wlm,
+slurmdbd, MariaDB and munge, started by root in a temporary folder), and beside SLURM's commands: `pytest -m slurm`.
+Skipped where they are not installed."""
 
 import json
 import os
 import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import ROOT, TINY, run_train
 
-DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "srun")
-needs_slurm = pytest.mark.skipif(
-    any(shutil.which(d) is None for d in DAEMONS) or os.geteuid() != 0,
-    reason="needs SLURM, started as root: apt-get install slurm-wlm munge",
-)
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        any(shutil.which(p) is None for p in ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch"))
+        or os.geteuid() != 0,
+        reason="needs SLURM with accounting, started as root: apt-get install slurm-wlm slurmdbd mariadb-server munge",
+    ),
+]
 CPU_JOBS = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+# long enough to be signalled after its first epoch's last.ckpt (checkpoint_every_s=0: one at every epoch's end)
+LONGER = ["latent_dim=2", "data.batch_size=16", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+          "checkpoint_every_s=0"]  # fmt: skip
+PREEMPTED = [*LONGER, "model=vae", "trainer.max_epochs=5"]
 
 
 @pytest.fixture(scope="module")
@@ -32,41 +45,165 @@ def cluster(tmp_path_factory):
     os.environ.pop("SLURM_CONF")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, float]:
+    """The metrics of PREEMPTED run as a single run that nothing stopped."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    run_train(*PREEMPTED, "hydra.run.dir=run", cwd=folder, tiny=False)
+    return metrics(folder / "run")
+
+
+def slurm(*command: str) -> str:
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 def queue() -> list[str]:
-    return subprocess.run(["squeue", "--noheader", "--format=%i"], capture_output=True, text=True).stdout.split()
+    """The ids of the jobs in the queue (each array task apart)."""
+    return slurm("squeue", "--noheader", "--array", "--format=%i").split()
 
 
-@pytest.mark.slow  # a train.py subprocess: `pytest -m slow`
-@needs_slurm
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}; the queue: {slurm('squeue', '--array')}")
+        time.sleep(0.2)
+
+
+def start_train(*overrides: str, cwd: Path) -> subprocess.Popen:
+    """train.py as a user starts it, in the background."""
+    command = [sys.executable, str(ROOT / "train.py"), *overrides]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ended(proc: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
+
+
+def metrics(run_dir: Path) -> dict[str, float]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_equal_metrics(run: dict[str, float], reference: dict[str, float]) -> None:
+    assert run.keys() == reference.keys()
+    assert all(run[k] == pytest.approx(reference[k], rel=1e-6) for k in reference)
+
+
+def slurm_job_id(run_dir: Path) -> str:
+    """The SLURM job (array task) that ran a job of a sweep, as Hydra's submitit launcher records it."""
+    return next(line.split("'")[1] for line in (run_dir / ".hydra" / "hydra.yaml").read_text().splitlines()
+                if line.startswith("    id: "))  # fmt: skip
+
+
 def test_a_run_that_slurm_did_not_start_says_nothing_of_srun_on_a_machine_that_has_it(tmp_path):
     proc = run_train("model=ae", "latent_dim=2", "hydra.run.dir=run", cwd=tmp_path)
     assert "`srun` command" not in proc.stdout + proc.stderr  # Lightning's hint: for processes SLURM started
 
 
-@pytest.mark.slow  # two sweeps: `pytest -m slow`
-@needs_slurm
 def test_a_slurm_sweep_is_a_job_array_whose_metrics_equal_the_basic_launchers(cluster, tmp_path):
     sweep = ["-m", "model=ae,vae", "latent_dim=2", "trainer.max_epochs=2"]
-    slurm = run_train(*sweep, *CPU_JOBS, "hydra.sweep.dir=slurm", cwd=tmp_path, timeout=300)
+    by_slurm = run_train(*sweep, *CPU_JOBS, "hydra.sweep.dir=slurm", cwd=tmp_path, timeout=300)
     run_train(*sweep, "hydra.sweep.dir=basic", cwd=tmp_path, timeout=300)
     for job in ("0_model-ae", "1_model-vae"):
-        by_slurm, basic = (json.loads((tmp_path / d / job / "metrics.json").read_text()) for d in ("slurm", "basic"))
-        assert by_slurm.keys() == basic.keys()
-        assert all(by_slurm[k] == pytest.approx(basic[k], rel=1e-6) for k in basic)
+        assert_equal_metrics(metrics(tmp_path / "slurm" / job), metrics(tmp_path / "basic" / job))
+    array, task = slurm_job_id(tmp_path / "slurm" / "1_model-vae").split("_")
+    assert (array, task) == (slurm_job_id(tmp_path / "slurm" / "0_model-ae").split("_")[0], "1")  # one array
     assert queue() == []
-    assert "2 job(s) ran to the end: 0_model-ae, 1_model-vae" in slurm.stdout
-    (log,) = (tmp_path / "slurm" / ".submitit").glob("*_0/*_0_log.out")  # the array's first task's log
-    assert "Run dir:" in log.read_text()
+    assert slurm("sacct", "--noheader", "-X", "--format=State", "-j", array).split() == ["COMPLETED"] * 2
+    assert "2 job(s) ran to the end: 0_model-ae, 1_model-vae" in by_slurm.stdout
+    assert "Run dir:" in (tmp_path / "slurm" / ".submitit" / f"{array}_0" / f"{array}_0_0_log.out").read_text()
 
 
-@pytest.mark.slow
-@needs_slurm
 def test_resources_from_the_config_reach_sbatch_and_each_job_uses_its_cpus(cluster, tmp_path):
     overrides = [*TINY, "-m", "model=ae", "latent_dim=2", *CPU_JOBS, "hydra.launcher.cpus_per_task=2",
-                 "hydra.launcher.timeout_min=7", "hydra.launcher.partition=debug", "hydra.sweep.dir=sweep"]  # fmt: skip
+                 "hydra.launcher.timeout_min=7", "hydra.launcher.partition=debug", "hydra.launcher.signal_delay_s=30",
+                 "hydra.sweep.dir=sweep"]  # fmt: skip
     run_train(*overrides, cwd=tmp_path, tiny=False, timeout=300)
-    (job_id,) = (p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.is_dir())
-    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    job_id = slurm_job_id(tmp_path / "sweep" / "0")
+    shown = slurm("scontrol", "show", "job", job_id).split()
     for setting in ("NumCPUs=2", "MinMemoryNode=2G", "TimeLimit=00:07:00", "Partition=debug", "JobState=COMPLETED"):
-        assert setting in shown.split()
+        assert setting in shown
+    (script,) = (tmp_path / "sweep" / ".submitit" / job_id).glob("*_submission.sh")
+    assert "#SBATCH --signal=USR2@30" in script.read_text().splitlines()  # the preemption signal and its grace time
     assert "torch threads: 2 in this job" in (tmp_path / "sweep" / "0" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("preemption", ["USR2", "requeue"])
+def test_a_preempted_job_saves_is_requeued_and_ends_as_an_uninterrupted_run(
+    cluster, tmp_path, uninterrupted, preemption
+):
+    """USR2: the launcher's signal, which SLURM sends signal_delay_s before the time limit (the job requeues
+    itself); requeue: `scontrol requeue`, as the scheduler preempts a job (SIGTERM, then a requeue)."""
+    sweep = start_train("-m", *PREEMPTED, *CPU_JOBS, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    run_dir, last = tmp_path / "sweep" / "0", tmp_path / "sweep" / "0" / "checkpoints" / "last.ckpt"
+    wait_for(last.is_file, "the first epoch's last.ckpt")
+    job_id = slurm_job_id(run_dir)
+    if preemption == "USR2":
+        slurm("scancel", "--signal=USR2", job_id)
+    else:
+        slurm("scontrol", "requeue", job_id)
+    wait_for(lambda: "PENDING" in slurm("squeue", "--noheader", "--format=%T", "-j", job_id), "the requeue")
+    slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # SLURM holds a requeued job for 2 minutes
+    code, stdout, stderr = ended(sweep)
+    assert code == 0, stderr[-3000:]
+    assert_equal_metrics(metrics(run_dir), uninterrupted)
+    log = (run_dir / "train.log").read_text()
+    if preemption == "USR2":
+        assert "SLURM's preemption signal SIGUSR2: stopping as on SIGTERM" in log
+    assert f"{last} holds the last finished epoch" in log  # written when the signal came
+    assert f"Job 0 was requeued by SLURM (job {job_id}, restart 1): resuming it from {last}" in log
+    assert queue() == []
+
+
+def test_a_killed_job_fails_the_sweep_naming_it_and_a_rerun_resumes_it_and_skips_the_finished(cluster, tmp_path):
+    command = ["-m", *LONGER, "model=ae,vae", "trainer.max_epochs=5", *CPU_JOBS, "hydra.sweep.dir=sweep"]
+    sweep = start_train(*command, cwd=tmp_path)
+    killed, done = tmp_path / "sweep" / "1_model-vae", tmp_path / "sweep" / "0_model-ae"
+    wait_for((killed / "checkpoints" / "last.ckpt").is_file, "the first epoch's last.ckpt")
+    job_id = slurm_job_id(killed)
+    slurm("scancel", "--signal=KILL", job_id)
+    code, stdout, stderr = ended(sweep)
+    log = Path("sweep", ".submitit", job_id, f"{job_id}_0_log")  # as relative as the sweep dir given
+    assert code == 1
+    assert "1_model-vae: crashed: it stopped without writing metrics.json" in stderr
+    assert f"(SLURM job {job_id}, its log: {log}.out, stderr: {log}.err)" in stderr
+    assert "CANCELLED" in (tmp_path / f"{log}.err").read_text()
+    state = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] >= 0 and not (killed / "metrics.json").exists()
+    finished = (done / "metrics.json").read_bytes()
+
+    rerun = run_train(*command, cwd=tmp_path, tiny=False, timeout=300)
+    assert "1 job(s) had finished in an earlier run of the sweep and were skipped" in rerun.stdout
+    assert (done / "metrics.json").read_bytes() == finished
+    assert "stopped in an earlier run of this sweep: resuming it from" in (killed / "train.log").read_text()
+    assert metrics(killed)["test/nll"] > 0
+
+
+def test_a_failing_job_fails_the_sweep_naming_its_slurm_job_and_log(cluster, tmp_path):
+    proc = run_train("-m", "model=ae", "latent_dim=2,0", *CPU_JOBS, "hydra.sweep.dir=sweep", cwd=tmp_path, check=False)
+    job_id = slurm_job_id(tmp_path / "sweep" / "1_latent_dim-0")
+    log = Path("sweep", ".submitit", job_id, f"{job_id}_0_log")
+    assert proc.returncode == 1
+    assert "1_latent_dim-0: failed: latent_dim=0" in proc.stderr
+    assert f"(SLURM job {job_id}, its log: {log}.out, stderr: {log}.err)" in proc.stderr
+    assert "Job 1 failed: latent_dim=0" in (tmp_path / f"{log}.out").read_text()
+    assert (tmp_path / "sweep" / "0_latent_dim-2" / "metrics.json").is_file()
+
+
+def test_the_transfer_study_pretrains_in_one_job_then_classifies_in_an_array(cluster, tmp_path):
+    pretrain = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
+    study = tmp_path / "study"
+    run_train("experiment=transfer", "transfer=frozen,pixels", "data.labels_per_class=1", "seed=0",
+              "trainer.max_steps=2", "trainer.val_check_interval=1", f"hydra.sweeper.pretrain={pretrain}",
+              *CPU_JOBS, f"hydra.sweep.dir={study}", cwd=tmp_path, tiny=False, timeout=300)  # fmt: skip
+    pretrained = slurm_job_id(study / "pretrain" / "seed-0")
+    classifiers = sorted(slurm_job_id(p.parent.parent) for p in study.glob("*/.hydra/hydra.yaml"))
+    (array,) = {c.split("_")[0] for c in classifiers}  # one array of two tasks, after the pretraining's job
+    assert len(classifiers) == 2 and "_" not in pretrained and pretrained != array
+    times = slurm("sacct", "--noheader", "-X", "--format=JobID,Start,End", "-j", f"{pretrained},{array}").split()
+    pretrain_end, classifier_starts = times[2], times[4::3]
+    assert all(start >= pretrain_end for start in classifier_starts)  # ISO times: the pretraining ended first
+    table = (study / "transfer.md").read_text()
+    assert "frozen" in table and "pixels" in table
+    assert queue() == []

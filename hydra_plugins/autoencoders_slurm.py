@@ -1,0 +1,82 @@
+"""hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml): Hydra's submitit SLURM launcher with two changes.
+
+- A job that ends without a result (cancelled, killed, out of memory, past its time limit) no longer ends the sweep
+  with submitit's traceback while other jobs still run: every job is waited for, and the sweep's end
+  (autoencoders.sweeps.FailureSummary) lists the ones that did not finish, each with its SLURM job id and log.
+- SLURM's preemption signal (submitit's USR2, sent `signal_delay_s` before the time limit, or by
+  `scancel --signal=USR2`) stops training as SIGTERM does, between steps and with last.ckpt written
+  (autoencoders.callbacks.Preemption); only then does submitit requeue the job, which resumes from last.ckpt. Left to
+  itself, submitit requeues and exits at whatever line the signal lands on.
+"""
+
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        params = dict(self.params)
+        executor = submitit.AutoExecutor(
+            folder=params.pop("submitit_folder"), cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+        )
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())  # the others are slurm_<key> to submitit
+        executor.update_parameters(**{key if key in shared else f"slurm_{key}": v for key, v in params.items()})
+        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
+        for number, overrides in zip(numbers, job_overrides, strict=True):
+            log.info(f"\t#{number} : {' '.join(overrides)}")
+        # the arguments of BaseSubmititLauncher.__call__, one list per argument
+        arguments = [
+            [list(o) for o in job_overrides],
+            ["hydra.sweep.dir"] * len(numbers),
+            list(numbers),
+            [f"job_id_for_{n}" for n in numbers],
+            [Singleton.get_state()] * len(numbers),
+        ]
+        jobs = executor.map_array(self, *arguments)
+        return [self._outcome(job, overrides) for job, overrides in zip(jobs, job_overrides, strict=True)]
+
+    @staticmethod
+    def _outcome(job: Any, overrides: Sequence[str]) -> JobReturn:
+        """The job's JobReturn; for a job that ended without one, no value, as train.py returns for a failed job."""
+        from submitit.core.utils import UncompletedJobError
+
+        try:
+            return job.results()[0]
+        except UncompletedJobError as e:
+            log.error("SLURM job %s ended without a result: %s", job.job_id, " ".join(str(e).splitlines()[:2]))
+            return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """Run one job on its node (see the module's docstring for the preemption signal)."""
+        import submitit
+
+        preemption = submitit.JobEnvironment._usr_sig()  # USR2, or $SUBMITIT_PREEMPT_SIGNAL
+        requeue = signal.getsignal(preemption)  # submitit's: checkpoint this call, `scontrol requeue`, exit
+        received: list[int] = []
+
+        def stop(number: int, frame: Any) -> None:
+            log.warning("SLURM's preemption signal %s: stopping as on SIGTERM", signal.Signals(number).name)
+            received.append(number)
+            signal.raise_signal(signal.SIGTERM)
+
+        signal.signal(preemption, stop)
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit:  # stopped by a signal
+            if received and callable(requeue):
+                requeue(received[0], None)
+            raise
