@@ -28,6 +28,7 @@ if [[ $action == stop ]]; then stop; exit 0; fi
 mkdir -p "$dir"/{state,spool,munge}
 dbd_port=${SLURMDBD_PORT:-6819} db_port=${MARIADB_PORT:-6820}
 node=$(hostname -s)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the cores; nproc alone obeys OMP_NUM_THREADS (1 in the tests)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
 cat > "$SLURM_CONF" <<CONF
 ClusterName=autoencoders
@@ -57,7 +58,7 @@ AccountingStoragePass=$dir/munge/munge.socket
 MpiDefault=none
 ReturnToService=2
 SchedulerParameters=sched_interval=1
-NodeName=$node CPUs=$(nproc) RealMemory=$memory State=UNKNOWN
+NodeName=$node CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
