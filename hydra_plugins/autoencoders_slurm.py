@@ -10,6 +10,7 @@
 """
 
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         )
         shared = set(OmegaConf.structured(BaseQueueConf).keys())  # the others are slurm_<key> to submitit
         executor.update_parameters(**{key if key in shared else f"slurm_{key}": v for key, v in params.items()})
-        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:  # Hydra's hydra.sweep.mode, e.g. 775 for a group's sweep
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
         for number, overrides in zip(numbers, job_overrides, strict=True):
             log.info(f"\t#{number} : {' '.join(overrides)}")
@@ -47,6 +51,11 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             [Singleton.get_state()] * len(numbers),
         ]
         jobs = executor.map_array(self, *arguments)
+        array = jobs[0].job_id.split("_")[0]
+        consoles = jobs[0].paths.folder.parent
+        log.info(
+            f"Submitted as SLURM job {array}: `squeue -j {array}` shows it; each job's console goes to {consoles}/"
+        )
         return [self._outcome(job, overrides) for job, overrides in zip(jobs, job_overrides, strict=True)]
 
     @staticmethod
