@@ -176,8 +176,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             if restarts
             else "stopped in an earlier run of this sweep"
         )
-        if last_checkpoint(run_dir).is_file():
-            log.info("Job %s %s: resuming it from %s", run_dir.name, how, last_checkpoint(run_dir))
+        last = last_checkpoint(run_dir)
+        if last.is_file():
+            log.info("Job %s %s: resuming it from %s", run_dir.name, how, last)
             cfg.ckpt_path = "last"
         elif restarts:
             log.info("Job %s %s before its first checkpoint: training it from the start", run_dir.name, how)

@@ -43,6 +43,11 @@ def run_train(
     return run_script("train.py", *flags, *(TINY if tiny else []), *rest, cwd=cwd, check=check, timeout=timeout)
 
 
+def metrics(run_dir: Path) -> dict[str, float]:
+    """A run's metrics.json."""
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
 def compose_train(run_dir: Path, *overrides: str) -> DictConfig:
     """What `python train.py <overrides>` composes, registered as Hydra's current run writing to `run_dir`: for
     calling training.train in the test process."""

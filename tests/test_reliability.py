@@ -2,7 +2,6 @@
 is refused with a clear message while every existing run dir and checkpoint stays as it was."""
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ from autoencoders.cli import user_error
 from autoencoders.errors import UserError
 from autoencoders.training import train
 from tests.faulty_train import PAUSE_S, Fault
-from tests.helpers import ROOT, TINY, compose_train, run_train
+from tests.helpers import ROOT, TINY, compose_train, metrics, run_train
 
 # 2 epochs of 2 small batches, with deterministic CPU kernels so that two runs can be compared exactly.
 RUN = ["model=vae", "latent_dim=2", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
@@ -49,10 +48,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
     }
-
-
-def metrics(run_dir: Path) -> dict[str, float]:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 slurmdbd, MariaDB and munge, started by root in a temporary folder), and beside SLURM's commands: `pytest -m slurm`.
 Skipped where they are not installed."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, TINY, run_train
+from tests.helpers import ROOT, TINY, metrics, run_train
 
 pytestmark = [
     pytest.mark.slurm,
@@ -81,19 +81,9 @@ def ended(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, stdout, stderr
 
 
-def metrics(run_dir: Path) -> dict[str, float]:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def assert_equal_metrics(run: dict[str, float], reference: dict[str, float]) -> None:
-    assert run.keys() == reference.keys()
-    assert all(run[k] == pytest.approx(reference[k], rel=1e-6) for k in reference)
-
-
 def slurm_job_id(run_dir: Path) -> str:
     """The SLURM job (array task) that ran a job of a sweep, as Hydra's submitit launcher records it."""
-    return next(line.split("'")[1] for line in (run_dir / ".hydra" / "hydra.yaml").read_text().splitlines()
-                if line.startswith("    id: "))  # fmt: skip
+    return OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.job.id
 
 
 def test_a_run_that_slurm_did_not_start_says_nothing_of_srun_on_a_machine_that_has_it(tmp_path):
@@ -106,7 +96,7 @@ def test_a_slurm_sweep_is_a_job_array_whose_metrics_equal_the_basic_launchers(cl
     by_slurm = run_train(*sweep, *CPU_JOBS, "hydra.sweep.dir=slurm", cwd=tmp_path, timeout=300)
     run_train(*sweep, "hydra.sweep.dir=basic", cwd=tmp_path, timeout=300)
     for job in ("0_model-ae", "1_model-vae"):
-        assert_equal_metrics(metrics(tmp_path / "slurm" / job), metrics(tmp_path / "basic" / job))
+        assert metrics(tmp_path / "slurm" / job) == pytest.approx(metrics(tmp_path / "basic" / job), rel=1e-6)
     array, task = slurm_job_id(tmp_path / "slurm" / "1_model-vae").split("_")
     assert (array, task) == (slurm_job_id(tmp_path / "slurm" / "0_model-ae").split("_")[0], "1")  # one array
     assert queue() == []
@@ -147,7 +137,7 @@ def test_a_preempted_job_saves_is_requeued_and_ends_as_an_uninterrupted_run(
     slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # SLURM holds a requeued job for 2 minutes
     code, stdout, stderr = ended(sweep)
     assert code == 0, stderr[-3000:]
-    assert_equal_metrics(metrics(run_dir), uninterrupted)
+    assert metrics(run_dir) == pytest.approx(uninterrupted, rel=1e-6)
     log = (run_dir / "train.log").read_text()
     if preemption == "USR2":
         assert "SLURM's preemption signal SIGUSR2: stopping as on SIGTERM" in log
