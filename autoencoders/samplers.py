@@ -20,7 +20,7 @@ from autoencoders.errors import UserError
 from autoencoders.nets import MADE
 
 SAMPLERS = ("prior", "gaussian", "gmm", "maf", "two_stage")
-CACHE_VERSION = 1  # bump when a sampler's fit or state changes, so evaluate.py refits instead of reusing stale caches
+CACHE_VERSION = 2  # bump when a sampler's fit or state changes, so evaluate.py refits instead of reusing stale caches
 
 
 class Sampler:

@@ -105,7 +105,7 @@ def ema_steps(rank: int, world_size: int, folder: Path) -> None:
 
 def test_a_vq_vaes_ema_codebook_is_the_same_in_every_ddp_process_and_as_on_one(tmp_path):
     """Each process sees its share of the batch; the codebook must follow the statistics of the whole batch."""
-    torch.multiprocessing.spawn(ema_steps, args=(2, tmp_path), nprocs=2)
+    torch.multiprocessing.start_processes(ema_steps, args=(2, tmp_path), nprocs=2, start_method="fork")  # no imports
     ema_steps(0, 1, tmp_path)
     one, *ddp = (torch.load(tmp_path / f"codebook-{n}.pt") for n in ("1-0", "2-0", "2-1"))
     assert torch.equal(ddp[0], ddp[1])

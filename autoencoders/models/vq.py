@@ -124,16 +124,18 @@ class VQVAE(AE):
     @torch.no_grad()
     def _maintain_codebook(self, tokens: Tensor) -> Tensor:
         """Before a training step: the k-means initialisation at the first, and the revival of dead vectors; returns
-        how many vectors were revived. Under DDP both read the whole batch, every process's tokens, and make the
-        same draws, so every process keeps the codebook a single process would."""
+        how many vectors were revived. Under DDP both read the whole batch, every process's tokens, and take process
+        0's random draws (each process's global generator is seeded for its rank), so every process keeps the
+        codebook that a single process would."""
         if self.hparams.codebook_init == "kmeans" and self.global_step == 0 and not self.kmeans_done:
             self.kmeans_done = True
             every = torch.arange(len(self.codebook), device=tokens.device)
-            self._set_vectors(every, kmeans(_whole_batch(tokens), len(self.codebook)))
+            self._set_vectors(every, _from_rank_zero(kmeans(_whole_batch(tokens), len(self.codebook))))
         dead = torch.nonzero(self.ema_count < self.hparams.revive_below).flatten()
         if len(dead):  # the same on every process: the counts are summed over them
             batch = _whole_batch(tokens)
-            self._set_vectors(dead, batch[torch.randint(len(batch), (len(dead),), device=tokens.device)])
+            picks = _from_rank_zero(torch.randint(len(batch), (len(dead),), device=tokens.device))
+            self._set_vectors(dead, batch[picks])
         return torch.tensor(float(len(dead)), device=tokens.device)
 
     def _set_vectors(self, index: Tensor, vectors: Tensor) -> None:
@@ -155,6 +157,13 @@ def _whole_batch(tokens: Tensor) -> Tensor:
     return torch.cat(gathered)
 
 
+def _from_rank_zero(draws: Tensor) -> Tensor:
+    """`draws` as DDP process 0 made them, in every process (`draws` itself without DDP)."""
+    if _distributed():
+        torch.distributed.broadcast(draws, 0)
+    return draws
+
+
 def kmeans(points: Tensor, k: int, iterations: int = 20) -> Tensor:
     """k centroids of `points` (N, E) by Lloyd's algorithm from k distinct random points (with repeats if N < k); a
     cluster that empties keeps its centroid."""
@@ -166,6 +175,9 @@ def kmeans(points: Tensor, k: int, iterations: int = 20) -> Tensor:
         counts = members.sum(0)
         centroids = torch.where(counts[:, None] > 0, members.T @ points / counts.clamp_min(1)[:, None], centroids)
     return centroids
+
+
+MAX_PRIOR_OUTPUTS = 4096  # latent_dim * levels of an FSQ code: its CodePrior's distances and logits per image
 
 
 def fsq_levels(levels: int) -> Tensor:
@@ -189,9 +201,12 @@ class FSQVAE(AE):
     """Finite scalar quantisation (Mentzer et al., 2023): each of the encoder's latent_dim numbers is bounded to
     `levels` values (tanh, shifted for an even count) and rounded, with straight-through gradients; the implicit
     codebook is the grid of levels^latent_dim codes, with no codebook or commitment loss, so `loss` = recon. As for a
-    VQ-VAE, `encode` returns the numbers before rounding, `decode` rounds them, and samples need a code prior fitted
-    to the training codes (`prior_sampler`, evaluate.py's `prior`). Logs `usage`: the share of the levels that a
-    batch's code numbers use, over all numbers.
+    VQ-VAE, `encode` returns the numbers before rounding (bounded, about [-1, 1]), `decode` rounds them, and samples
+    need a code prior fitted to the training codes (`prior_sampler`, evaluate.py's `prior`). Logs `usage`: the share of
+    the levels that a batch's code numbers use, over all numbers.
+
+    The bound is in `encode`, not in `quantize`, so that rounding leaves the levels as they are: the prior's draws are
+    levels, and bounding them again would move some (with 4 levels, -1 to -0.5).
 
     The first `decoder_warmup_steps` training steps train the decoder alone (the codes detached). Otherwise the
     untrained decoder's error on the mean image pushes every image's code the same way into tanh's saturation,
@@ -201,16 +216,31 @@ class FSQVAE(AE):
     def __init__(self, image_shape: Sequence[int], levels: int = 5, decoder_warmup_steps: int = 100, **base: Any):
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
             raise UserError(f"model.levels={levels!r} must be an integer >= 2 values per code number, e.g. 5.")
+        latent_dim = base.get("latent_dim", 16)
+        if latent_dim * levels > MAX_PRIOR_OUTPUTS:
+            raise UserError(
+                f"model.levels={levels} with latent_dim={latent_dim} is more than the code prior that samples, FID and "
+                f"KID draw from can serve: it weighs every level of each code number, latent_dim * model.levels = "
+                f"{latent_dim * levels:,} numbers per image, and serves at most {MAX_PRIOR_OUTPUTS}. Use fewer levels, "
+                "e.g. model.levels=5 (the FSQ paper uses 5 to 8)."
+            )
         check_non_negative("model.decoder_warmup_steps", decoder_warmup_steps, "100")
         super().__init__(image_shape, **base)
 
-    def quantize(self, z: Tensor) -> Tensor:
-        """z bounded and rounded to its levels (straight-through), scaled to [-1, 1]."""
+    def encode(self, x: Tensor) -> Tensor:
+        """The encoder's numbers bounded to the levels' range as in the FSQ paper's code: an even count's levels are
+        asymmetric (-L/2 .. L/2 - 1), and the shift keeps 0 at 0."""
         levels = self.hparams.levels
-        half_width = (levels - 1) * (1 - 1e-3) / 2
-        offset = 0.5 if levels % 2 == 0 else 0.0  # even counts: levels at -L/2 .. L/2 - 1
-        bounded = torch.tanh(z + math.atanh(offset / half_width)) * half_width - offset
-        return (bounded + (torch.round(bounded) - bounded).detach()) / (levels // 2)
+        half_width = (levels - 1) * (1 + 1e-3) / 2  # 1 + eps: offset / half_width < 1 for atanh with 2 levels
+        offset = 0.5 if levels % 2 == 0 else 0.0
+        bounded = torch.tanh(super().encode(x) + math.atanh(offset / half_width)) * half_width - offset
+        return bounded / (levels // 2)
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """z rounded to the nearest level (straight-through), exactly the identity on the levels."""
+        half = self.hparams.levels // 2
+        rounded = torch.round(z * half).clamp(-half, self.hparams.levels - 1 - half) / half
+        return rounded + (z - z.detach())  # adds an exact 0: the value stays a level
 
     def decode(self, z: Tensor) -> Tensor:
         return self.likelihood.mean(self.decoder(self.quantize(z)))
