@@ -28,6 +28,7 @@ from autoencoders.loggers import log_image
 from autoencoders.models import AE
 from autoencoders.pictures import image_grid, kl_chart, kl_per_dim, latent_traversal, manifold, scatter_chart
 from autoencoders.probes import knn_vote
+from autoencoders.seeds import seed_torch, stream_seed
 
 
 class HeldCheckpoint(ModelCheckpoint):
@@ -137,13 +138,15 @@ class BestCheckpoint(HeldCheckpoint):
 
 
 class LastCheckpoint(HeldCheckpoint):
-    """checkpoints/last.ckpt, the whole state at the end of an epoch, for exact resumes (ckpt_path=last).
+    """checkpoints/last.ckpt, the whole state where Lightning saves (an epoch's end, or a validation inside an epoch
+    with trainer.val_check_interval), for exact resumes (ckpt_path=last).
 
-    Each epoch's end state is held in memory, and written when at least `every_s` seconds have passed since the last
-    write (0: every epoch), at the end of fit, and when training stops on an error or a signal: so a stop writes the
-    last finished epoch, never a half-trained one. A run killed outright (SIGKILL, power cut) resumes from the last
-    write and trains the epochs since again, which ends exactly where the uninterrupted run ends: batch order and
-    noise are drawn from (seed, epoch). Each write first writes the best checkpoint that the state names."""
+    Each saved state is held in memory, and written when at least `every_s` seconds have passed since the last write
+    (0: every save), at the end of fit, and when training stops on an error or a signal: so a stop writes the last
+    saved state, never one between two saves. A run killed outright (SIGKILL, power cut) resumes from the last write
+    and trains the steps since again, which ends exactly where the uninterrupted run ends: batch order, noise and
+    binarisation are drawn from (seed, epoch) and (seed, step), and a resumed epoch goes on from its next batch
+    (Batches). Each write first writes the best checkpoint that the state names."""
 
     def __init__(self, dirpath: str | Path, every_s: float):
         super().__init__(dirpath=dirpath, filename="last", enable_version_counter=False)
@@ -184,7 +187,7 @@ def _last_checkpoint_callback(trainer: L.Trainer) -> LastCheckpoint | None:
 
 
 def write_last_state(trainer: L.Trainer) -> Path | None:
-    """Write the last finished epoch's state held in memory, if any; the run's last.ckpt, if it has one."""
+    """Write the last saved state held in memory, if any; the run's last.ckpt, if it has one."""
     callback = _last_checkpoint_callback(trainer)
     if callback is None:
         return None
@@ -474,10 +477,10 @@ class Preemption(L.Callback):
     current step and exits with code 0, as if the run had finished; Ctrl-C (SIGINT) is made to stop the same way
     (on_fit_start). This says what was kept and how to resume, and makes the exit code 143 or 130 (128 + the signal),
     so a scheduler or script sees that the run did not finish (training.py turns Lightning's exit 1 after a second,
-    immediate Ctrl-C into 130 too). The state to resume from is the last finished epoch's last.ckpt, written now if
-    it was held in memory (LastCheckpoint); the unfinished epoch is trained again on resume, which keeps a resumed run
-    exactly equal to one that never stopped. Under SLURM, Lightning's own SLURM
-    plugin requeues on its signal."""
+    immediate Ctrl-C into 130 too). The state to resume from is the last saved state's last.ckpt, written now if
+    it was held in memory (LastCheckpoint); the steps since are trained again on resume, which keeps a resumed run
+    exactly equal to one that never stopped. Under SLURM, hydra/launcher=slurm turns its preemption signal into SIGTERM
+    and requeues the job after the stop; Lightning's own auto-requeue is off (training.py)."""
 
     def __init__(self) -> None:
         self.ctrl_c = False  # Ctrl-C asked for the stop
@@ -516,9 +519,9 @@ class Preemption(L.Callback):
             return
         last = write_last_state(trainer)
         kept = (
-            f"{last} holds the last finished epoch; resume it with ckpt_path=last hydra.run.dir={last.parent.parent}"
+            f"{last} holds the last saved state; resume it with ckpt_path=last hydra.run.dir={last.parent.parent}"
             if last
-            else "no epoch had finished, so there is nothing to resume"
+            else "no state had been saved yet, so there is nothing to resume"
         )
         message = (
             f"error: stopped by {signal_name} at step {trainer.global_step} (epoch {trainer.current_epoch}); {kept}."
@@ -527,18 +530,17 @@ class Preemption(L.Callback):
         to_log_file(message)  # train.log says how the run stopped, also where its console is a SLURM job's log
 
 
-class EpochSeeds(L.Callback):
-    """Reseed torch's global random generator from (seed, epoch) at the start of every training epoch.
+class StepSeeds(L.Callback):
+    """Seed torch's global generator from the stream (seed, "noise", step, rank) before every training step.
 
     Lightning restores weights, optimizer and loop counters from a checkpoint but not random states, so without this a
     VAE resumed after a crash would draw other noise than one that never stopped. With it (and the data module's
-    shuffle state, which travels in the checkpoint), a run resumed from an end-of-epoch checkpoint such as last.ckpt
-    draws the same numbers as an uninterrupted one.
+    batch order and binarisation, drawn from (seed, epoch) and (seed, step)), a resumed run draws the same numbers as
+    an uninterrupted one, from wherever its checkpoint was saved. Each DDP process draws its own noise.
     """
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # deterministic for ints, in torch's range; each DDP process draws its own noise
-        torch.manual_seed(hash((self.seed, trainer.current_epoch, trainer.global_rank)))
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        seed_torch(stream_seed(self.seed, "noise", trainer.global_step, trainer.global_rank), pl_module.device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from autoencoders import seeds
 from autoencoders.errors import UserError
 
 
@@ -38,11 +39,16 @@ class Batches:
     """One process's share of a split, as (uint8 images, labels) batches: what a DataLoader would serve, with no
     host-device sync and no duplicates.
 
-    Training (`shuffle_seed` set): each pass draws a permutation on the split's device from (shuffle_seed, epoch), the
-    same on every process; process `rank` of `world` takes every world-th image of it, trimmed so that all processes
-    take equally many steps. Held-out splits are cut in order into batches of `batch_size` (smaller if there are
-    fewer batches than processes), and process `rank` takes batches rank, rank + world, ... (`split_position`): every
-    image exactly once, where Lightning's DistributedSampler would pad with repeats. A split kept on the host is
+    Training (`shuffle_seed` set): each pass draws a permutation on the split's device from the stream (shuffle_seed,
+    "order", epoch), the same on every process; process `rank` of `world` takes every world-th image of it, trimmed so
+    that all processes take equally many steps. `position()` says which epoch a pass is and how many of its batches
+    were already trained: a run resumed from inside an epoch goes on with that epoch's next batch, exactly as a run
+    that never stopped. (That position is the trainer's batch progress, restored from the checkpoint; the empty
+    state_dict tells Lightning that these batches resume.)
+
+    Held-out splits are cut in order into batches of `batch_size` (smaller if there are fewer batches than processes),
+    and process `rank` takes batches rank, rank + world, ... (`split_position`): every image exactly once, where
+    Lightning's DistributedSampler would pad with repeats. A split kept on the host is
     cut into pinned memory, so its copy to the accelerator does not block.
     """
 
@@ -53,7 +59,7 @@ class Batches:
         rank: int = 0,
         world: int = 1,
         shuffle_seed: int | None = None,
-        epoch: Callable[[], int] | None = None,
+        position: Callable[[], tuple[int, int]] | None = None,
         pin: bool = False,
     ):
         if len(split) < world:
@@ -62,7 +68,7 @@ class Batches:
                 "data.val_fraction / data.test_fraction, or fewer trainer.devices."
             )
         self.split, self.rank, self.world, self.pin = split, rank, world, pin
-        self.shuffle_seed, self.epoch, self._passes = shuffle_seed, epoch, 0
+        self.shuffle_seed, self.position, self._passes = shuffle_seed, position, 0
         if shuffle_seed is None:
             self.batch_size = min(batch_size, len(split) // world)
             self._count = len(range(rank, math.ceil(len(split) / self.batch_size), world))
@@ -73,19 +79,32 @@ class Batches:
     def __len__(self) -> int:
         return self._count
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        images, labels = self.split.images, self.split.labels
         if self.shuffle_seed is None:
+            images, labels = self.split.images, self.split.labels
             for position in range(self.rank, self.rank + self._count * self.world, self.world):
                 cut = slice(position * self.batch_size, (position + 1) * self.batch_size)
                 yield self._pinned(images[cut]), self._pinned(labels[cut])
             return
-        epoch = self.epoch() if self.epoch is not None else self._passes
+        epoch, done = self.position() if self.position is not None else (self._passes, 0)
         self._passes += 1
-        generator = torch.Generator(images.device).manual_seed(hash((self.shuffle_seed, epoch)))
+        yield from self.shuffled((epoch,), done)
+
+    def shuffled(self, key: tuple[int, ...], start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """This process's batches of the order drawn from the stream (shuffle_seed, "order", *key), from its
+        `start`-th batch on."""
+        images, labels = self.split.images, self.split.labels
+        assert self.shuffle_seed is not None
+        generator = seeds.generator(self.shuffle_seed, "order", *key, device=images.device)
         order = torch.randperm(len(images), generator=generator, device=images.device)
         mine = order[self.rank :: self.world][: len(images) // self.world]
-        for index in mine.split(self.batch_size):
+        for index in mine[start * self.batch_size :].split(self.batch_size):
             yield self._pinned(images.index_select(0, index)), self._pinned(labels.index_select(0, index))
 
     def _pinned(self, t: Tensor) -> Tensor:
@@ -95,7 +114,8 @@ class Batches:
 class SemiSupervisedBatches:
     """Batches of every training image (`unlabelled`, their labels replaced by -1), each with a batch of the labelled
     images (`labelled`) before it: one epoch is a pass over the unlabelled images, while the labelled ones are
-    cycled, each cycle in a new order drawn from (seed, epoch, cycle). Both are cut on the same device."""
+    cycled, each cycle in a new order drawn from (seed, "order", epoch, cycle). Both are cut on the same device; a
+    pass resumed inside an epoch (Batches.position) goes on where both left off."""
 
     def __init__(self, unlabelled: Batches, labelled: Batches):
         self.unlabelled, self.labelled = unlabelled, labelled
@@ -103,16 +123,24 @@ class SemiSupervisedBatches:
     def __len__(self) -> int:
         return len(self.unlabelled)
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch = self.unlabelled.epoch() if self.unlabelled.epoch is not None else self.unlabelled._passes
-        cycle = 0
-        self.labelled.epoch = lambda: (epoch, cycle)
-        labelled = iter(self.labelled)
-        for images, labels in self.unlabelled:
+        position = self.unlabelled.position or (lambda: (self.unlabelled._passes, 0))
+        epoch, done = position()
+        self.unlabelled._passes += 1
+        per_cycle = len(self.labelled)
+        cycle, offset = divmod(done, per_cycle)
+        labelled = self.labelled.shuffled((epoch, cycle), offset)
+        for images, labels in self.unlabelled.shuffled((epoch,), done):
             batch = next(labelled, None)
             if batch is None:  # the labelled images' next cycle
                 cycle += 1
-                labelled = iter(self.labelled)
+                labelled = self.labelled.shuffled((epoch, cycle))
                 batch = next(labelled)
             yield torch.cat([batch[0], images]), torch.cat([batch[1], torch.full_like(labels, -1)])
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from autoencoders import seeds
 from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches, to_unit_float
 from autoencoders.data.sources import Source
 from autoencoders.errors import UserError
@@ -54,7 +55,9 @@ class ImageDataModule(L.LightningDataModule):
     val_set: ImageSplit
     test_set: ImageSplit
     unlabelled_set: ImageSplit  # every training image (before labels_per_class), for semi-supervised models
-    split_index: dict[str, Tensor]  # positions in the source's images; no "test" when the source has its own test set
+    # positions in the source's images of train, full_train (before labels_per_class), val and test (none when the
+    # source has its own test set)
+    split_index: dict[str, Tensor]
 
     def __init__(
         self,
@@ -100,10 +103,13 @@ class ImageDataModule(L.LightningDataModule):
         self._on_device: dict[str, ImageSplit] = {}
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The training split travels in checkpoints, so a classifier can check that the autoencoder whose encoder it
-        uses never trained on its validation or test images (`held_out_overlap`). (The shuffle needs no state: each
+        """The images the model trains on travel in checkpoints, so a classifier can check that the autoencoder whose
+        encoder it uses never trained on its validation or test images (`held_out_overlap`): the training split, and
+        for a semi-supervised model (M2) every training image, labelled or not. (The shuffle needs no state: each
         epoch's order is drawn from (seed, epoch), so a resumed run draws what a run that never stopped would.)"""
-        return {"source": self.source.identity, "train_index": self.split_index["train"]}
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        seen = "full_train" if getattr(model, "semi_supervised", False) else "train"
+        return {"source": self.source.identity, "train_index": self.split_index[seen]}
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         pass
@@ -136,15 +142,16 @@ class ImageDataModule(L.LightningDataModule):
                 )
         full_train = train
         if hp.labels_per_class is not None:
-            chosen = torch.Generator().manual_seed(hp.seed)
+            chosen = seeds.generator(hp.seed, "labels_per_class")
             train = train[_per_class(labels[train], hp.labels_per_class, data.num_classes, chosen, "labels_per_class")]
         kept_val = slice(None)  # positions in the val split that stay
         if hp.val_labels_per_class is not None:  # its own stream: the same images whatever labels_per_class is
-            chosen = torch.Generator().manual_seed(hp.seed + 2**32)
+            chosen = seeds.generator(hp.seed, "val_labels_per_class")
             kept_val = _per_class(
                 labels[val], hp.val_labels_per_class, data.num_classes, chosen, "val_labels_per_class"
             )
         self.split_index = {"train": train, "val": val, **({} if test is None else {"test": test})}
+        self.split_index["full_train"] = full_train  # what a semi-supervised model trains on
         # The grey images of every split, which sample quality is measured against ...
         self._real = {"full_train": cut(full_train), "val": cut(val), "test": test_split}
         self._real["train"] = self._real["full_train"] if train is full_train else cut(train)
@@ -190,7 +197,7 @@ class ImageDataModule(L.LightningDataModule):
         """`probe_labels_per_class` labelled images per class of the whole training split (drawn with `seed`), as the
         model sees them (binarised once if so), and their labels: what +callbacks=probe votes with."""
         images, labels = self._real["full_train"].images, self._real["full_train"].labels
-        chosen = torch.Generator().manual_seed(self.hparams.seed + 2 * 2**32)  # a stream of its own
+        chosen = seeds.generator(self.hparams.seed, "probe_labels_per_class")
         chosen = _per_class(
             labels, self.hparams.probe_labels_per_class, self.num_classes, chosen, "probe_labels_per_class"
         )
@@ -209,8 +216,13 @@ class ImageDataModule(L.LightningDataModule):
             return batch
         x, y = batch
         x = to_unit_float(x)
-        if self.hparams.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
-            x = torch.bernoulli(x)
+        trainer = self.trainer
+        if self.hparams.binarize == "dynamic" and trainer is not None and trainer.training:
+            # each step's draws from a stream of its own: the same in a resumed run as in one that never stopped
+            step = seeds.generator(
+                self.hparams.seed, "binarize", trainer.global_step, trainer.global_rank, device=x.device
+            )
+            x = torch.bernoulli(x, generator=step)
         return x, y
 
     def held_out_overlap(self, trained_on: dict) -> int:
@@ -224,12 +236,18 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Batches | SemiSupervisedBatches:
         """The labelled training images; for a model with `semi_supervised` (M2), each batch of every training image
         (labels unused) comes with a batch of the labelled ones (SemiSupervisedBatches)."""
-        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else None
-        labelled = self._batches("train", shuffle_seed=self.hparams.seed, epoch=epoch)
+        position = self._training_position if self.trainer is not None else None
+        labelled = self._batches("train", shuffle_seed=self.hparams.seed, position=position)
         model = self.trainer.lightning_module if self.trainer is not None else None
         if not getattr(model, "semi_supervised", False):
             return labelled
-        return SemiSupervisedBatches(self._batches("unlabelled", shuffle_seed=self.hparams.seed, epoch=epoch), labelled)
+        unlabelled = self._batches("unlabelled", shuffle_seed=self.hparams.seed, position=position)
+        return SemiSupervisedBatches(unlabelled, labelled)
+
+    def _training_position(self) -> tuple[int, int]:
+        """The training epoch and how many of its batches were trained: (epoch, 0) at an epoch's start, (epoch, k)
+        when a run resumes from a checkpoint saved inside an epoch (Lightning restores its loops' progress)."""
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def val_dataloader(self) -> Batches:
         return self._batches("val")
