@@ -30,7 +30,7 @@ DESCRIPTIONS = {
     "traversal": "One row per code dimension (VAEs: in order of KL, highest first): the code of one held-out image "
     "with that dimension swept over its mean +- 3 standard deviations of the held-out codes, left to right.",
     "manifold": "2-d codes: the decoded grid over each dimension's mean +- 3 standard deviations of the held-out "
-    "codes (z[0] left to right, z[1] top to bottom).",
+    "codes (z[0] left to right, z[1] top to bottom); M2's beside the class of one held-out image.",
     "scatter": "2-d codes of held-out images, coloured by label.",
     "kl_per_dim": "VAEs: KL(q(z_u|x) || N(0, 1)) of each code dimension u, nats, the mean over held-out images.",
 }
@@ -100,11 +100,14 @@ def latent_traversal(model: AE, images: Tensor, steps: int, max_dims: int) -> Te
 
 def manifold(model: AE, images: Tensor, steps: int = 15) -> Tensor:
     """For 2-d codes: decoded codes on a steps x steps grid over each dimension's mean +- 3 standard deviations of
-    the codes of `images` (z[0] along a row, z[1] down the columns)."""
+    the codes of `images` (z[0] along a row, z[1] down the columns). The code's other numbers (M2's one-hot class)
+    are those of `images[0]`."""
     center, spread = code_spread(model, images)
     sweep = torch.linspace(-3, 3, steps, device=center.device)
     z1, z0 = torch.meshgrid(center[1] + spread[1] * sweep, center[0] + spread[0] * sweep, indexing="ij")
-    return model.decode(torch.stack([z0.flatten(), z1.flatten()], 1))
+    z = model.encode(images[:1]).repeat(steps * steps, 1)
+    z[:, 0], z[:, 1] = z0.flatten(), z1.flatten()
+    return model.decode(z)
 
 
 def chart(draw: Callable, title: str, xlabel: str, ylabel: str) -> Tensor:

@@ -3,7 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -90,3 +92,10 @@ def hparams_plugin_route(logdir: Path, route: str, request: dict) -> dict:
     response = Client(app).post(route, json={"experimentName": "", **request})
     assert response.status_code == 200
     return json.loads(response.get_data())
+
+
+def checkpoint_file(model: L.LightningModule, path: Path) -> Path:
+    """`model`, untrained, saved as train.py's checkpoints record it: its class, hyperparameters and weights."""
+    record = {"autoencoders_class": type(model).__name__, "hyper_parameters": dict(model.hparams)}
+    torch.save(record | {"state_dict": model.state_dict()}, path)
+    return path

@@ -15,11 +15,11 @@ import autoencoders
 from autoencoders.checkpoints import read_checkpoint
 from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
-from autoencoders.models import VAE
+from autoencoders.models import M2, VAE
 from autoencoders.models.classifier import Classifier, pretrained_encoder
 from autoencoders.training import build, train
 from autoencoders.transfer import JOBS_DIR, Result, TransferStudy, markdown, pretraining_overrides, summarize
-from tests.helpers import TINY, compose_train, knn_accuracy, run_train
+from tests.helpers import TINY, checkpoint_file, compose_train, knn_accuracy, run_train
 
 TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
 
@@ -127,27 +127,31 @@ def test_the_linear_probe_is_one_linear_layer_on_the_frozen_pretrained_code(stud
     assert torch.equal(encoder_state(run / "checkpoints" / "last.ckpt")[first], pretrained[first])
 
 
-def test_the_knn_probe_votes_as_an_independent_nearest_neighbour_search(tmp_path: Path) -> None:
-    """A knn run's test accuracy equals a brute-force cosine k-NN (Python floats, sorted lists) over the same codes."""
-    vae_dir, knn_dir = tmp_path / "vae", tmp_path / "knn"
+def test_the_knn_probe_votes_as_an_independent_nearest_neighbour_search_on_one_process_or_two(tmp_path: Path) -> None:
+    """A knn run's test accuracy equals a brute-force cosine k-NN (Python floats, sorted lists) over the same codes,
+    also under DDP, where each of 2 processes encodes its share of the labelled images and the bank holds them all."""
+    vae_dir = tmp_path / "vae"
     static = ["data.binarize=static", "latent_dim=4"]  # fixed binary images, so the test can encode the same ones
     run_train(*static, f"hydra.run.dir={vae_dir}", cwd=tmp_path)
     ckpt = vae_dir / "checkpoints" / "last.ckpt"
-    run_train(*static, "model=classifier", "model.method=knn", "model.knn_k=3", "data.labels_per_class=5",
-              f"encoder_ckpt={ckpt}", "trainer.limit_test_batches=null", "trainer.max_epochs=7",
-              f"hydra.run.dir={knn_dir}", cwd=tmp_path)  # fmt: skip
-    metrics = json.loads((knn_dir / "metrics.json").read_text())
+    knn = [*static, "model=classifier", "model.method=knn", "model.knn_k=3", "data.labels_per_class=5",
+           f"encoder_ckpt={ckpt}", "trainer.limit_test_batches=null", "trainer.max_epochs=7"]  # fmt: skip
+    run_train(*knn, f"hydra.run.dir={tmp_path / 'knn'}", cwd=tmp_path)
+    run_train(*knn, "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
     dm = datamodule(binarize="static", labels_per_class=5)
     vae = autoencoders.load(ckpt)
     with torch.no_grad():
         train_codes, test_codes = (vae.encode(dm.inputs(split)).tolist() for split in ("train", "test"))
 
     expected = knn_accuracy(train_codes, dm.train_set.labels.tolist(), test_codes, dm.test_set.labels.tolist(), k=3)
-    assert metrics["test/acc"] == pytest.approx(expected, abs=1e-6)
-    assert metrics["test/acc"] > 0.2  # 5 labels per class of a VAE trained for 2 steps: well above chance (0.1)
-    stored = autoencoders.load(knn_dir / "checkpoints" / "last.ckpt")  # the bank travels in its checkpoints
-    assert torch.load(knn_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # one epoch of seven
-    assert torch.equal(stored.bank_labels.sort().values, dm.train_set.labels.sort().values)
+    for run in ("knn", "ddp"):
+        metrics = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert metrics["test/acc"] == pytest.approx(expected, abs=1e-6)
+        last = tmp_path / run / "checkpoints" / "last.ckpt"
+        stored = autoencoders.load(last)  # the bank travels in its checkpoints
+        assert torch.load(last, weights_only=True)["epoch"] == 0  # one epoch of seven
+        assert torch.equal(stored.bank_labels.sort().values, dm.train_set.labels.sort().values)
+    assert expected > 0.2  # 5 labels per class of a VAE trained for 2 steps: well above chance (0.1)
 
 
 def test_the_random_baseline_keeps_its_untrained_encoder_and_pixels_has_none(study: Path) -> None:
@@ -200,14 +204,18 @@ def test_a_study_with_a_job_lacking_its_result_exits_nonzero_naming_it(study: Pa
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_a_vae_encoder_codes_its_posterior_mean(tmp_path: Path, arch: str) -> None:
     vae = VAE((1, 12, 12), latent_dim=3, arch=arch)
-    ckpt = tmp_path / "vae.ckpt"
-    torch.save(
-        {"autoencoders_class": "VAE", "hyper_parameters": dict(vae.hparams), "state_dict": vae.state_dict()}, ckpt
-    )
+    ckpt = checkpoint_file(vae, tmp_path / "vae.ckpt")
     classifier = Classifier((1, 12, 12), 10, encoder_ckpt=ckpt)  # latent_dim and arch: the checkpoint's
     x = torch.rand(8, 1, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(classifier.encoder(x), vae.encode(x))
+
+
+def test_an_m2_checkpoint_is_no_encoder(tmp_path: Path) -> None:
+    """M2's encoder net outputs features for q(z|x,y), not a code: its code needs its classifier too."""
+    ckpt = checkpoint_file(M2((1, 12, 12), num_classes=10, latent_dim=3), tmp_path / "m2.ckpt")
+    with pytest.raises(UserError, match="is a semi-supervised M2 checkpoint: its code"):
+        Classifier((1, 12, 12), 10, encoder_ckpt=ckpt)
 
 
 class Spy(L.Callback):

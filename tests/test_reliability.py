@@ -22,9 +22,10 @@ import autoencoders
 from autoencoders.checkpoints import SafeCheckpointIO, all_finite
 from autoencoders.cli import user_error
 from autoencoders.errors import UserError
+from autoencoders.models import M2
 from autoencoders.training import train
 from tests.faulty_train import PAUSE_S, Fault
-from tests.helpers import ROOT, TINY, compose_train, metrics, run_train
+from tests.helpers import ROOT, TINY, checkpoint_file, compose_train, metrics, run_train
 
 # 2 epochs of 2 small batches, with deterministic CPU kernels so that two runs can be compared exactly.
 RUN = ["model=vae", "latent_dim=2", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
@@ -268,7 +269,7 @@ def bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
 
 # (overrides, expected message). {ckpt}, {best}: the finished run's last.ckpt and best-*.ckpt; {bad:<kind>}: a broken
 # file (bad_checkpoint); {run}: the finished run's dir; {folder:<kind>}: an image folder that is empty, holds only a
-# corrupt image, or a 3x32x32 one for a data-shape mismatch; {file}: a text file.
+# corrupt image, or a 3x32x32 one for a data-shape mismatch; {file}: a text file; {m2}: an M2 checkpoint.
 BAD_INPUT = {
     "empty image folder": (["data=image_folder", "data.source.root={folder:empty}"], "holds no image files"),
     "only a corrupt image": (["data=image_folder", "data.source.root={folder:corrupt}"], "could be read"),
@@ -370,6 +371,16 @@ BAD_INPUT = {
     "FSQ with one level": (["model=fsq", "model.levels=1"], "model.levels=1 must be an integer >= 2"),
     "unknown VQ codebook start": (["model=vqvae", "model.codebook_init=zeros"], "model.codebook_init='zeros'"),
     "sprites too small for their shapes": (["data=sprites", "data.source.image_size=8"], "image_size=8 is too small"),
+    "FSQ levels its code prior cannot serve": (
+        ["model=fsq", "model.levels=100000"],
+        "model.levels=100000 with latent_dim=16 is more than the code prior",
+    ),
+    "FSQ code too large for its prior": (
+        ["model=fsq", "latent_dim=64", "model.levels=65"],
+        "model.levels=65 with latent_dim=64 is more than the code prior",
+    ),
+    "classifier on an M2 checkpoint": (["model=classifier", "encoder_ckpt={m2}"], "is a semi-supervised M2 checkpoint"),
+    "M1+M2 on an M2 checkpoint": (["model=m2", "encoder_ckpt={m2}"], "is a semi-supervised M2 checkpoint"),
 }
 
 
@@ -385,6 +396,7 @@ def test_bad_input_is_refused_and_changes_nothing(case, runs, tmp_path):
     best = next((finished / "checkpoints").glob("best-*.ckpt"))
     (tmp_path / "notes.txt").write_text("not a folder")
     fill = {"{ckpt}": str(good), "{best}": str(best), "{run}": str(finished), "{file}": str(tmp_path / "notes.txt")}
+    fill["{m2}"] = str(checkpoint_file(M2((1, 28, 28), num_classes=10, latent_dim=2), tmp_path / "m2.ckpt"))
     fill |= {
         f"{{bad:{k}}}": str(bad_checkpoint(k, tmp_path, good)) for k in ("missing", "truncated", "text", "foreign")
     }

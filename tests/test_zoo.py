@@ -1,10 +1,12 @@
 """Each zoo objective against an independent computation (torch.distributions, brute-force sums, closed forms)."""
 
 import copy
+import functools
 import json
 import math
 import shutil
 from pathlib import Path
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -14,16 +16,19 @@ from hydra import compose, initialize_config_dir
 from torch.distributions import Bernoulli, MultivariateNormal, Normal
 
 import autoencoders
+from autoencoders.callbacks import ImageLogger
 from autoencoders.errors import UserError
 from autoencoders.evaluation import evaluate
 from autoencoders.losses import imq_mmd, kl_decomposition
 from autoencoders.models import (
     AAE,
+    AE,
     DAE,
     FSQVAE,
     HVAE,
     IAFVAE,
     IWAE,
+    M2,
     RAE,
     VAE,
     VQVAE,
@@ -37,6 +42,7 @@ from autoencoders.models import (
 from autoencoders.models.adversarial import permute_dims
 from autoencoders.models.classifier import Classifier
 from autoencoders.models.vq import fsq_levels
+from autoencoders.pictures import picture_grids
 from autoencoders.samplers import CodePrior
 from autoencoders.training import train
 from tests.helpers import ROOT, TINY, compose_train
@@ -387,18 +393,19 @@ def test_the_rae_loss_adds_the_code_and_decoder_weight_penalties():
 @pytest.mark.parametrize("levels", [5, 4])
 def test_fsq_rounds_each_bounded_code_number_to_the_nearest_of_its_levels(levels):
     model = FSQVAE(SHAPE, levels=levels, latent_dim=3)
+    model.encoder = torch.nn.Identity()  # encode() bounds the encoder's outputs, here z
     z = torch.linspace(-6, 6, 300).view(-1, 3).requires_grad_()
-    codes = model.quantize(z)
+    codes = model.quantize(model.encode(z))
     grid = fsq_levels(levels)
-    half = (levels - 1) * (1 - 1e-3) / 2
+    half = (levels - 1) * (1 + 1e-3) / 2
     offset = 0.5 if levels % 2 == 0 else 0.0
-    bounded = (torch.tanh(z + np.arctanh(offset / half)) * half - offset).detach() / (levels // 2)
+    shifted = z.detach() + np.arctanh(offset / half)
+    bounded = (torch.tanh(shifted) * half - offset) / (levels // 2)
     nearest = grid[(bounded.unsqueeze(-1) - grid).abs().argmin(-1)]
     torch.testing.assert_close(codes.detach(), nearest)
     assert len(torch.unique(codes)) == levels  # every level is reached over the range
     codes.sum().backward()  # straight through: the gradient of the bounding alone
-    slope = (1 - torch.tanh(z.detach() + np.arctanh(offset / half)) ** 2) * half / (levels // 2)
-    torch.testing.assert_close(z.grad, slope)
+    torch.testing.assert_close(z.grad, (1 - torch.tanh(shifted) ** 2) * half / (levels // 2))
 
 
 def test_fsq_trains_its_decoder_alone_for_its_warm_up_steps_then_its_encoder_too(tmp_path):
@@ -543,6 +550,41 @@ def test_each_zoo_models_encoder_serves_a_classifier_with_its_own_code(zoo_runs,
     with torch.no_grad():  # the encoder net's code: a VAE's posterior mean (before any flow or top-down pass)
         features = model.posterior(x)[0] if isinstance(model, VAE) else model.encoder(x)
         torch.testing.assert_close(classifier.encoder(x), features)
+
+
+# Every picture of every model at latent sizes 1 and 2 (2 adds the manifold and the scatter), as the end of a run and
+# evaluate.py draw them; untrained models have the shapes that break ---------------------------------------------------
+PICTURED = {"ae": AE, "vae": VAE, **ZOO, "m2": M2, "m1m2": M2}
+
+
+def untrained(name: str, latent_dim: int) -> AE:
+    m2 = {"num_classes": 3}
+    own = {"vqvae": {"embedding_dim": 1}, "m2": m2}
+    own["m1m2"] = m2 | {"m1": {"class": "VAE", "hparams": {"image_shape": SHAPE, "latent_dim": 3}}}
+    torch.manual_seed(0)
+    return PICTURED[name](SHAPE, latent_dim=latent_dim, **own.get(name, {})).eval()
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2])
+@pytest.mark.parametrize("name", PICTURED)
+def test_every_picture_is_drawn_for_each_model_at_latent_sizes_1_and_2(name, latent_dim, tmp_path):
+    model, images = untrained(name, latent_dim), binary_images(16)  # 16: an RAE's prior fits 10 Gaussians to them
+    data = Mock(**{"inputs.return_value": images, "val_set.labels": torch.arange(16) % 3})
+    trainer = Mock(datamodule=data, is_global_zero=True, global_step=0, loggers=[])
+    run_end = ImageLogger(tmp_path, num_images=2, num_samples=4, num_pairs=2, steps=3)
+    run_end.on_fit_start(trainer, model)
+    run_end.on_fit_end(trainer, model)
+    optional = {"samples": run_end.has_prior, "kl_per_dim": isinstance(model, VAE)}
+    optional |= {"manifold": latent_dim == 2, "scatter": latent_dim == 2}
+    expected = {"reconstructions", "interpolations", "traversal"} | {p for p, drawn in optional.items() if drawn}
+    assert {p.stem for p in tmp_path.glob("*.png")} == expected
+
+    prior = model.prior_sampler()
+    prior = prior.fit(model.encode(images)) if prior.needs_fit else prior
+    samplers = {"prior": functools.partial(model.sample, sampler=prior)}
+    grids = picture_grids(model, images.byte() * 255, samplers, 0, num_images=2, num_samples=4, num_pairs=2, steps=3)
+    assert set(grids) == {"reconstructions", "samples_prior", "interpolations", "traversal"}
+    assert all(grid.isfinite().all() for grid in grids.values())
 
 
 def test_the_readmes_new_model_example_trains_and_loads_back(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
 from autoencoders.models.ae import AE
 from autoencoders.models.base import EpochMeanLogging, SplitSteps
+from autoencoders.models.vae import VAE
 from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory
 from autoencoders.probes import knn_vote
@@ -30,13 +31,14 @@ PRETRAINED = ("frozen", "finetune", "linear", "knn")
 
 class Classifier(EpochMeanLogging, SplitSteps):
     """A head (`linear` or `mlp`) on features chosen by `method` (see METHODS); null: `frozen` with an
-    `encoder_ckpt` (a checkpoint of any autoencoder run), `scratch` without. The encoder has the architecture of an
-    AE's, with `latent_dim` outputs; with `encoder_ckpt`, a null `latent_dim`, `arch` or `widths` is the checkpoint's,
-    and another value is an error that names it. A frozen encoder gets no gradients and stays in eval mode; `finetune`
-    trains the pretrained one at `encoder_lr`, `scratch` a fresh one at the optimizer's learning rate. The probes of the
-    frozen pretrained code: `linear` is a logistic regression (a linear head, whatever `head`), `knn` has no head and
-    no optimizer: its one training epoch stores the labelled images' codes, and an image's class is the vote of its
-    `knn_k` most cosine-similar ones, weighted by similarity (it then stops, whatever the trainer's schedule).
+    `encoder_ckpt` (a checkpoint of any autoencoder run but M2's, `check_encoder_kind`), `scratch` without. The encoder
+    has the architecture of an AE's, with `latent_dim` outputs; with `encoder_ckpt`, a null `latent_dim`, `arch` or
+    `widths` is the checkpoint's, and another value is an error that names it. A frozen encoder gets no gradients and
+    stays in eval mode; `finetune` trains the pretrained one at `encoder_lr`, `scratch` a fresh one at the optimizer's
+    learning rate. The probes of the frozen pretrained code: `linear` is a logistic regression (a linear head, whatever
+    `head`), `knn` has no head and no optimizer: its one training epoch stores the labelled images' codes (under DDP,
+    every process's), and an image's class is the vote of its `knn_k` most cosine-similar ones, weighted by similarity
+    (it then stops, whatever the trainer's schedule).
 
     Training refuses an `encoder_ckpt` whose autoencoder trained on any of the data's validation or test images.
     """
@@ -88,7 +90,9 @@ class Classifier(EpochMeanLogging, SplitSteps):
         if pretrained is not None:
             self.encoder.load_state_dict(pretrained_encoder(pretrained, encoder_ckpt, image_shape, self.encoder))
             self.pretraining_data = pretrained.get(ImageDataModule.__qualname__)
-        self.encoder.requires_grad_(not self.frozen).train(not self.frozen)  # Lightning keeps modules' modes
+        # Lightning keeps modules' modes. knn trains nothing, but DDP wraps only a module with a parameter that takes
+        # gradients: its encoder's take zero ones (_step)
+        self.encoder.requires_grad_(not self.frozen or method == "knn").train(not self.frozen)
         self.example_input_array = torch.zeros(1, *image_shape)  # the model summary's FLOPs per image
         if method == "knn":  # the labelled training codes and their labels, filled by the one training epoch
             self.head = None
@@ -128,8 +132,8 @@ class Classifier(EpochMeanLogging, SplitSteps):
         return None if self.method == "knn" else super().configure_optimizers()
 
     def on_train_epoch_start(self) -> None:
-        if self.method == "knn":
-            self.bank_codes, self.bank_labels = self.bank_codes[:0], self.bank_labels[:0]
+        if self.method == "knn":  # this process's labelled codes and labels, until the bank gathers every process's
+            self.bank_share: list[tuple[Tensor, Tensor]] = []
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -149,13 +153,17 @@ class Classifier(EpochMeanLogging, SplitSteps):
             self.encoder.eval()
         return self
 
-    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor | None:
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         x, y = batch
-        if self.method == "knn" and split == "train":  # store the batch's codes: no gradient step
+        if self.method == "knn" and split == "train":  # store the batch's codes
             with torch.no_grad():
-                self.bank_codes = torch.cat([self.bank_codes, self.encoder(x)])
-            self.bank_labels = torch.cat([self.bank_labels, y])
-            return None
+                self.bank_share.append((self.encoder(x), y))
+            if self.trainer.is_last_batch:  # the bank of every process's share (DDP copies buffers from process 0)
+                codes, labels = (torch.cat(t) for t in zip(*self.bank_share, strict=True))
+                self.bank_codes = self.all_gather(codes).flatten(0, -2)
+                self.bank_labels = self.all_gather(labels).flatten()
+            # a loss of zero gradients: Lightning's DDP refuses a step without a loss (no optimizer applies them)
+            return 0 * sum(p.sum() for p in self.encoder.parameters())
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.track(split, {"loss": loss, "acc": (logits.argmax(1) == y).float().mean()}, len(x))
@@ -188,18 +196,39 @@ def check_held_out(pretraining_data: dict | None, datamodule: ImageDataModule, e
         )
 
 
-def encoder_settings(
-    ckpt: dict, path: str | Path, latent_dim: int | None, arch: str | None, widths: Sequence[int] | None
-) -> tuple[int, str, Sequence[int] | None]:
-    """The encoder's latent_dim, arch and widths of an autoencoder checkpoint (read_checkpoint), for a classifier
-    that was given these values (None: take the checkpoint's); a given value that differs is an error."""
-    kind, hp = ckpt["autoencoders_class"], ckpt["hyper_parameters"]
-    if not issubclass(MODELS[kind], AE):
+def check_encoder_kind(ckpt: dict, path: str | Path, m1m2: bool = False) -> None:
+    """Refuse an encoder_ckpt (read_checkpoint) whose code a classifier, or with `m1m2` M1+M2, cannot read: a
+    classifier reads any autoencoder's encoder, M1+M2 any VAE's posterior. Neither reads M2's, whose code [z, one-hot
+    y] needs its classifier q(y|x) beside its encoder."""
+    kind = ckpt["autoencoders_class"]
+    model = MODELS[kind]
+    if getattr(model, "semi_supervised", False):
+        raise UserError(
+            f"encoder_ckpt={str(path)!r} is a semi-supervised {kind} checkpoint: its code [z, one-hot y] needs its "
+            "classifier q(y|x) beside its encoder, so its encoder alone gives no code to read. Pass a VAE run's "
+            "checkpoint (model=vae, ...); M2's own classifier is scored in its run's metrics.json (test/acc)."
+        )
+    if m1m2 and not issubclass(model, VAE):
+        raise UserError(
+            f"encoder_ckpt={str(path)!r} is a {kind} checkpoint; M1+M2 needs a VAE's (model=vae, conv_vae, or another "
+            "VAE of the zoo), whose posterior gives M2 its codes. Pretrain one with model=vae, or drop encoder_ckpt "
+            "for M2."
+        )
+    if not issubclass(model, AE):
         raise UserError(
             f"encoder_ckpt={str(path)!r} is a {kind} checkpoint, not an autoencoder's. Pass the checkpoint "
             "of an autoencoder run (model=ae, vae, ...; e.g. <run_dir>/checkpoints/last.ckpt); to continue "
             "training a classifier, resume it with ckpt_path=... instead."
         )
+
+
+def encoder_settings(
+    ckpt: dict, path: str | Path, latent_dim: int | None, arch: str | None, widths: Sequence[int] | None
+) -> tuple[int, str, Sequence[int] | None]:
+    """The encoder's latent_dim, arch and widths of an autoencoder checkpoint (read_checkpoint), for a classifier
+    that was given these values (None: take the checkpoint's); a given value that differs is an error."""
+    check_encoder_kind(ckpt, path)
+    hp = ckpt["hyper_parameters"]
     given = {"latent_dim": latent_dim, "arch": arch, "widths": None if widths is None else list(widths)}
     saved = {key: hp[key] if key != "widths" or hp[key] is None else list(hp[key]) for key in given}
     differ = [f"model.{k}={_override_value(v)} (the checkpoint's: {_override_value(saved[k])})"

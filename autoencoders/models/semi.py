@@ -14,7 +14,7 @@ from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError, check_positive
 from autoencoders.likelihoods import Gaussian
 from autoencoders.losses import gaussian_log_prob, kl_divergence
-from autoencoders.models.classifier import check_held_out
+from autoencoders.models.classifier import check_encoder_kind, check_held_out
 from autoencoders.models.vae import VAE
 from autoencoders.nets import build_nets
 from autoencoders.samplers import Sampler
@@ -59,8 +59,9 @@ class M2(VAE):
     images). `val/elbo` and `test/elbo` are -U(x), a bound on log p(x) (KL weight 1); `acc` is q(y|x)'s accuracy,
     and the checkpoint is chosen on `val/acc`.
 
-    With `encoder_ckpt` (a VAE run's checkpoint) it is M1+M2: the VAE (M1) is frozen, M2 (an MLP) models its codes,
-    z1 ~ q(z1|x) in training and its mean otherwise, under a Gaussian p(z1|y,z2), and its terms are named `code_*`:
+    With `encoder_ckpt` (a VAE run's checkpoint) it is M1+M2: the VAE (M1) is frozen, M2 (an MLP) models the codes
+    M1 decodes, a draw z1 ~ q(z1|x) of the posterior M1 samples from in training (after an IAF's flow, a Ladder VAE's
+    top-down pass) and M1's code (`encode`) otherwise, under a Gaussian p(z1|y,z2); its terms are named `code_*`:
     nats of M1's codes, not of images. Images decode through M1's decoder. Its checkpoints hold M1's weights.
 
     Its code, for the autoencoder interface (encode, decode, samplers, interpolations), is [z, one-hot y], y the
@@ -94,7 +95,7 @@ class M2(VAE):
         # hyperparameter, so loading one never needs the VAE's file.
         self.hparams.update(m1=m1, arch=arch if m1 is None else "mlp")
         self.hparams.pop("encoder_ckpt", None)
-        self.m1_model = None if m1 is None else MODELS[m1["class"]](**m1["hparams"])
+        self.m1_model = None if m1 is None else build_m1(m1)
         if self.m1_model is not None:
             self.code_likelihood, self.likelihood = CodeGaussian(), self.m1_model.likelihood
             if pretrained is not None:
@@ -150,12 +151,11 @@ class M2(VAE):
 
     # M2's inputs, and its distributions -----------------------------------------------------------------------
     def inputs(self, x: Tensor) -> Tensor:
-        """What M2 models: the images, or M1's codes of them (a posterior draw in training, else the mean)."""
+        """What M2 models: the images, or M1's codes of them (a posterior draw in training, else M1's code)."""
         if self.m1_model is None:
             return x
         with torch.no_grad():
-            mu, logvar = self.m1_model.posterior(x)
-            z1 = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
+            z1 = self.m1_model.latent_draws(x, 1)[0][0] if self.training else self.m1_model.encode(x)
         return z1[:, :, None, None]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -278,15 +278,17 @@ class M2(VAE):
 
 def m1_settings(ckpt: dict, path: str | Path, image_shape: Sequence[int]) -> dict:
     """What rebuilds M1 from a VAE checkpoint (read_checkpoint): its class name and hyperparameters."""
+    check_encoder_kind(ckpt, path, m1m2=True)
     kind, hp = ckpt["autoencoders_class"], dict(ckpt["hyper_parameters"])
-    if not issubclass(MODELS[kind], VAE) or issubclass(MODELS[kind], M2):
-        raise UserError(
-            f"encoder_ckpt={str(path)!r} is a {kind} checkpoint; M1+M2 needs a VAE's (model=vae, conv_vae, iwae, "
-            "beta_tcvae), whose posterior gives M2 its codes. Pretrain one with model=vae, or drop encoder_ckpt for M2."
-        )
     if tuple(hp["image_shape"]) != tuple(image_shape):
         raise UserError(
             f"encoder_ckpt={str(path)!r} was trained on images of shape {tuple(hp['image_shape'])}, but the data's "
             f"are {tuple(image_shape)}. Use the data the VAE was trained on."
         )
     return {"class": kind, "hparams": {k: v for k, v in hp.items() if k not in ("optimizer", "scheduler")}}
+
+
+def build_m1(m1: dict) -> VAE:
+    """M1 from `m1_settings`. Built here, not inside M2.__init__: Lightning's save_hyperparameters takes the arguments
+    of every __init__ up the call stack, so the VAE would get M2's arch, latent_dim and widths."""
+    return MODELS[m1["class"]](**m1["hparams"])
