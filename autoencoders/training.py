@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from autoencoders import cli
@@ -206,9 +207,11 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
     callbacks = build_callbacks(cfg.callbacks, model.selection) + extra_callbacks
     if cfg.selection == "none":  # a fixed schedule: no checkpoint is chosen, the last weights are tested
         callbacks = [c for c in callbacks if not isinstance(c, BestCheckpoint)]
-    trainer: L.Trainer = cli.instantiated(
-        cfg.trainer, "trainer", logger=loggers, callbacks=callbacks, plugins=[SafeCheckpointIO()]
-    )
+    plugins: list = [SafeCheckpointIO()]
+    if SLURMEnvironment.detect():  # ranks from SLURM; no auto-requeue, whose SIGUSR1 checkpoint is mid-epoch:
+        # SLURM's preemption stops through Preemption, and hydra/launcher=slurm requeues
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer: L.Trainer = cli.instantiated(cfg.trainer, "trainer", logger=loggers, callbacks=callbacks, plugins=plugins)
     check_launchable(trainer)
     for callback in trainer.callbacks:  # Lightning's own too
         skip_inherited_batch_hooks(callback)

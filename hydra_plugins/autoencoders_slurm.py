@@ -4,14 +4,19 @@
   with submitit's traceback while other jobs still run: every job is waited for, and the sweep's end
   (autoencoders.sweeps.FailureSummary) lists the ones that did not finish, each with its SLURM job id and log.
 - SLURM's preemption signal (submitit's USR2, sent `signal_delay_s` before the time limit, or by
-  `scancel --signal=USR2`) stops training as SIGTERM does, between steps and with last.ckpt written
+  `scancel --signal=USR2`) stops training or testing as SIGTERM does, between steps and with last.ckpt written
   (autoencoders.callbacks.Preemption); only then does submitit requeue the job, which resumes from last.ckpt. Left to
-  itself, submitit requeues and exits at whatever line the signal lands on.
+  itself, submitit requeues and exits at whatever line the signal lands on. Outside Lightning's fit and test (loading
+  data, between the two, writing metrics), where submitit would ignore the SIGTERM, the job is requeued at once.
+
+A job of several tasks (DDP: tasks_per_node > 1) runs train.py in each; Lightning reads their ranks from SLURM. As
+under Lightning's own DDP launcher, rank N logs to train_ddp_process_N.log and writes no config into the run dir.
 """
 
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,22 +74,30 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             log.error("SLURM job %s ended without a result: %s", job.job_id, " ".join(str(e).splitlines()[:2]))
             return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        """Run one job on its node (see the module's docstring for the preemption signal)."""
+    def __call__(self, sweep_overrides: list[str], *args: Any) -> JobReturn:
+        """Run one task of a job on its node (see the module's docstring)."""
         import submitit
 
+        rank = submitit.JobEnvironment().global_rank
+        if rank:  # another DDP process of the job, beside rank 0
+            sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null", f"hydra.job.name=train_ddp_process_{rank}"]
         preemption = submitit.JobEnvironment._usr_sig()  # USR2, or $SUBMITIT_PREEMPT_SIGNAL
         requeue = signal.getsignal(preemption)  # submitit's: checkpoint this call, `scontrol requeue`, exit
+        ignored = signal.getsignal(signal.SIGTERM)  # submitit's, which only logs it
         received: list[int] = []
 
         def stop(number: int, frame: Any) -> None:
-            log.warning("SLURM's preemption signal %s: stopping as on SIGTERM", signal.Signals(number).name)
             received.append(number)
+            name = signal.Signals(number).name
+            if signal.getsignal(signal.SIGTERM) == ignored:  # Lightning handles SIGTERM only while it fits or tests
+                log.warning("SLURM's preemption signal %s outside training and testing: requeueing the job", name)
+                sys.exit(128 + number)  # requeued below
+            log.warning("SLURM's preemption signal %s: stopping as on SIGTERM", name)
             signal.raise_signal(signal.SIGTERM)
 
         signal.signal(preemption, stop)
         try:
-            return super().__call__(*args, **kwargs)
+            return super().__call__(sweep_overrides, *args)
         except SystemExit:  # stopped by a signal
             if received and callable(requeue):
                 requeue(received[0], None)

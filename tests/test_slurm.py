@@ -29,6 +29,9 @@ CPU_JOBS = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.lau
 LONGER = ["latent_dim=2", "data.batch_size=16", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
           "checkpoint_every_s=0"]  # fmt: skip
 PREEMPTED = [*LONGER, "model=vae", "trainer.max_epochs=5"]
+# the transfer study's pretraining, kept tiny: the tests are about its jobs, not its encoders
+TINY_PRETRAINING = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
+NOT_RESUMABLE = "resuming from a checkpoint that ended before the epoch ended"  # Lightning's warning
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +144,67 @@ def test_a_preempted_job_saves_is_requeued_and_ends_as_an_uninterrupted_run(
     log = (run_dir / "train.log").read_text()
     if preemption == "USR2":
         assert "SLURM's preemption signal SIGUSR2: stopping as on SIGTERM" in log
-    assert f"{last} holds the last finished epoch" in log  # written when the signal came
+    assert f"{last} holds the last saved state" in log  # written when the signal came
     assert f"Job 0 was requeued by SLURM (job {job_id}, restart 1): resuming it from {last}" in log
     assert queue() == []
+
+
+def test_a_job_preempted_outside_fit_and_test_is_requeued_at_once_and_then_runs_to_the_end(cluster, tmp_path):
+    """The signal lands while train.py loads, where Lightning has no SIGTERM handler and submitit's ignores it, as
+    between fit and test or after the test: the job is requeued then, not left to run on."""
+    sweep = start_train("-m", *TINY, "latent_dim=2", *CPU_JOBS, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    run_dir = tmp_path / "sweep" / "0"
+    log = run_dir / "train.log"  # its first line comes as the job starts, seconds before fit
+    wait_for(lambda: log.is_file() and "torch threads" in log.read_text(), "the job's start")
+    job_id = slurm_job_id(run_dir)
+    slurm("scancel", "--signal=USR2", job_id)
+    wait_for(lambda: "PENDING" in slurm("squeue", "--noheader", "--format=%T", "-j", job_id), "the requeue", 30)
+    slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+    code, stdout, stderr = ended(sweep)
+    assert code == 0, stderr[-3000:]
+    text = log.read_text()
+    assert "SLURM's preemption signal SIGUSR2 outside training and testing: requeueing the job" in text
+    assert f"Job 0 was requeued by SLURM (job {job_id}, restart 1) before its first checkpoint" in text
+    assert "Run dir:" in text and "test/loss" in metrics(run_dir)
+    assert queue() == []
+
+
+def test_lightnings_slurm_auto_requeue_is_off_so_its_signal_writes_no_mid_epoch_checkpoint(cluster, tmp_path):
+    """SIGUSR1 during fit, on which Lightning's auto-requeue wrote a mid-epoch hpc_ckpt (a resume from it is not
+    exact) and requeued the job: now nothing handles it, so it ends the job as a kill does."""
+    many_epochs = ["model=ae", "latent_dim=2", "trainer.max_epochs=100", "trainer.limit_train_batches=2",
+                   "trainer.limit_val_batches=1", "checkpoint_every_s=0"]  # fmt: skip
+    sweep = start_train("-m", *many_epochs, *CPU_JOBS, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    run_dir = tmp_path / "sweep" / "0"
+    wait_for((run_dir / "checkpoints" / "last.ckpt").is_file, "the first epoch's last.ckpt")
+    job_id = slurm_job_id(run_dir)
+    slurm("scancel", "--signal=USR1", job_id)
+    state = ["squeue", "--noheader", "--format=%T", "-j", job_id]
+    wait_for(lambda: slurm(*state).split() in ([], ["PENDING"]), "the job's end or requeue", 60)
+    assert list(tmp_path.rglob("hpc_ckpt_*.ckpt")) == []
+    assert queue() == []  # not requeued
+    assert slurm("sacct", "--noheader", "-X", "--format=State", "-j", job_id).split() == ["FAILED"]
+    sweep.kill()  # it would end listing the job as crashed, as after a kill
+    sweep.communicate()
+
+
+def test_a_ddp_job_of_two_slurm_tasks_scores_a_checkpoint_as_one_process_does(cluster, tmp_path):
+    """trainer=ddp with tasks_per_node=2 on CPU (gloo): srun starts both processes and Lightning takes their ranks
+    from SLURM. The test split scored by the two equals one process's scores (as tests/test_scale.py's DDP test)."""
+    run = ["model=vae", "latent_dim=2", "model.nll_samples=10", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+           "trainer.limit_val_batches=1", "trainer.accelerator=cpu"]  # fmt: skip
+    run_train(*run, "hydra.run.dir=single", cwd=tmp_path, tiny=False)
+    trained = tmp_path / "single" / "checkpoints" / "last.ckpt"  # the DDP job only tests it
+    ddp = ["trainer=ddp", "trainer.devices=2", "hydra.launcher.tasks_per_node=2", f"ckpt_path={trained}"]
+    run_train("-m", *run, *ddp, *CPU_JOBS, "hydra.sweep.dir=sweep", cwd=tmp_path, tiny=False, timeout=300)
+    job, job_id = tmp_path / "sweep" / "0", slurm_job_id(tmp_path / "sweep" / "0")
+    assert f"{job_id}.0|2" in slurm("sacct", "--noheader", "--parsable2", "--format=JobID,NTasks", "-j", job_id)
+    assert metrics(job) == pytest.approx(metrics(tmp_path / "single"), rel=0, abs=1e-5)
+    rank_0, rank_1 = (job / "train.log").read_text(), (job / "train_ddp_process_1.log").read_text()
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in rank_1 and "Run dir:" not in rank_1  # as under Lightning's own launcher
+    assert "Run dir:" in rank_0 and "GLOBAL_RANK: 1" not in rank_0
+    assert [p.name for p in (job / ".hydra").iterdir() if p.is_dir()] == []  # rank 1 saved no config as an attempt
+    assert "auto-requeue" not in rank_0 + rank_1  # Lightning's SIGUSR1 handler is not set
 
 
 def test_a_killed_job_fails_the_sweep_naming_it_and_a_rerun_resumes_it_and_skips_the_finished(cluster, tmp_path):
@@ -182,10 +243,9 @@ def test_a_failing_job_fails_the_sweep_naming_its_slurm_job_and_log(cluster, tmp
 
 
 def test_the_transfer_study_pretrains_in_one_job_then_classifies_in_an_array(cluster, tmp_path):
-    pretrain = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
     study = tmp_path / "study"
     run_train("experiment=transfer", "transfer=frozen,pixels", "data.labels_per_class=1", "seed=0",
-              "trainer.max_steps=2", "trainer.val_check_interval=1", f"hydra.sweeper.pretrain={pretrain}",
+              "trainer.max_steps=2", "trainer.val_check_interval=1", f"hydra.sweeper.pretrain={TINY_PRETRAINING}",
               *CPU_JOBS, f"hydra.sweep.dir={study}", cwd=tmp_path, tiny=False, timeout=300)  # fmt: skip
     pretrained = slurm_job_id(study / "pretrain" / "seed-0")
     classifiers = sorted(slurm_job_id(p.parent.parent) for p in study.glob("*/.hydra/hydra.yaml"))
@@ -196,4 +256,50 @@ def test_the_transfer_study_pretrains_in_one_job_then_classifies_in_an_array(clu
     assert all(start >= pretrain_end for start in classifier_starts)  # ISO times: the pretraining ended first
     table = (study / "transfer.md").read_text()
     assert "frozen" in table and "pixels" in table
+    assert queue() == []
+
+
+def test_a_transfer_classifier_preempted_inside_an_epoch_resumes_exactly(cluster, tmp_path):
+    """The study's classifiers validate every 25 steps (val_check_interval), and each of its last.ckpt here is saved
+    inside an epoch (100 labelled images in batches of 8: 13 steps an epoch, and no multiple of 25 up to 300 is one
+    of 13). One preempted after its first last.ckpt (its 300 steps take a second or two, a window wide enough for
+    the signal to land in training) is requeued, resumes from the state it held, and ends with the metrics of the same
+    study never stopped, with no word from Lightning of a mid-epoch checkpoint that it cannot resume."""
+    steps_per_epoch, max_steps = 13, 300
+    study = ["experiment=transfer", "transfer=finetune", "data.labels_per_class=10", "data.batch_size=8", "seed=0",
+             f"trainer.max_steps={max_steps}", "checkpoint_every_s=0",
+             f"hydra.sweeper.pretrain={TINY_PRETRAINING}"]  # fmt: skip
+    sweep = start_train(*study, *CPU_JOBS, "hydra.sweep.dir=study", cwd=tmp_path)
+
+    def lasts() -> list[Path]:
+        return list(tmp_path.glob("study/*transfer-finetune/checkpoints/last.ckpt"))
+
+    wait_for(lambda: bool(lasts()), "the classifier's first last.ckpt (at its first validation, step 25)")
+    (last,) = lasts()
+    run_dir, job_id = last.parent.parent, slurm_job_id(last.parent.parent)
+    slurm("scancel", "--signal=USR2", job_id)
+    # the same study uninterrupted, by the basic launcher, its classifier on the same pretrained encoder
+    pretrained = tmp_path / "study" / "pretrain" / "seed-0" / "checkpoints" / "last.ckpt"
+    reference = start_train(*study, f"encoder_ckpt={pretrained}", "hydra.sweep.dir=reference", cwd=tmp_path)
+    wait_for(lambda: "PENDING" in slurm("squeue", "--noheader", "--format=%T", "-j", job_id), "the requeue")
+    state = torch.load(last, map_location="cpu", weights_only=True)  # what the requeued job resumes from
+    in_epoch = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    assert 25 <= state["global_step"] < max_steps and state["global_step"] % 25 == 0, "the signal came after fit"
+    assert state["global_step"] % steps_per_epoch != 0 and in_epoch == state["global_step"] % steps_per_epoch
+    slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # SLURM holds a requeued job for 2 minutes
+    code, stdout, stderr = ended(sweep)
+    assert code == 0, stderr[-3000:]
+    code, reference_stdout, reference_stderr = ended(reference)
+    assert code == 0, reference_stderr[-3000:]
+    (uninterrupted,) = (tmp_path / "reference").glob("*transfer-finetune")
+    assert metrics(run_dir) == pytest.approx(metrics(uninterrupted), rel=1e-6)
+    log = (run_dir / "train.log").read_text()
+    assert "SLURM's preemption signal SIGUSR2: stopping as on SIGTERM" in log
+    assert f"{last} holds the last saved state" in log
+    assert f"Job {run_dir.name} was requeued by SLURM (job {job_id}, restart 1): resuming it from {last}" in log
+    logs = {p for p in tmp_path.rglob("*") if p.suffix in (".log", ".out", ".err") and p.is_file()}
+    console = tmp_path / "study" / ".submitit" / job_id / f"{job_id}_0_log"  # Lightning's warnings go to its .err
+    assert {run_dir / "train.log", Path(f"{console}.out"), Path(f"{console}.err")} <= logs
+    texts = [p.read_text() for p in logs] + [stdout, stderr, reference_stdout, reference_stderr]
+    assert not [text for text in texts if NOT_RESUMABLE in text]
     assert queue() == []
