@@ -23,7 +23,7 @@ from torchvision.utils import save_image
 from autoencoders.checkpoints import all_finite
 from autoencoders.cli import to_log_file
 from autoencoders.errors import EveryProcessError, UserError
-from autoencoders.internals import checkpoint_of, scalar_logging_step, stop_at_next_step
+from autoencoders.internals import accumulating, checkpoint_of, scalar_logging_step, stop_at_next_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
 from autoencoders.pictures import image_grid, kl_chart, kl_per_dim, latent_traversal, manifold, scatter_chart
@@ -32,8 +32,8 @@ from autoencoders.seeds import seed_torch, stream_seed
 
 
 class HeldCheckpoint(ModelCheckpoint):
-    """A ModelCheckpoint that saves at epoch ends only, into memory: each save is a copy of the checkpoint (on the
-    model's device; no disk), held until `write_held` writes it."""
+    """A ModelCheckpoint that saves where Lightning's does (an epoch's end, a validation), into memory: each save is a
+    copy of the checkpoint (on the model's device; no disk), held until `write_held` writes it."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -145,7 +145,7 @@ class LastCheckpoint(HeldCheckpoint):
     (0: every save), at the end of fit, and when training stops on an error or a signal: so a stop writes the last
     saved state, never one between two saves. A run killed outright (SIGKILL, power cut) resumes from the last write
     and trains the steps since again, which ends exactly where the uninterrupted run ends: batch order, noise and
-    binarisation are drawn from (seed, epoch) and (seed, step), and a resumed epoch goes on from its next batch
+    binarisation are drawn from (seed, epoch) and (seed, epoch, batch), and a resumed epoch goes on from its next batch
     (Batches). Each write first writes the best checkpoint that the state names."""
 
     def __init__(self, dirpath: str | Path, every_s: float):
@@ -159,6 +159,10 @@ class LastCheckpoint(HeldCheckpoint):
 
     def due(self) -> bool:
         return time.monotonic() - self._written_at >= self.every_s
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not accumulating(trainer):  # a validation between the batches of one optimizer step: their gradients
+            super()._save_checkpoint(trainer, filepath)  # are in no checkpoint, so the last state stays held
 
     def write_held(self, trainer: L.Trainer) -> bool:
         """Write the held state, if any, after the best checkpoint that it names; whether there was one."""
@@ -530,17 +534,21 @@ class Preemption(L.Callback):
         to_log_file(message)  # train.log says how the run stopped, also where its console is a SLURM job's log
 
 
-class StepSeeds(L.Callback):
-    """Seed torch's global generator from the stream (seed, "noise", step, rank) before every training step.
+class BatchSeeds(L.Callback):
+    """Seed torch's global generator from the stream (seed, "noise", epoch, batch, rank) before every training batch.
 
     Lightning restores weights, optimizer and loop counters from a checkpoint but not random states, so without this a
     VAE resumed after a crash would draw other noise than one that never stopped. With it (and the data module's
-    batch order and binarisation, drawn from (seed, epoch) and (seed, step)), a resumed run draws the same numbers as
-    an uninterrupted one, from wherever its checkpoint was saved. Each DDP process draws its own noise.
+    batch order and binarisation, drawn from (seed, epoch) and (seed, epoch, batch)), a resumed run draws the same
+    numbers as an uninterrupted one, from wherever its checkpoint was saved. Each batch has its own draws, also the
+    batches whose gradients one optimizer step accumulates, and each DDP process its own noise.
     """
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
-        seed_torch(stream_seed(self.seed, "noise", trainer.global_step, trainer.global_rank), pl_module.device)
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        stream = stream_seed(self.seed, "noise", trainer.current_epoch, batch_idx, trainer.global_rank)
+        seed_torch(stream, pl_module.device)

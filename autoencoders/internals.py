@@ -1,4 +1,4 @@
-"""The five places where this project reaches past a public API, where none does the job; tests/test_internals.py
+"""The seven places where this project reaches past a public API, where none does the job; tests/test_internals.py
 checks them against the installed Lightning and torch, so an upgrade that moves them fails there, not in a run."""
 
 import lightning as L
@@ -27,6 +27,19 @@ def stop_at_next_step(trainer: L.Trainer) -> None:
     """Make Lightning stop at its next safe point, as after SIGTERM: the loops raise SIGTERMException between steps
     (and agree on it across DDP processes), never inside a step or a checkpoint write."""
     trainer._signal_connector.received_sigterm = True
+
+
+def batches_trained(trainer: L.Trainer) -> int:
+    """How many batches of the current training epoch were trained: 0 at an epoch's start, k in a run resumed from a
+    checkpoint saved after the epoch's k-th batch (Lightning restores it with its loops), and, during a training
+    batch's transfer to the device, that batch's index in its epoch."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+
+def accumulating(trainer: L.Trainer) -> bool:
+    """Whether the current batch's gradients wait for more batches' before the optimizer steps
+    (trainer.accumulate_grad_batches): a state saved then would lose them."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 def checkpoint_of(trainer: L.Trainer, weights_only: bool = False) -> dict:

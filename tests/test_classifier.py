@@ -151,7 +151,9 @@ def test_the_knn_probe_votes_as_an_independent_nearest_neighbour_search_on_one_p
         stored = autoencoders.load(last)  # the bank travels in its checkpoints
         assert torch.load(last, weights_only=True)["epoch"] == 0  # one epoch of seven
         assert torch.equal(stored.bank_labels.sort().values, dm.train_set.labels.sort().values)
-    assert expected > 0.2  # 5 labels per class of a VAE trained for 2 steps: well above chance (0.1)
+    # not a degenerate vote: 5 labels per class of a VAE trained for 2 steps, 0.146-0.176 over 6 labelled subsets of
+    # this run's VAE (0.254 for the VAE the random streams drew before issue 36); chance is 0.1
+    assert expected > 0.12
 
 
 def test_the_random_baseline_keeps_its_untrained_encoder_and_pixels_has_none(study: Path) -> None:

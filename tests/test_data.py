@@ -3,6 +3,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,21 +99,21 @@ def test_binarized_val_and_test_are_fixed_and_training_images_dynamic_or_static(
         assert abs(images.mean() - dm.real_split(split)[0].mean()) < 0.01
     assert torch.equal(dm.inputs("test"), subset_module(cache_dir, binarize=binarize, seed=4).inputs("test"))
 
-    class Fitting:  # the data module binarises dynamically only while a Trainer trains
-        training, global_step, global_rank = True, 0, 0
-
-    dm.trainer = Fitting()
+    # the data module binarises dynamically only while a Trainer trains, each batch's draws from (seed, epoch, batch)
+    progress = SimpleNamespace(completed=0)  # the trainer's count of the epoch's trained batches
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=progress)))
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0, global_rank=0, fit_loop=loop)
     batch = dm.train_set.images[:64]  # uint8, as batches come
     x = to_unit_float(batch)
     draws = []
-    for step in (0, 1, 0):
-        dm.trainer.global_step = step
+    for index in (0, 1, 0):
+        progress.completed = index
         draws.append(dm.on_after_batch_transfer((batch, None), 0)[0])
     if binarize == "static":
         assert set(x.unique().tolist()) == {0.0, 1.0} and all(torch.equal(d, x) for d in draws)
     else:
         assert len(x.unique()) > 2 and all(set(d.unique().tolist()) == {0.0, 1.0} for d in draws)
-        # each step its own draws, the same whenever that step is trained (again, after a resume)
+        # each batch its own draws, the same whenever that batch is trained (again, after a resume)
         assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
         assert abs(torch.stack(draws).mean() - x.mean()) < 0.02
 

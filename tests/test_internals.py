@@ -1,4 +1,4 @@
-"""The five private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
+"""The seven private APIs this project uses (autoencoders/internals.py), checked against the installed Lightning and
 torch: an upgrade that moves or changes them fails here."""
 
 import lightning as L
@@ -11,7 +11,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from autoencoders.internals import (
     BATCH_HOOKS,
+    accumulating,
     add_summary,
+    batches_trained,
     checkpoint_of,
     scalar_logging_step,
     skip_inherited_batch_hooks,
@@ -89,3 +91,19 @@ def test_lightning_skips_the_batch_hooks_a_callback_inherits_and_calls_those_it_
     trainer.test(trainer.lightning_module, loader)
     assert calls == [0, 1]  # each BATCH_HOOKS name is a hook Lightning dispatches, skipping None
     assert all(hasattr(L.Callback, name) for name in BATCH_HOOKS)
+
+
+def test_the_epochs_trained_batches_and_whether_a_step_accumulates_are_lightnings_loop_counters():
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # before the batch counts
+            seen.append((batch_idx, batches_trained(trainer), accumulating(trainer)))
+
+    x = torch.rand(20, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(20)), batch_size=4)  # 5 batches, 2 a step: the last steps alone
+    trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=2, logger=False, callbacks=[Record()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(AE((1, 8, 8), latent_dim=2), loader)
+    epoch = [(0, 0, True), (1, 1, False), (2, 2, True), (3, 3, False), (4, 4, False)]
+    assert seen == epoch + epoch

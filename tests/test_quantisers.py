@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from autoencoders.callbacks import StepSeeds
+from autoencoders.callbacks import BatchSeeds
 from autoencoders.errors import UserError
 from autoencoders.models import FSQVAE, VQVAE
 from autoencoders.models.vq import fsq_levels
@@ -61,7 +61,7 @@ class RecordRevived(VQVAE):
 @pytest.mark.parametrize("ema", [True, False])
 def test_a_vq_vaes_codebook_draws_are_the_same_in_every_ddp_process_seeded_as_train_py_seeds_them(ema, tmp_path):
     """k-means at the first step and revival at the second draw at random; each process's global generator is
-    seeded for its rank (StepSeeds, as train.py), so the draws must not come from it unshared."""
+    seeded for its rank (BatchSeeds, as train.py), so the draws must not come from it unshared."""
     L.seed_everything(0)  # as train.py, before building the model
     # 32 vectors for 2 x 8 tokens a step: k-means repeats some, and the unused ones fall below revive_below at once
     model = RecordRevived(SHAPE, latent_dim=4, embedding_dim=2, codebook_size=32, widths=[8], ema=ema,
@@ -69,7 +69,7 @@ def test_a_vq_vaes_codebook_draws_are_the_same_in_every_ddp_process_seeded_as_tr
     images = torch.rand(16, 1, 8, 8)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(16)), batch_size=4)
     trainer = L.Trainer(strategy="ddp_fork", accelerator="cpu", devices=2, max_steps=2, logger=False,
-                        callbacks=[StepSeeds(0), SaveCodebooks(tmp_path)], enable_progress_bar=False,
+                        callbacks=[BatchSeeds(0), SaveCodebooks(tmp_path)], enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                         default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(model, loader)

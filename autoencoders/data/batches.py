@@ -35,7 +35,18 @@ class ImageSplit:
         return ImageSplit(self.images.to(device), self.labels.to(device), factors)
 
 
-class Batches:
+class Resumable:
+    """What Lightning asks of a training loader to resume it inside an epoch: these hold no state of their own, since
+    their position is the trainer's batch progress, restored with its loops (Batches.position)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+class Batches(Resumable):
     """One process's share of a split, as (uint8 images, labels) batches: what a DataLoader would serve, with no
     host-device sync and no duplicates.
 
@@ -43,8 +54,7 @@ class Batches:
     "order", epoch), the same on every process; process `rank` of `world` takes every world-th image of it, trimmed so
     that all processes take equally many steps. `position()` says which epoch a pass is and how many of its batches
     were already trained: a run resumed from inside an epoch goes on with that epoch's next batch, exactly as a run
-    that never stopped. (That position is the trainer's batch progress, restored from the checkpoint; the empty
-    state_dict tells Lightning that these batches resume.)
+    that never stopped.
 
     Held-out splits are cut in order into batches of `batch_size` (smaller if there are fewer batches than processes),
     and process `rank` takes batches rank, rank + world, ... (`split_position`): every image exactly once, where
@@ -79,12 +89,6 @@ class Batches:
     def __len__(self) -> int:
         return self._count
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.shuffle_seed is None:
             images, labels = self.split.images, self.split.labels
@@ -92,9 +96,14 @@ class Batches:
                 cut = slice(position * self.batch_size, (position + 1) * self.batch_size)
                 yield self._pinned(images[cut]), self._pinned(labels[cut])
             return
+        yield from self.shuffled(*self.next_pass())
+
+    def next_pass(self) -> tuple[tuple[int], int]:
+        """The key of the next training pass's order, (epoch,), and how many of its batches were trained already
+        (`position`; without one, passes are counted from 0 and start at their first batch)."""
         epoch, done = self.position() if self.position is not None else (self._passes, 0)
         self._passes += 1
-        yield from self.shuffled((epoch,), done)
+        return (epoch,), done
 
     def shuffled(self, key: tuple[int, ...], start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """This process's batches of the order drawn from the stream (shuffle_seed, "order", *key), from its
@@ -111,7 +120,7 @@ class Batches:
         return t.pin_memory() if self.pin else t
 
 
-class SemiSupervisedBatches:
+class SemiSupervisedBatches(Resumable):
     """Batches of every training image (`unlabelled`, their labels replaced by -1), each with a batch of the labelled
     images (`labelled`) before it: one epoch is a pass over the unlabelled images, while the labelled ones are
     cycled, each cycle in a new order drawn from (seed, "order", epoch, cycle). Both are cut on the same device; a
@@ -123,18 +132,9 @@ class SemiSupervisedBatches:
     def __len__(self) -> int:
         return len(self.unlabelled)
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        position = self.unlabelled.position or (lambda: (self.unlabelled._passes, 0))
-        epoch, done = position()
-        self.unlabelled._passes += 1
-        per_cycle = len(self.labelled)
-        cycle, offset = divmod(done, per_cycle)
+        (epoch,), done = self.unlabelled.next_pass()
+        cycle, offset = divmod(done, len(self.labelled))
         labelled = self.labelled.shuffled((epoch, cycle), offset)
         for images, labels in self.unlabelled.shuffled((epoch,), done):
             batch = next(labelled, None)

@@ -9,6 +9,7 @@ The train/val/test split depends on `split_seed` alone, so every run of a study,
 same held-out images, and no image that one run trains on is another run's validation or test image.
 """
 
+import hashlib
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -21,6 +22,7 @@ from autoencoders import seeds
 from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches, to_unit_float
 from autoencoders.data.sources import Source
 from autoencoders.errors import UserError
+from autoencoders.internals import batches_trained
 
 BINARIZE = (None, "dynamic", "static")
 
@@ -109,7 +111,24 @@ class ImageDataModule(L.LightningDataModule):
         epoch's order is drawn from (seed, epoch), so a resumed run draws what a run that never stopped would.)"""
         model = self.trainer.lightning_module if self.trainer is not None else None
         seen = "full_train" if getattr(model, "semi_supervised", False) else "train"
-        return {"source": self.source.identity, "train_index": self.split_index[seen]}
+        return {
+            "source": self.source.identity,
+            "train_index": self.split_index[seen],
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> str:
+        """A hash of the grey images and labels of the splits as set up (train before labels_per_class, val, test).
+        Checkpoints carry it (`state_dict`), so evaluate.py can tell that the data changed since training: an image
+        folder with files added, removed or edited is split anew, and its test split is no longer the run's."""
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.blake2b(digest_size=8)
+            for name in ("full_train", "val", "test"):
+                for tensor in (self._real[name].images, self._real[name].labels):
+                    digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         pass
@@ -218,11 +237,10 @@ class ImageDataModule(L.LightningDataModule):
         x = to_unit_float(x)
         trainer = self.trainer
         if self.hparams.binarize == "dynamic" and trainer is not None and trainer.training:
-            # each step's draws from a stream of its own: the same in a resumed run as in one that never stopped
-            step = seeds.generator(
-                self.hparams.seed, "binarize", trainer.global_step, trainer.global_rank, device=x.device
-            )
-            x = torch.bernoulli(x, generator=step)
+            # each batch's draws from a stream of its own: the same in a resumed run as in one that never stopped
+            batch = seeds.generator(self.hparams.seed, "binarize", *self._training_position(), trainer.global_rank,
+                                    device=x.device)  # fmt: skip
+            x = torch.bernoulli(x, generator=batch)
         return x, y
 
     def held_out_overlap(self, trained_on: dict) -> int:
@@ -245,9 +263,11 @@ class ImageDataModule(L.LightningDataModule):
         return SemiSupervisedBatches(unlabelled, labelled)
 
     def _training_position(self) -> tuple[int, int]:
-        """The training epoch and how many of its batches were trained: (epoch, 0) at an epoch's start, (epoch, k)
-        when a run resumes from a checkpoint saved inside an epoch (Lightning restores its loops' progress)."""
-        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        """The training epoch and how many of its batches were trained (internals.batches_trained): (epoch, 0) at an
+        epoch's start, (epoch, k) when a run resumes after the epoch's k-th batch, and a batch's index while it is
+        transferred. (Read when a pass starts serving, at its first batch, after Lightning has reset its loops for the
+        epoch: Batches.__iter__ is a generator.)"""
+        return self.trainer.current_epoch, batches_trained(self.trainer)
 
     def val_dataloader(self) -> Batches:
         return self._batches("val")

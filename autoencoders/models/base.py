@@ -114,6 +114,19 @@ class EpochMeanLogging(L.LightningModule):
         self.log_dict({f"{split}/{k}{suffix}": v for k, v in zip(names, means, strict=True)}, sync_dist=True,
                       reduce_fx="max")  # fmt: skip
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if "train" in self._sums:  # saved inside an epoch: a resumed run's epoch means cover the batches before too
+            names, sums = self._sums["train"]
+            checkpoint["train_epoch_sums"] = {"names": names, "sums": sums, "count": self._counts["train"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "train_epoch_sums" in checkpoint:
+            saved = checkpoint["train_epoch_sums"]
+            self._sums["train"] = saved["names"], saved["sums"].to(self.device)
+            self._counts["train"] = saved["count"]
+
     def on_train_epoch_end(self) -> None:
         self._log_means("train", "_epoch")
 

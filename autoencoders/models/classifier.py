@@ -91,7 +91,7 @@ class Classifier(EpochMeanLogging, SplitSteps):
             self.encoder.load_state_dict(pretrained_encoder(pretrained, encoder_ckpt, image_shape, self.encoder))
             self.pretraining_data = pretrained.get(ImageDataModule.__qualname__)
         # Lightning keeps modules' modes. knn trains nothing, but DDP wraps only a module with a parameter that takes
-        # gradients: its encoder's take zero ones (_step)
+        # gradients: its encoder's take zero ones under DDP (_step), and none on one process
         self.encoder.requires_grad_(not self.frozen or method == "knn").train(not self.frozen)
         self.example_input_array = torch.zeros(1, *image_shape)  # the model summary's FLOPs per image
         if method == "knn":  # the labelled training codes and their labels, filled by the one training epoch
@@ -153,7 +153,7 @@ class Classifier(EpochMeanLogging, SplitSteps):
             self.encoder.eval()
         return self
 
-    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor | None:
         x, y = batch
         if self.method == "knn" and split == "train":  # store the batch's codes
             with torch.no_grad():
@@ -162,7 +162,9 @@ class Classifier(EpochMeanLogging, SplitSteps):
                 codes, labels = (torch.cat(t) for t in zip(*self.bank_share, strict=True))
                 self.bank_codes = self.all_gather(codes).flatten(0, -2)
                 self.bank_labels = self.all_gather(labels).flatten()
-            # a loss of zero gradients: Lightning's DDP refuses a step without a loss (no optimizer applies them)
+            if self.trainer.world_size == 1:
+                return None
+            # under DDP, a loss of zero gradients: Lightning's DDP refuses a step without one (no optimizer applies it)
             return 0 * sum(p.sum() for p in self.encoder.parameters())
         logits = self(x)
         loss = F.cross_entropy(logits, y)
