@@ -22,4 +22,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from autoencoders.cli import stopped_by_signals
+
+    with stopped_by_signals():  # Ctrl-C or SIGTERM: one `error:` line, exit 130 or 143
+        main()

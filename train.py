@@ -20,4 +20,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from autoencoders.cli import stopped_by_signals
+
+    with stopped_by_signals():  # Ctrl-C or SIGTERM: one `error:` line, exit 130 or 143
+        main()

@@ -1,12 +1,15 @@
 """How a command ends on bad input or a failed sweep job: one `error:` paragraph on stderr and exit code 2 (no
-traceback, and no run dir left behind by a rejected command), or a failure record that lets the sweep go on.
+traceback, and no run dir left behind by a rejected command), or a failure record that lets the sweep go on; and how
+it ends on Ctrl-C or SIGTERM: one `error:` line, exit code 130 or 143 (stopped_by_signals).
 
 Imported before torch (train.py's Hydra callbacks use it at start-up)."""
 
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +21,7 @@ from hydra.types import RunMode
 from autoencoders.errors import EveryProcessError, UserError
 
 log = logging.getLogger(__name__)
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}  # as callbacks.Preemption names them
 
 FAILURE_FILE = "failure.json"  # in a failed sweep job's dir
 created_run_dirs: list[Path] = []  # the run dir that this process created (rundirs.claim), if any
@@ -102,3 +106,52 @@ def reported_failures() -> Iterator[None]:
         log.error("Job %s failed: %s", hydra.job.num, reason, exc_info=bad_input is None)
         record = {"job": hydra.job.num, "dir": hydra.runtime.output_dir, "error": reason}
         (Path(hydra.runtime.output_dir) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised in the main thread by stopped_by_signals' handler as Python's own one raises KeyboardInterrupt
+    on Ctrl-C: a BaseException, so that no `except Exception` (a sweep job's) takes it for a failure."""
+
+
+def _on_sigterm(number: int, frame: Any) -> None:
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:  # called by Lightning's handler, which also calls the
+        return  # one it found: inside fit and test Lightning stops at its next step (callbacks.Preemption)
+    raise Stopped(number)
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Wrap a whole command (train.py, evaluate.py, a sweep): Ctrl-C (SIGINT) or SIGTERM ends it with one line,
+    `error: stopped by <signal> ...`, on stderr (and in train.log) and exit code 130 or 143 (128 + the signal), with
+    no traceback. What the commands write is written whole or not at all (files.py's writers, an evaluation's staging
+    dir, and under checkpoints.signals_deferred checkpoints and a sweep's or transfer study's files at its end), so a
+    stop leaves no half-written result; a run dir that this process created but whose training never started is
+    removed, as after bad input.
+
+    Python's default SIGTERM ends the process at once, silently: here it raises Stopped in the main thread instead.
+    Inside Lightning's fit and test, Lightning's SIGTERM handler stops at the next step and callbacks.Preemption
+    reports it (exit 143, and Ctrl-C there exits 130); such a SystemExit passes through unchanged."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stopped_by(signal.SIGINT)
+    except Stopped:
+        _stopped_by(signal.SIGTERM)
+    except SystemExit as stop:  # Lightning's sys.exit(1) after a KeyboardInterrupt, once Preemption said what was kept
+        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
+            raise SystemExit(128 + signal.SIGINT) from None
+        raise
+
+
+def _stopped_by(number: signal.Signals) -> NoReturn:
+    signal.signal(number, signal.SIG_IGN)  # a second Ctrl-C while the run dir is cleaned up does not interrupt that
+    message = (
+        f"error: stopped by {SIGNAL_NAMES[number]} before the command finished. Run the same command again to redo "
+        "what was stopped."
+    )
+    to_log_file(message)
+    discard_created_run_dir()  # after its train.log is written to: a log file reopened in a removed dir would fail
+    print(message, file=sys.stderr)
+    sys.exit(128 + number)

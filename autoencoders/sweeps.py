@@ -67,9 +67,11 @@ class FailureSummary(Callback):
                 f"sweep {sweep_dir}: {len(done)} job(s) ran to the end: {', '.join(done)}; each has its metrics.json "
                 "and train.log."
             )
+        from autoencoders.checkpoints import signals_deferred
         from autoencoders.loggers import record_sweep  # imports torch: only once the jobs are done
 
-        record_sweep(sweep_dir, sorted((job for job in statuses if statuses[job].state == FINISHED), key=job_order))
+        with signals_deferred():  # Ctrl-C or SIGTERM stops the sweep once its TensorBoard record is whole
+            record_sweep(sweep_dir, sorted((job for job in statuses if statuses[job].state == FINISHED), key=job_order))
         # this invocation's jobs that did not finish: a failure recorded now, or a job started now that went silent
         unfinished = [
             (job.resolve().relative_to(sweep_dir.resolve()), status)

@@ -95,6 +95,12 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.accelerator={cfg.trainer.accelerator} (e.g. trainer=gpu), but PyTorch sees no CUDA GPU here. "
             "Use trainer=default (the best device available) or trainer=cpu."
         )
+    precision = str(cfg.trainer.get("precision"))
+    if precision in ("16", "16-mixed") and on_cpu(cfg.trainer.get("accelerator")):
+        raise UserError(  # Lightning would quietly train in bf16-mixed instead
+            f"trainer.precision={precision} (float16 mixed precision) needs a CUDA GPU, and this run trains on the "
+            "CPU. Use trainer.precision=bf16-mixed (bfloat16, which CPUs support), or train on a GPU with trainer=gpu."
+        )
     if not 0 <= cfg.checkpoint_every_s < math.inf:
         raise UserError(
             f"checkpoint_every_s={cfg.checkpoint_every_s} is not a finite, non-negative number of seconds. Set e.g. "
@@ -120,6 +126,13 @@ def check_config(cfg: DictConfig) -> None:
             f"selection={cfg.selection} is unknown. Use small_val (the best checkpoint on as many labelled val images "
             "per class as training has), full_val (the best on the whole val split) or none (the last weights)."
         )
+
+
+def on_cpu(accelerator: str | None) -> bool:
+    """Whether a Trainer with this `trainer.accelerator` trains on the CPU (auto: when no GPU is available)."""
+    if accelerator in (None, "auto"):
+        return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return accelerator == "cpu"
 
 
 def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
@@ -148,6 +161,13 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
     model = cli.instantiated(
         cfg.model, "model", image_shape=datamodule.image_shape, **needs, **optimization, _convert_="all"
     )
+    labels = datamodule.hparams.labels_per_class
+    if labels is not None and "num_classes" not in cfg.model and not getattr(model, "semi_supervised", False):
+        log.warning(  # an autoencoder uses no labels: the subset is only fewer images, which a user may not expect
+            "%s trains on %d labelled images (data.labels_per_class=%d) of the %d training images; drop "
+            "data.labels_per_class to train on all",
+            *(type(model).__name__, len(datamodule.train_set), labels, len(datamodule.unlabelled_set)),
+        )
     return datamodule, model
 
 

@@ -77,10 +77,13 @@ class TransferStudy(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         results, missing = collect(sweep_dir)
         if results:
+            from autoencoders.checkpoints import signals_deferred  # imports torch: only once the jobs are done
+
             cells = summarize(results)
-            write_csv(cells, sweep_dir / "transfer.csv")
-            (sweep_dir / "transfer.md").write_text(markdown(cells))
-            plot(cells, sweep_dir / "transfer.png")
+            with signals_deferred():  # Ctrl-C or SIGTERM stops the study once its files are whole
+                write_csv(cells, sweep_dir / "transfer.csv")
+                (sweep_dir / "transfer.md").write_text(markdown(cells))
+                plot(cells, sweep_dir / "transfer.png")
             print(
                 f"\n{markdown(cells)}\ntransfer study: wrote transfer.csv, transfer.md and transfer.png to {sweep_dir}"
             )

@@ -381,6 +381,10 @@ BAD_INPUT = {
     ),
     "classifier on an M2 checkpoint": (["model=classifier", "encoder_ckpt={m2}"], "is a semi-supervised M2 checkpoint"),
     "M1+M2 on an M2 checkpoint": (["model=m2", "encoder_ckpt={m2}"], "is a semi-supervised M2 checkpoint"),
+    "16-mixed precision on a CPU": (
+        ["+trainer.precision=16-mixed", "model=factor_vae", "trainer.accelerator=cpu"],
+        r"trainer\.precision=16-mixed .*bf16-mixed",
+    ),
 }
 
 

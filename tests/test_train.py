@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -24,7 +25,8 @@ from autoencoders.data import ImageDataModule, MNISTSubset
 from autoencoders.errors import UserError
 from autoencoders.models import VAE
 from autoencoders.rundirs import RunDirGuard, run_name
-from tests.helpers import ROOT, hparams_plugin_route, run_train
+from autoencoders.training import build
+from tests.helpers import ROOT, TINY, compose_train, hparams_plugin_route, run_train
 
 
 def event_tags(run_dir) -> dict:
@@ -256,3 +258,16 @@ def test_sweep_job_names_leave_out_the_overrides_every_job_shares(tmp_path):
     job = ["model=vae", "seed=-1", "latent_dim=2"]
     assert run_name(job, str(tmp_path)) == "_model-vae_seed--1"
     assert run_name(job, str(tmp_path / "elsewhere")) == "_latent_dim-2_model-vae_seed--1"  # no record: every override
+
+
+@pytest.mark.parametrize("model,says", [("ae", True), ("m2", False)])
+def test_an_autoencoder_on_a_labelled_subset_says_how_few_images_it_trains_on(tmp_path, caplog, model, says):
+    """data.labels_per_class is for few-label models; an autoencoder, which uses no labels, trains on the subset only:
+    the console says so (a semi-supervised model such as M2 trains on every image, so it says nothing)."""
+    cfg = compose_train(tmp_path / "run", *TINY, f"model={model}", "latent_dim=2", "data.labels_per_class=3")
+    with caplog.at_level(logging.WARNING, logger="autoencoders.training"):
+        datamodule, _ = build(cfg)
+    said = [r.getMessage() for r in caplog.records if "labelled images" in r.getMessage()]
+    everything = len(datamodule.unlabelled_set)
+    expected = f"trains on 30 labelled images (data.labels_per_class=3) of the {everything} training images; drop"
+    assert [expected in line for line in said] == ([True] if says else [])
