@@ -26,12 +26,12 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from autoencoders import report
-from autoencoders.checkpoints import load
+from autoencoders.checkpoints import load, read_checkpoint
 from autoencoders.console import SPLITS, metrics_table
 from autoencoders.data import ImageDataModule, to_unit_float
 from autoencoders.errors import UserError
 from autoencoders.files import save_cache, write_json
-from autoencoders.jobs import FAILED, FINISHED, RUNNING, job_status
+from autoencoders.jobs import FINISHED, RUNNING, job_status
 from autoencoders.likelihoods import bits_per_dim, for_data
 from autoencoders.metrics import (
     METRICS,
@@ -45,7 +45,16 @@ from autoencoders.metrics import (
 from autoencoders.models import AE, VAE, VQVAE
 from autoencoders.pictures import DESCRIPTIONS, ImageSampler, picture_grids, save_pictures
 from autoencoders.samplers import CACHE_VERSION, SAMPLERS, make_sampler
-from autoencoders.saved_runs import build_data, data_config, find_checkpoint, run_config, sweep_jobs
+from autoencoders.saved_runs import (
+    NOT_SCORED,
+    build_data,
+    crashed_note,
+    data_config,
+    find_checkpoint,
+    run_config,
+    scoring_status,
+    sweep_jobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +73,10 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     checkpoint = Path(cfg.ckpt_path)
     run_dir = checkpoint.parent.parent  # train.py writes <run>/checkpoints/<name>.ckpt
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
-        return [evaluate_run(run_dir, cfg, cfg.split, checkpoint)]
+        status = job_status(run_dir)
+        if status.state == RUNNING:  # refused; a failed run's checkpoint named on purpose is scored
+            scoring_status(run_dir)
+        return [evaluate_run(run_dir, cfg, cfg.split, checkpoint, crashed_note(status, checkpoint))]
     data_cfg = data_config(None, cfg)
     return [score(checkpoint, data_cfg, cfg.split, checkpoint.parent / f"{checkpoint.stem}_eval", cfg)]
 
@@ -131,31 +143,46 @@ def device(name: str) -> torch.device:
 def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
     """Score every job of a multirun sweep on both held-out splits; jobs that cannot be scored are rows with their
     reason, not dropped."""
-    rows = []
-    for run_dir in sweep_jobs(sweep_dir):
+    rows, scored = [], set()
+    jobs = sweep_jobs(sweep_dir)
+    if jobs[0].parent != sweep_dir:
+        log.info(
+            "sweep_dir=%s is a transfer study: scoring its %d pretrained autoencoders (%s/*); its classifiers' test "
+            "accuracy is in transfer.md", sweep_dir, len(jobs), jobs[0].parent.name
+        )  # fmt: skip
+    for run_dir in jobs:
         row, status = report.describe(run_dir), job_status(run_dir)
-        if status.state in (FAILED, RUNNING):  # a running job's checkpoints are still changing
+        row["run"] = str(run_dir.relative_to(sweep_dir))
+        if status.state in NOT_SCORED:  # as run_dir= refuses it (saved_runs.scoring_status)
             row["status"] = str(status)
         elif not list((run_dir / "checkpoints").glob("*.ckpt")):
             row["status"] = f"{status}; it saved no checkpoint"
         else:
             try:
+                checkpoint = find_checkpoint(run_dir, cfg.checkpoint)
                 for split in SPLITS:
-                    row.update(evaluate_run(run_dir, cfg, split))
-                row["status"] = "ok" if status.state == FINISHED else f"{status} (its checkpoints are scored)"
+                    row.update(evaluate_run(run_dir, cfg, split, checkpoint, crashed_note(status, checkpoint)))
+                row["status"] = "ok" if status.state == FINISHED else crashed_note(status, checkpoint)
+                scored.add(row["run"])
             except UserError as e:
                 row["status"] = f"error: {e}"
         if row["status"] != "ok":
-            log.warning("%s: %s", run_dir.name, row["status"])
+            log.warning("%s: %s", row["run"], row["status"])
         rows.append(row)
-    failed = [f"  {row['run']}: {row['status']}" for row in rows if row["status"] != "ok"]
+    failed = [f"  {row['run']}: {row['status']}" for row in rows if row["run"] not in scored]
+    caveats = [f"  {row['run']}: {row['status']}" for row in rows if row["run"] in scored and row["status"] != "ok"]
     kept = report.scored_runs(sweep_dir)
-    if len(rows) - len(failed) < kept:
+    if len(scored) < kept:
         raise UserError(
             f"{len(failed)} of the {len(rows)} jobs in {sweep_dir} could not be scored, so the previous summary.csv "
             f"and summary.md, which score {kept}, were kept as they were:\n" + "\n".join(failed)
         )
     rows = report.write_report(sweep_dir, rows, cfg.sort_by)
+    if caveats:
+        log.warning(
+            "%d of the %d jobs in %s stopped before they finished; the checkpoints they left are scored, and the "
+            "report says so in their status:\n%s", len(caveats), len(rows), sweep_dir, "\n".join(caveats)
+        )  # fmt: skip
     if failed:
         raise UserError(
             f"{len(failed)} of the {len(rows)} jobs in {sweep_dir} could not be scored; the report lists them with "
@@ -164,16 +191,35 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def evaluate_run(run_dir: Path, cfg: DictConfig, split: str, checkpoint: Path | None = None) -> dict[str, float]:
+def evaluate_run(
+    run_dir: Path, cfg: DictConfig, split: str, checkpoint: Path | None = None, note: str | None = None
+) -> dict[str, float]:
+    """Score a run's checkpoint; without `checkpoint`, its `cfg.checkpoint` one under the one rule of run_dir= and
+    sweep_dir= (saved_runs.scoring_status); `note`, a crashed run's status, goes to the console and the report."""
     config = run_config(run_dir)
-    checkpoint = checkpoint or find_checkpoint(run_dir, cfg.checkpoint)
-    return score(checkpoint, data_config(config, cfg), split, run_dir / "eval", cfg)
+    if checkpoint is None:
+        status = scoring_status(run_dir)
+        checkpoint = find_checkpoint(run_dir, cfg.checkpoint)
+        note = crashed_note(status, checkpoint)
+    if note:
+        log.warning("%s: %s", run_dir.name, note)
+    data_cfg = data_config(config, cfg)
+    return score(checkpoint, data_cfg, split, run_dir / "eval", cfg, note, check_data=cfg.get("data") is None)
 
 
 # Scoring ---------------------------------------------------------------------------------------------------------
-def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cfg: DictConfig) -> dict[str, float]:
+def score(
+    checkpoint: Path,
+    data_cfg: DictConfig,
+    split: str,
+    eval_dir: Path,
+    cfg: DictConfig,
+    note: str | None = None,
+    check_data: bool = False,
+) -> dict[str, float]:
     """Score one checkpoint on `split` of `data_cfg`; writes metrics.json, config.yaml, pictures and events into its
-    own folder under `eval_dir`, replacing only an earlier run of the same evaluation."""
+    own folder under `eval_dir`, replacing only an earlier run of the same evaluation. `note` (a crashed run's status)
+    heads its report; with `check_data`, data that differ from the checkpoint's fingerprint of them are refused."""
     log.info("Scoring %s on the %s split", checkpoint, split)
     model = load(checkpoint)
     if not isinstance(model, AE):
@@ -189,6 +235,8 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
             f"{'x'.join(map(str, data.image_shape))} images. Score it on data of the shape it was trained on "
             f"(drop the data override, or choose a dataset of {shape} images)."
         )
+    if check_data:
+        check_fingerprint(checkpoint, data, eval_dir.parent)
     for_data(model.hparams.likelihood, data.hparams.binarize)  # e.g. a Bernoulli model on grey images: an error
     torch.manual_seed(cfg.seed)
     images = getattr(data, f"{split}_set").images  # uint8, made float one batch at a time
@@ -228,15 +276,33 @@ def score(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cf
             for name, value in metrics.items():
                 writer.add_scalar(name, value)
         settings = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint_file": str(checkpoint), "split": split}
+        settings |= {"run_status": note} if note else {}
         OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, staging / "config.yaml")
         write_json(staging / "metrics.json", metrics)
-        report.write_html(staging / "report.html", checkpoint.name, run_report(checkpoint, metrics, grids), staging)
+        lines = run_report(checkpoint, metrics, grids)
+        lines = [lines[0], "", f"**Status**: {note}", *lines[1:]] if note else lines
+        report.write_html(staging / "report.html", checkpoint.name, lines, staging)
         replace_dir(staging, out_dir)
     except BaseException:  # a half-written evaluation never stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("Scored %s on %s; wrote %s:\n%s", checkpoint.name, split, out_dir, metrics_table(metrics))
     return metrics
+
+
+def check_fingerprint(checkpoint: Path, data: ImageDataModule, run_dir: Path) -> None:
+    """Refuse data that differ from those the run trained on (ImageDataModule.fingerprint, in its checkpoints): an
+    image folder changed since is split anew, so its held-out split is no longer the run's."""
+    saved = read_checkpoint(checkpoint).get(ImageDataModule.__qualname__) or {}
+    if "fingerprint" not in saved or saved.get("source") != data.source.identity:
+        return  # a checkpoint from before fingerprints, or data named by an evaluation override
+    if saved["fingerprint"] != data.fingerprint():
+        raise UserError(
+            f"The data of run {run_dir} changed since it trained: {data.source.identity} no longer holds the images "
+            f"{checkpoint.name} was trained and split on (fingerprint {saved['fingerprint']}, now "
+            f"{data.fingerprint()}), so its val and test splits would not be the run's. Restore the data as it was, "
+            "or train the run again on the data as they are now."
+        )
 
 
 def run_report(checkpoint: Path, metrics: dict[str, float], grids: dict[str, Tensor]) -> list[str]:

@@ -32,26 +32,53 @@ def describe(run_dir: Path) -> dict:
     config = OmegaConf.load(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else None
     choices = OmegaConf.load(hydra_dir / "hydra.yaml") if (hydra_dir / "hydra.yaml").is_file() else None
     overrides = OmegaConf.load(hydra_dir / "overrides.yaml") if (hydra_dir / "overrides.yaml").is_file() else []
+    # as typed: a transfer study's encoder_ckpt=<sweep>/pretrain/seed-${seed}/... resolves only in the job's config
+    overrides = OmegaConf.to_container(overrides, resolve=False) if overrides else []
+
+    def select(saved, key: str):
+        return OmegaConf.select(saved, key, throw_on_resolution_failure=False) if saved else None
+
     return {
         "run": run_dir.name,
-        "model": OmegaConf.select(choices, "hydra.runtime.choices.model") if choices else None,
-        "latent_dim": OmegaConf.select(config, "model.latent_dim") if config else None,
-        "kl_weight": OmegaConf.select(config, "model.kl_weight") if config else None,
-        "overrides": " ".join(overrides),
+        "model": select(choices, "hydra.runtime.choices.model"),
+        "latent_dim": select(config, "model.latent_dim"),
+        "kl_weight": select(config, "model.kl_weight"),
+        "overrides": " ".join(map(str, overrides)),
     }
 
 
 def scored_runs(sweep_dir: Path) -> int:
-    """How many runs the sweep's current summary.csv scored (status ok); 0 without one."""
+    """How many runs the sweep's current summary.csv scored (with metrics: ok, or a crashed job's checkpoints); 0
+    without one."""
     path = sweep_dir / "summary.csv"
     if not path.is_file():
         return 0
     with open(path, newline="") as f:
-        return sum(row.get("status") == "ok" for row in csv.DictReader(f))
+        return sum(any(value for key, value in row.items() if key and "/" in key) for row in csv.DictReader(f))
+
+
+def sort_column(rows: list[dict], sort_by: str) -> tuple[str, str]:
+    """`sort_by`, or when no row has it (e.g. val/fid_prior with samplers=[gmm], or num_samples=0) the first
+    validation metric the rows have of: the same score of another sampler, val/nll, val/elbo, val/recon, val/mse; with
+    the sentence that says so ('' when `sort_by` is there)."""
+    have = {name for row in rows for name, value in row.items() if value is not None and name.startswith("val/")}
+    if sort_by in have or not have:
+        return sort_by, ""
+    key = metric_key(sort_by)
+    same_score = sorted(n for n in have if "{sampler}" in key and metric_key(n) == key)
+    fallbacks = [*same_score, "val/nll", "val/elbo", "val/recon", "val/mse", *sorted(have, key=_metric_order)]
+    found = next(name for name in fallbacks if name in have)
+    said = (
+        f"sort_by={sort_by} is no column of this report (not scored: see samplers= and num_samples=), so the rows "
+        f"are sorted by {found} instead"
+    )
+    log.warning("%s; pass sort_by=<one of its val/ columns> to choose.", said)
+    return found, said
 
 
 def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     """Write summary.csv, summary.md and the plots into `sweep_dir`; returns the rows in table order."""
+    sort_by, fallback = sort_column(rows, sort_by)
     higher_better = METRICS[metric_key(sort_by)][0]
     rows = ranked(rows, sort_by)
     metrics = sorted({name for row in rows for name in row} - set(RUN_COLUMNS), key=_metric_order)
@@ -87,6 +114,7 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     lines = [
         f"# Sweep {sweep_dir.name}",
         "",
+        *([f"Note: {fallback}.", ""] if fallback else []),
         f"Sorted by `{sort_by}` ({'higher' if higher_better else 'lower'} is better), a validation metric: the test "
         "columns are reported, not used to choose. `run` is the job number "
         f"(folder `<run>_*`); overrides shared by every run: `{' '.join(shared_overrides(rows))}`.",

@@ -10,7 +10,10 @@ from yaml import YAMLError
 from autoencoders.cli import instantiated
 from autoencoders.data import ImageDataModule
 from autoencoders.errors import UserError
-from autoencoders.jobs import job_order
+from autoencoders.jobs import CRASHED, FAILED, RUNNING, JobStatus, job_order, job_status
+
+PRETRAIN_DIR = "pretrain"  # transfer.PRETRAIN_DIR: a transfer study's autoencoders, <sweep dir>/pretrain/seed-<seed>
+NOT_SCORED = (FAILED, RUNNING)  # a running job's checkpoints are still changing; a failed one's error is its result
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Path]:
@@ -19,10 +22,46 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
             f"sweep_dir={sweep_dir} is not a multirun sweep folder (it has no multirun.yaml). Pass the folder that "
             "`python train.py -m ...` created, e.g. outputs/multirun/<time>, or run_dir=<folder> for a single run."
         )
+    pretrained = sweep_dir / PRETRAIN_DIR
+    if (sweep_dir / ".transfer_jobs").is_dir() or pretrained.is_dir():  # transfer.JOBS_DIR: a transfer study
+        jobs = sorted(p for p in pretrained.glob("*") if (p / ".hydra").is_dir()) if pretrained.is_dir() else []
+        if not jobs:
+            raise UserError(
+                f"sweep_dir={sweep_dir} is a transfer study (train.py experiment=transfer) with no pretrained "
+                f"autoencoder in {pretrained} yet. Its classifiers' test accuracy is in transfer.md; evaluate.py "
+                "scores autoencoders: wait for the pretraining to finish."
+            )
+        return jobs
     jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
     if not jobs:
         raise UserError(f"The sweep folder {sweep_dir} holds no job folders yet; wait for train.py -m to start them.")
     return sorted(jobs, key=job_order)
+
+
+def scoring_status(run_dir: Path) -> JobStatus:
+    """The one rule of run_dir= and sweep_dir= (and ckpt_path= in a run folder), by the run's status (jobs.job_status,
+    the same words a sweep's report gives its jobs): a running run is refused, as its checkpoints still change; a
+    failed one too, its error being its result; a crashed one (killed, out of memory) is scored from the checkpoints
+    it left, and the console and the report say so; a finished one is scored."""
+    status = job_status(run_dir)
+    if status.state == RUNNING:
+        raise UserError(
+            f"{run_dir} is not scored: {status}, so its checkpoints are still changing. Score it once it has "
+            "finished (the lock is released when train.py exits)."
+        )
+    if status.state == FAILED:
+        raise UserError(
+            f"{run_dir} is not scored: {status}. Fix the error and train it again, or score one of its checkpoints "
+            f"on purpose with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}."
+        )
+    return status
+
+
+def crashed_note(status: JobStatus, checkpoint: Path) -> str:
+    """What a report and the console say of a run that `status` says crashed: '' for any other."""
+    if status.state != CRASHED:
+        return ""
+    return f"{status} (its checkpoint {checkpoint.name}, from before it stopped, is scored)"
 
 
 def run_config(run_dir: Path) -> DictConfig:

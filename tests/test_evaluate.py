@@ -427,3 +427,84 @@ def test_a_sweep_report_over_seeds_gives_each_configuration_mean_and_std_ranked_
         not (tmp_path / "summary_over_seeds.csv").exists()
         and "## Over seeds" not in (tmp_path / "summary.md").read_text()
     )
+
+
+QUICK = [*FAST, "num_samples=0", "samplers=[prior]", "k=2"]  # no FID net: the status and data checks alone
+
+
+def test_a_transfer_study_scores_its_pretrained_autoencoders_not_its_classifiers(sweep, tmp_path):
+    """A transfer study's classifier jobs have encoder_ckpt=<sweep>/pretrain/seed-${seed}/... among their overrides,
+    which resolves only in the job's config: evaluate.py scores the study's pretrained autoencoders instead."""
+    study = tmp_path / "study"
+    shutil.copytree(run_dirs(sweep)["vae"], study / "pretrain" / "seed-0", ignore=shutil.ignore_patterns("eval"))
+    shutil.copy(sweep / "multirun.yaml", study)
+    classifier = study / "0_data.labels_per_class=1,transfer=frozen"
+    shutil.copytree(run_dirs(sweep)["vae"] / ".hydra", classifier / ".hydra")
+    (classifier / ".hydra" / "overrides.yaml").write_text(
+        f"- transfer=frozen\n- encoder_ckpt={study}/pretrain/seed-${{seed}}/checkpoints/last.ckpt\n"
+    )
+    (study / ".transfer_jobs").mkdir()
+    proc = run_script("evaluate.py", f"sweep_dir={study}", f"cache_dir={tmp_path}", *QUICK, cwd=tmp_path)
+    assert "is a transfer study: scoring its 1 pretrained autoencoders" in proc.stdout + proc.stderr
+    with open(study / "summary.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["run"] == "pretrain/seed-0" and row["status"] == "ok" and float(row["val/nll"]) > 0
+
+
+def test_run_dir_and_sweep_dir_follow_one_rule_for_running_and_crashed_runs(sweep, tmp_path):
+    """A running job is refused by both; a crashed (killed) one is scored by both, which say so on the console and in
+    the report, and the sweep's message lists it apart from the jobs that could not be scored."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("eval", "summary*"))  # no earlier report to keep
+    running, crashed = run_dirs(copy)["ae"], run_dirs(copy)["vae"]
+    (crashed / "metrics.json").unlink()  # as a SIGKILLed run leaves it: checkpoints, no metrics.json, no failure.json
+    settings = [f"cache_dir={tmp_path / 'cache'}", *QUICK]
+    lock_run_dir(running)  # as a training process holds it
+    try:
+        proc = run_script("evaluate.py", f"sweep_dir={copy}", *settings, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        with pytest.raises(UserError, match=rf"{running} is not scored: running: process {os.getpid()}"):
+            evaluate(evaluate_config(f"run_dir={running}", *settings))
+    finally:
+        unlock_run_dir(running)
+    message = proc.stderr.split("error: ", 1)[1]
+    assert message.startswith("1 of the 2 jobs") and running.name in message and crashed.name not in message
+    assert "stopped before they finished; the checkpoints they left are scored" in proc.stdout + proc.stderr
+    with open(copy / "summary.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows[running.name]["status"].startswith("running: process") and not rows[running.name]["val/nll"]
+    assert rows[crashed.name]["status"].startswith("crashed: it stopped without writing metrics.json")
+    assert "is scored" in rows[crashed.name]["status"] and float(rows[crashed.name]["val/nll"]) > 0
+    assert not (running / "eval").exists()  # nothing written into a run that is training
+
+    shutil.rmtree(crashed / "eval")
+    proc = run_script("evaluate.py", f"run_dir={crashed}", "split=val", *settings, cwd=tmp_path)
+    assert "crashed: it stopped without writing metrics.json" in proc.stdout + proc.stderr
+    assert "crashed: it stopped" in (eval_dir(crashed, "val") / "report.html").read_text()
+
+
+def test_an_image_folder_changed_since_training_is_refused(tmp_path):
+    """The checkpoints carry a fingerprint of the data; a folder with an image added is split anew: refused."""
+    root = tmp_path / "images"
+    for i in range(40):
+        (root / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (28, 28), i * 5).save(root / str(i % 2) / f"{i}.png")
+    data = ["data=image_folder", f"data.source.root={root}"]
+    run_train("model=ae", "latent_dim=2", *data, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    Image.new("L", (28, 28), 255).save(root / "1" / "new.png")
+    proc = run_script("evaluate.py", f"run_dir={tmp_path / 'run'}", *QUICK, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"The data of run {tmp_path / 'run'} changed since it trained" in proc.stderr
+    assert "Restore the data as it was, or train the run again" in proc.stderr
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_a_sort_by_column_that_was_not_scored_falls_back_to_one_that_was_and_says_so(tmp_path):
+    """samplers=[gmm] with the default sort_by=val/fid_prior: sorted by val/fid_gmm, and summary.md says so."""
+    rows = [{"run": f"{i}_job", "status": "ok", "model": "ae", "latent_dim": 2, "kl_weight": None,
+             "overrides": f"latent_dim={i}", "val/fid_gmm": fid}
+            for i, fid in enumerate([30.0, 10.0, 20.0])]  # fmt: skip
+    ranked = report.write_report(tmp_path, rows, "val/fid_prior")
+    assert [row["val/fid_gmm"] for row in ranked] == [10.0, 20.0, 30.0]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "sort_by=val/fid_prior is no column of this report" in summary and "Sorted by `val/fid_gmm`" in summary
