@@ -10,9 +10,13 @@
 # folder beforehand, on a machine that reaches PyPI and has run train.py once, and copy it with the tree:
 #
 #   bash benchmarks/gpu_check.sh --pack
+#
+# GPU_KIT=FOLDER puts the kit in, and reads it from, another folder (tests/test_benchmarks.py packs one in a temporary
+# folder); PYTHON=... picks the interpreter that the kit completes and that runs the checks.
 set -euo pipefail
+[[ -z ${GPU_KIT:-} || $GPU_KIT == /* ]] || GPU_KIT=$PWD/$GPU_KIT  # relative to where it is run
 cd "$(dirname "$0")/.."
-KIT=benchmarks/gpu_kit
+KIT=${GPU_KIT:-$PWD/benchmarks/gpu_kit}
 PYTHON=${PYTHON:-python3}
 
 if [[ "${1:-}" == "--pack" ]]; then
@@ -36,5 +40,5 @@ if ! "$PYTHON" -c "import pythae" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet --no-index --find-links "$KIT" pythae==0.1.2 ||
     echo "gpu_check: pythae could not be installed (above: what is missing), so the peers step will fail" >&2
 fi
-export AUTOENCODERS_CACHE=${AUTOENCODERS_CACHE:-$PWD/$KIT}
+export AUTOENCODERS_CACHE=${AUTOENCODERS_CACHE:-$KIT}
 PYTHONPATH=$PWD "$PYTHON" benchmarks/gpu_check.py --json "${1:-gpu_check.json}" "${@:2}"
