@@ -50,6 +50,9 @@ def stopped(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a shell that runs this suite in the background (`cmd &`, a CI job) makes its children
+        # ignore SIGINT, and Python then installs no Ctrl-C handler at all
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     out: dict[str, list[str]] = {"stdout": [], "stderr": []}
     readers = [
