@@ -20,7 +20,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from autoencoders.cli import stopped_by_signals
+    import sys
 
+    from autoencoders.cli import refuse_unreadable_overrides, stopped_by_signals
+
+    refuse_unreadable_overrides(sys.argv[1:])  # a value unquoted: say how to quote it (exit 2)
     with stopped_by_signals():  # Ctrl-C or SIGTERM: one `error:` line, exit 130 or 143
         main()

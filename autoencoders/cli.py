@@ -41,6 +41,30 @@ def exit_with(error: UserError) -> NoReturn:
     sys.exit(2)
 
 
+def refuse_unreadable_overrides(arguments: list[str]) -> None:
+    """Refuse, before Hydra parses them, command-line overrides that Hydra's grammar cannot read (a value with spaces,
+    non-ASCII letters or its syntax characters, unquoted): Hydra's own error is a lexer exception that says nothing of
+    quoting."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:  # flags (-m, --cfg job) and deletions (~logger)
+            continue
+        try:
+            parser.parse_overrides([argument])
+        except OverrideParseException:
+            key, _, value = argument.partition("=")
+            exit_with(
+                UserError(
+                    f"{argument!r} is no override Hydra can read: a value with spaces, non-ASCII letters or any of "
+                    f"= , [ ] {{ }} ( ) ' \" needs quotes inside the argument. Write \"{key}='{value}'\" (the outer "
+                    "quotes for the shell, the inner ones for Hydra)."
+                )
+            )
+
+
 def user_error(error: BaseException | None) -> UserError | None:
     """The UserError behind `error`, also when Hydra's instantiate wrapped it (InstantiationException from it)."""
     while error is not None and not isinstance(error, UserError):

@@ -26,7 +26,7 @@ from autoencoders.errors import UserError
 from autoencoders.models import VAE
 from autoencoders.rundirs import RunDirGuard, run_name
 from autoencoders.training import build
-from tests.helpers import ROOT, TINY, compose_train, hparams_plugin_route, run_train
+from tests.helpers import ROOT, TINY, compose_train, hparams_plugin_route, run_script, run_train
 
 
 def event_tags(run_dir) -> dict:
@@ -201,6 +201,16 @@ def test_bad_input_is_a_clear_error_with_nonzero_exit(tmp_path, override, messag
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("outputs/runs/*"))  # a rejected command leaves no run dir behind
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.parametrize("value", ["/x/my run ü", "a,b[c"])
+def test_an_unquoted_value_that_hydra_cannot_read_is_refused_saying_how_to_quote_it(tmp_path, script, value):
+    key = "hydra.run.dir" if script == "train.py" else "run_dir"
+    proc = run_script(script, f"{key}={value}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "LexerNoViableAlt" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and f"\"{key}='{value}'\"" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before Hydra made a run dir
 
 
 def test_two_runs_started_in_the_same_second_get_a_dir_each(tmp_path, monkeypatch):
