@@ -90,6 +90,7 @@ def check_config(cfg: DictConfig) -> None:
             "trainer.max_epochs=-1 with no trainer.max_steps would train forever. Set trainer.max_epochs=50, say, or "
             "a step limit such as trainer.max_steps=5000."
         )
+    check_validation_runs(cfg.trainer)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(
             f"trainer.accelerator={cfg.trainer.accelerator} (e.g. trainer=gpu), but PyTorch sees no CUDA GPU here. "
@@ -125,6 +126,32 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(
             f"selection={cfg.selection} is unknown. Use small_val (the best checkpoint on as many labelled val images "
             "per class as training has), full_val (the best on the whole val split) or none (the last weights)."
+        )
+
+
+def check_validation_runs(trainer: DictConfig) -> None:
+    """Refuse a schedule that ends before its first validation (then no checkpoint could be chosen, and there are no
+    val metrics): integer step or epoch counts only; a fractional val_check_interval, a share of an epoch, is fine."""
+    if trainer.get("fast_dev_run") or trainer.get("limit_val_batches") == 0:  # validates once / never on purpose
+        return
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    interval = trainer.get("val_check_interval")
+    every = trainer.get("check_val_every_n_epoch", 1)  # Lightning's default: after every epoch
+
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if every is None and count(interval) and count(max_steps) and 0 <= max_steps < interval:
+        raise UserError(
+            f"trainer.max_steps={max_steps} ends before the first validation at trainer.val_check_interval={interval} "
+            "(with trainer.check_val_every_n_epoch=null, validation runs every val_check_interval steps): no "
+            "checkpoint could be chosen. Raise trainer.max_steps or lower trainer.val_check_interval."
+        )
+    if count(every) and count(max_epochs) and 0 < max_epochs < every:
+        raise UserError(
+            f"trainer.max_epochs={max_epochs} ends before the first validation at trainer.check_val_every_n_epoch="
+            f"{every}: no checkpoint could be chosen. Raise trainer.max_epochs or lower "
+            "trainer.check_val_every_n_epoch."
         )
 
 

@@ -112,6 +112,20 @@ def check_unseen(config: DictConfig, encoder_ckpt: Path) -> None:
         sys.exit(f"error: {e} The study stops before any classifier trains.")
 
 
+def check_classifier(cfg: DictConfig) -> None:
+    """What train.py checks of a classifier job's composed config before it builds anything: its top-level values
+    (training.check_config) and its data settings (the data module's constructor; no data is loaded). Raises the
+    UserError that the job would fail with."""
+    from autoencoders.cli import instantiated
+    from autoencoders.training import check_config
+
+    check_config(cfg)
+    data = cfg.data
+    if cfg.get("selection") == "full_val":  # as training.build: the whole val split
+        data = OmegaConf.merge(data, {"val_labels_per_class": None})
+    instantiated(data, "data")
+
+
 def pretrained_checkpoint(sweep_dir: Path, seed: int | str) -> Path:
     """The encoder that the study's classifiers of `seed` use: that seed's pretraining run's last.ckpt."""
     return sweep_dir / PRETRAIN_DIR / f"seed-{seed}" / "checkpoints" / "last.ckpt"

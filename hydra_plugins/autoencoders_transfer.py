@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from omegaconf import open_dict
 
+from autoencoders.cli import exit_with
 from autoencoders.jobs import job_status
 from autoencoders.transfer import JOBS_DIR, PRETRAIN_DIR, check_unseen, pretrained_checkpoint, pretraining_overrides
 
@@ -33,12 +36,14 @@ class TransferSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         sweep_dir = Path(self.config.hydra.sweep.dir)
         seeds = self._seeds(arguments)
+        encoder_ckpt = pretrained_checkpoint(sweep_dir, "${seed}")  # resolved in each job, to its own seed's
+        arguments = [f"encoder_ckpt='{encoder_ckpt}'", *arguments]  # a command-line encoder_ckpt wins
+        self._check_classifiers(arguments)
         self._pretrain(arguments, sweep_dir, seeds)
         for seed in seeds:
             check_unseen(self.config, pretrained_checkpoint(sweep_dir, seed))
         shutil.rmtree(sweep_dir / JOBS_DIR, ignore_errors=True)  # this invocation's jobs record themselves anew
-        encoder_ckpt = pretrained_checkpoint(sweep_dir, "${seed}")  # resolved in each job, to its own seed's
-        return super().sweep([f"encoder_ckpt='{encoder_ckpt}'", *arguments])  # a command-line encoder_ckpt wins
+        return super().sweep(arguments)
 
     def _seeds(self, arguments: Sequence[str]) -> list[int]:
         """The seeds of the classifier jobs: the last `seed` of the sweep's params and the command line."""
@@ -49,6 +54,37 @@ class TransferSweeper(BasicSweeper):
                 values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
                 seeds = [int(v) for v in values]
         return seeds
+
+    def _check_classifiers(self, arguments: Sequence[str]) -> None:
+        """Refuse, before any pretraining, a study with a classifier job that train.py would refuse: compose each job's
+        config as the launcher will and run train.py's checks of it (transfer.check_classifier)."""
+        from autoencoders.errors import UserError
+        from autoencoders.transfer import check_classifier
+
+        params = [f"{key}={value}" for key, value in (self.params or {}).items()]
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        (jobs,) = self.split_arguments(parser.parse_overrides([*params, *arguments]), max_batch_size=None)
+        hydra_config = HydraConfig.instance()
+        for job in jobs:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(job))
+            with open_dict(cfg):  # as the launcher sets it, the job's dir (${hydra:runtime.output_dir}: a logger's)
+                cfg.hydra.runtime.output_dir = str(Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir))
+            study = hydra_config.cfg
+            hydra_config.set_config(cfg)
+            try:
+                with open_dict(cfg):
+                    del cfg.hydra  # what train.py gets
+                check_classifier(cfg)
+            except UserError as e:
+                shown = " ".join(o for o in job if not o.startswith(("encoder_ckpt=", "hydra.", "hydra/")))
+                exit_with(
+                    UserError(
+                        f"the transfer study's classifier job {shown} would fail, so the study stops before any "
+                        f"pretraining: {e}"
+                    )
+                )
+            finally:
+                hydra_config.cfg = study
 
     def _pretrain(self, arguments: Sequence[str], sweep_dir: Path, seeds: Sequence[int]) -> None:
         shared = [

@@ -271,6 +271,16 @@ def bad_checkpoint(kind: str, tmp_path: Path, good: Path) -> Path:
 # file (bad_checkpoint); {run}: the finished run's dir; {folder:<kind>}: an image folder that is empty, holds only a
 # corrupt image, or a 3x32x32 one for a data-shape mismatch; {file}: a text file; {m2}: an M2 checkpoint.
 BAD_INPUT = {
+    "validation never runs": (
+        [
+            "trainer.max_epochs=-1",
+            "+trainer.max_steps=20",
+            "+trainer.val_check_interval=100",
+            "+trainer.check_val_every_n_epoch=null",
+        ],
+        r"trainer\.max_steps=20 ends before the first validation at trainer\.val_check_interval=100.*Raise "
+        r"trainer\.max_steps or lower trainer\.val_check_interval",
+    ),
     "empty image folder": (["data=image_folder", "data.source.root={folder:empty}"], "holds no image files"),
     "only a corrupt image": (["data=image_folder", "data.source.root={folder:corrupt}"], "could be read"),
     "missing dataset": (["data=mnist", "data.source.root={folder:empty}"], "data.source.download=true"),

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from autoencoders.cli import FAILURE_FILE
+from autoencoders.transfer import JOBS_DIR
 from tests.helpers import ROOT, run_train
 
 TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
@@ -43,7 +44,8 @@ def test_the_pretraining_per_seed_is_the_launchers_first_batch_and_a_failed_one_
     tmp_path, monkeypatch, lost, reason
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the study's default sweep dir, outputs/transfer/<time>
-    overrides = ["experiment=transfer", "latent_dim=8", "seed=0,1"]
+    # one method and label count: the sweeper composes and checks every classifier job's config first (~0.1 s each)
+    overrides = ["experiment=transfer", "latent_dim=8", "seed=0,1", "transfer=frozen", "data.labels_per_class=1"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         config = loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
@@ -124,3 +126,25 @@ def test_each_method_of_the_study_has_its_model_and_schedule_unless_the_command_
     keys = ("max_epochs", "max_steps", "val_check_interval", "check_val_every_n_epoch")
     assert tuple(cfg.trainer[k] for k in keys) == schedule
     assert cfg.model._target_ == f"autoencoders.models.{model}" and given.trainer.max_steps == 3
+
+
+@pytest.mark.parametrize(
+    "overrides,job,cause",
+    [
+        (["transfer=knn", "data.labels_per_class=0"], "transfer=knn data.labels_per_class=0 seed=0",
+         "data.labels_per_class=0 must be a positive number"),
+        (["transfer=m1m2,m2", "trainer.max_steps=20"], "transfer=m1m2 data.labels_per_class=1 seed=0",
+         "trainer.max_steps=20 ends before the first validation at trainer.val_check_interval=100"),
+    ],
+)  # fmt: skip
+def test_a_study_with_a_classifier_job_that_train_py_refuses_stops_before_any_pretraining(
+    tmp_path: Path, overrides: list[str], job: str, cause: str
+) -> None:
+    """Each classifier job's config is composed and checked as train.py checks it, before the first pretraining."""
+    sweep = tmp_path / "sweep"
+    proc = run_train("experiment=transfer", "seed=0", *overrides, f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    (paragraph,) = proc.stderr.splitlines()  # one `error:` paragraph, no traceback
+    assert paragraph.startswith(f"error: the transfer study's classifier job {job} ") and cause in paragraph
+    assert "stops before any pretraining" in paragraph and "objective" not in paragraph
+    assert "Traceback" not in proc.stdout and not (sweep / "pretrain").exists() and not (sweep / JOBS_DIR).exists()
