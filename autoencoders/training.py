@@ -162,14 +162,19 @@ def on_cpu(accelerator: str | None) -> bool:
     return accelerator == "cpu"
 
 
+def select_on_whole_val(cfg: DictConfig) -> None:
+    """selection=full_val chooses the checkpoint on the whole val split: the data keep every val image."""
+    if cfg.get("selection") == "full_val":
+        cfg.data.val_labels_per_class = None
+
+
 def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
     """The set-up data module, and the model built for it from `cfg` with its optimizer and schedule.
 
     Every model gets the data's image shape. One whose config declares num_classes (the classifier) gets that too; an
     autoencoder whose likelihood is null gets the data's (bernoulli on binarised data); and a null latent_dim with no
     encoder_ckpt to take it from (a classifier's) is the top-level latent_dim."""
-    if cfg.get("selection") == "full_val":
-        cfg.data.val_labels_per_class = None
+    select_on_whole_val(cfg)
     datamodule = cli.instantiated(cfg.data, "data")
     datamodule.setup("fit")
     needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}

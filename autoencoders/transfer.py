@@ -117,13 +117,11 @@ def check_classifier(cfg: DictConfig) -> None:
     (training.check_config) and its data settings (the data module's constructor; no data is loaded). Raises the
     UserError that the job would fail with."""
     from autoencoders.cli import instantiated
-    from autoencoders.training import check_config
+    from autoencoders.training import check_config, select_on_whole_val
 
     check_config(cfg)
-    data = cfg.data
-    if cfg.get("selection") == "full_val":  # as training.build: the whole val split
-        data = OmegaConf.merge(data, {"val_labels_per_class": None})
-    instantiated(data, "data")
+    select_on_whole_val(cfg)  # as training.build (cfg is this job's own composed config)
+    instantiated(cfg.data, "data")
 
 
 def pretrained_checkpoint(sweep_dir: Path, seed: int | str) -> Path:
