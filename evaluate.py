@@ -11,14 +11,16 @@ import autoencoders  # noqa: F401  (registers the config schemas and resolvers; 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from autoencoders.cli import exit_with
-    from autoencoders.errors import UserError  # torch and lightning load only after the config is composed
-    from autoencoders.evaluation import evaluate
+    from autoencoders.cli import exit_with, user_error
+    from autoencoders.evaluation import evaluate  # torch and lightning load only after the config is composed
 
     try:
         evaluate(cfg)
-    except UserError as e:
-        exit_with(e)
+    except Exception as e:  # bad input, or a file system that refused a write: one `error:` paragraph, exit 2
+        error = user_error(e)
+        if error is None:
+            raise
+        exit_with(error)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torchvision.utils import save_image
 from autoencoders.checkpoints import all_finite
 from autoencoders.cli import to_log_file
 from autoencoders.errors import EveryProcessError, UserError
+from autoencoders.files import atomic, remove, written
 from autoencoders.internals import accumulating, checkpoint_of, scalar_logging_step, stop_at_next_step
 from autoencoders.loggers import log_image
 from autoencoders.models import AE
@@ -89,6 +90,13 @@ class BestCheckpoint(HeldCheckpoint):
         self.val_metrics: dict[str, float] = {}
         self.selected_at: dict[str, int] = {}  # the epoch and step of the best
         self._replaced: list[str] = []  # earlier bests, to remove once a newer last.ckpt is durable
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run started again in its dir (after a failure before any last.ckpt) drops the failed start's bests."""
+        if trainer.ckpt_path is None and trainer.is_global_zero and self.dirpath is not None:
+            for name in sorted(written(Path(self.dirpath))):
+                if name.startswith("best-") and name.endswith(".ckpt"):
+                    remove(Path(self.dirpath, name))
 
     def state_dict(self) -> dict[str, Any]:  # in last.ckpt, so a resumed run reports its best's metrics too
         return {**super().state_dict(), "val_metrics": self.val_metrics, "selected_at": self.selected_at}
@@ -361,7 +369,8 @@ class ImageLogger(L.Callback):
         if self.dirpath is not None:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             for tag, grid in (grids | final).items():
-                save_image(grid, self.dirpath / f"{tag.rsplit('/', 1)[-1]}.png")
+                with atomic(self.dirpath / f"{tag.rsplit('/', 1)[-1]}.png") as tmp:
+                    save_image(grid, tmp, format="png")
         if pl_module.latent_dim == 2:
             return
         codes = pl_module.encode(self.images.to(pl_module.device)).cpu()

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor
 
 from autoencoders.errors import UserError
+from autoencoders.files import name_in_error, record
 
 # The registry: every model class by the name its checkpoints record (models/base.py registers each subclass);
 # importing autoencoders.models fills it.
@@ -54,8 +55,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
             self.wait(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             part = path.with_name(f".{path.name}.part")  # one writer per target (rank 0), so a fixed name suffices
-            with open(part, "wb") as f:
-                torch.save(checkpoint, f)
+            try:
+                with open(part, "wb") as f:
+                    torch.save(checkpoint, f)
+            except BaseException as e:  # a full disk: torch's RuntimeError from the OSError, which names no file
+                part.unlink(missing_ok=True)
+                name_in_error(e, path)
+                raise
             self._pending[path] = self._disk.submit(_durably_replace, part, path)
 
     def wait(self, path: Path | None = None) -> None:
@@ -84,11 +90,18 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def _durably_replace(src: Path, dst: Path) -> None:
-    """`os.replace(src, dst)`, with src's data on disk before and the rename on disk after."""
-    with open(src, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(src, dst)
+    """`os.replace(src, dst)`, with src's data on disk before and the rename on disk after; src is removed if that
+    fails."""
+    try:
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(src, dst)
+    except BaseException as e:
+        src.unlink(missing_ok=True)
+        name_in_error(e, dst)
+        raise
     _sync_folder(dst.parent)
+    record(dst)  # a file the project wrote (files.py): a run started again in its dir may remove it
 
 
 def _durably_remove(path: Path) -> None:

@@ -4,7 +4,7 @@ it ends on Ctrl-C or SIGTERM: one `error:` line, exit code 130 or 143 (stopped_b
 
 Imported before torch (train.py's Hydra callbacks use it at start-up)."""
 
-import json
+import errno
 import logging
 import shutil
 import signal
@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from autoencoders.errors import EveryProcessError, UserError
+from autoencoders.errors import EveryProcessError, FileSystemError, UserError
+from autoencoders.files import write_json
 
 log = logging.getLogger(__name__)
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}  # as callbacks.Preemption names them
@@ -65,11 +66,34 @@ def refuse_unreadable_overrides(arguments: list[str]) -> None:
             )
 
 
-def user_error(error: BaseException | None) -> UserError | None:
-    """The UserError behind `error`, also when Hydra's instantiate wrapped it (InstantiationException from it)."""
-    while error is not None and not isinstance(error, UserError):
-        error = error.__cause__
-    return error
+# what the file system said (errno), and what the user can do about it
+FILE_SYSTEM_ERRORS = {
+    errno.ENOSPC: "Free space on that disk, or write to one with room.",
+    errno.EDQUOT: "Your disk quota there is used up: free some of it, or write elsewhere.",
+    errno.EROFS: "That file system is mounted read-only: write to another folder (to score or resume a run there, "
+    "copy it to a writable one first).",
+    errno.EACCES: "You lack the permission: make it readable and writable (chmod u+rw), or use another folder.",
+    errno.EPERM: "You lack the permission: make it readable and writable (chmod u+rw), or use another folder.",
+}
+
+
+def user_error(error: BaseException | None, folder: Path | None = None) -> UserError | None:
+    """The UserError behind `error` (also when Hydra's instantiate wrapped it: InstantiationException from it), or
+    one that explains a file system's refusal (full, over quota, read-only, no permission) found anywhere in its
+    chain, naming the file (or else `folder`, where the command was writing)."""
+    cause = error
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__
+    if cause is not None:
+        return cause
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRORS:
+            where = error.filename or (f"a file while writing into {folder}" if folder else "a file")
+            verb = "access" if error.errno in (errno.EACCES, errno.EPERM) else "write"  # reading fails with these too
+            cause = f"{error.strerror} ({errno.errorcode[error.errno]})"
+            return FileSystemError(f"Could not {verb} {where}: {cause}. {FILE_SYSTEM_ERRORS[error.errno]}")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def instantiated(config: Any, group: str, **kwargs: Any) -> Any:
@@ -119,7 +143,11 @@ def reported_failures() -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        hydra, bad_input = HydraConfig.get(), user_error(e)
+        hydra = HydraConfig.get()
+        run_dir = Path(hydra.runtime.output_dir)
+        bad_input = user_error(e, run_dir)
+        if isinstance(bad_input, FileSystemError) and run_dir.resolve() in {r.resolve() for r in training_started}:
+            bad_input = FileSystemError(f"{bad_input} {how_to_go_on(run_dir, hydra.mode)}")
         if hydra.mode != RunMode.MULTIRUN:
             if bad_input is not None:
                 discard_created_run_dir()  # a run whose training started keeps its dir, with the error in train.log
@@ -128,8 +156,25 @@ def reported_failures() -> Iterator[None]:
             raise
         reason = str(bad_input) if bad_input is not None else f"{type(e).__name__}: {e}"
         log.error("Job %s failed: %s", hydra.job.num, reason, exc_info=bad_input is None)
-        record = {"job": hydra.job.num, "dir": hydra.runtime.output_dir, "error": reason}
-        (Path(hydra.runtime.output_dir) / FAILURE_FILE).write_text(json.dumps(record, indent=2))
+        try:
+            write_json(run_dir / FAILURE_FILE, {"job": hydra.job.num, "dir": str(run_dir), "error": reason})
+        except (OSError, UserError) as unwritten:  # e.g. the disk that failed the job: its train.log says why
+            log.error("Could not record the failure in %s: %s", run_dir / FAILURE_FILE, unwritten)
+
+
+def how_to_go_on(run_dir: Path, mode: RunMode) -> str:
+    """What a run whose training started and then failed can do next: resume, or start again in the same dir."""
+    if mode == RunMode.MULTIRUN:
+        return (
+            "Run the same sweep command again: its finished jobs are skipped, and this one resumes from its last.ckpt "
+            "or, without one, starts again."
+        )
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return f"To go on from its last checkpoint, run the same command with hydra.run.dir={run_dir} ckpt_path=last."
+    return (
+        f"{run_dir} holds no checkpoint to resume from: to start the run again there, run the same command with "
+        f"hydra.run.dir={run_dir}."
+    )
 
 
 class Stopped(BaseException):
@@ -150,13 +195,16 @@ def stopped_by_signals() -> Iterator[None]:
     no traceback. What the commands write is written whole or not at all (files.py's writers, an evaluation's staging
     dir, and under checkpoints.signals_deferred checkpoints and a sweep's or transfer study's files at its end), so a
     stop leaves no half-written result; a run dir that this process created but whose training never started is
-    removed, as after bad input.
+    removed, as after bad input. A writer thread's or the log file's file-system error is left to the main thread to
+    explain (`user_error`), without a traceback of its own.
 
     Python's default SIGTERM ends the process at once, silently: here it raises Stopped in the main thread instead.
     Inside Lightning's fit and test, Lightning's SIGTERM handler stops at the next step and callbacks.Preemption
     reports it (exit 143, and Ctrl-C there exits 130); such a SystemExit passes through unchanged."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    threading.excepthook = _quiet_file_system_errors
+    logging.raiseExceptions = False  # a full disk: no traceback for each line that train.log cannot take
     try:
         yield
     except KeyboardInterrupt:
@@ -167,6 +215,13 @@ def stopped_by_signals() -> Iterator[None]:
         if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
             raise SystemExit(128 + signal.SIGINT) from None
         raise
+
+
+def _quiet_file_system_errors(args: threading.ExceptHookArgs) -> None:
+    """A writer thread's file-system error (TensorBoard's on a full disk) without its traceback: the main thread's
+    next write raises the same error, which `user_error` explains."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in FILE_SYSTEM_ERRORS):
+        threading.__excepthook__(args)
 
 
 def _stopped_by(number: signal.Signals) -> NoReturn:

@@ -27,10 +27,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 from autoencoders import report
 from autoencoders.checkpoints import load, read_checkpoint
+from autoencoders.config import check_chosen_on_validation, check_settings
 from autoencoders.console import SPLITS, metrics_table
 from autoencoders.data import ImageDataModule, to_unit_float
 from autoencoders.errors import UserError
-from autoencoders.files import save_cache, write_json
+from autoencoders.files import check_replaceable, name_in_error, replace_folder, save_cache, write_json
 from autoencoders.jobs import FINISHED, RUNNING, job_status
 from autoencoders.likelihoods import bits_per_dim, for_data
 from autoencoders.metrics import (
@@ -44,7 +45,7 @@ from autoencoders.metrics import (
 )
 from autoencoders.models import AE, VAE, VQVAE
 from autoencoders.pictures import DESCRIPTIONS, ImageSampler, picture_grids, save_pictures
-from autoencoders.samplers import CACHE_VERSION, SAMPLERS, make_sampler
+from autoencoders.samplers import CACHE_VERSION, make_sampler
 from autoencoders.saved_runs import (
     NOT_SCORED,
     build_data,
@@ -90,41 +91,19 @@ def check_config(cfg: DictConfig) -> None:
             f"Say what to evaluate with exactly one of run_dir=<a train.py run folder>, ckpt_path=<a .ckpt file> "
             f"or sweep_dir=<a train.py -m sweep folder>{got}."
         )
-    for key in ("batch_size", "k", "k_chunk", "kid_subsets"):
-        if cfg[key] < 1:
-            raise UserError(f"{key}={cfg[key]} must be a positive integer; see conf/evaluate.yaml for the default.")
-    if cfg.num_samples is not None and (cfg.num_samples == 1 or cfg.num_samples < 0):
-        raise UserError(
-            f"num_samples={cfg.num_samples} must be null (as many samples as the scored split has images), 0 (skip "
-            "FID and KID) or at least 2 decoded samples."
-        )
-    if cfg.checkpoint not in ("best", "last"):
-        raise UserError(f"checkpoint={cfg.checkpoint} is not a checkpoint of a run. Use checkpoint=best or last.")
-    unknown = [name for name in cfg.samplers if name not in SAMPLERS]
-    if unknown:
-        raise UserError(f"samplers={list(cfg.samplers)}: {unknown[0]} is no sampler. Use any of {', '.join(SAMPLERS)}.")
-    if cfg.gmm_components < 1:
-        raise UserError(f"gmm_components={cfg.gmm_components} must be a positive number of mixture components.")
-    if cfg.split not in SPLITS:
-        raise UserError(f"split={cfg.split} is not a held-out split. Use split=val or split=test.")
+    check_settings(cfg)  # every setting against its range (config.py)
     check_sort_by(cfg.sort_by)
     device(cfg.device)
 
 
 def check_sort_by(sort_by: str) -> None:
-    """A sweep is ranked on a validation metric: ranking on test would choose a model on the test split."""
-    split, _, name = sort_by.partition("/")
+    """A sweep is ranked on a validation metric of METRICS: ranking on test would choose a model on the test split."""
     try:
-        metric_key(name)
+        metric_key(sort_by.partition("/")[2])
     except KeyError:
         names = ", ".join(f"val/{key}" for key in METRICS)
         raise UserError(f"sort_by={sort_by} is not a metric. Use one of: {names}.") from None
-    if split != "val":
-        raise UserError(
-            f"sort_by={sort_by} would rank the runs, and so choose among them, on the {split} split. Rank on "
-            f"validation (sort_by=val/{name}): the test columns are reported beside it, and stay unbiased only as "
-            "long as nothing is chosen on them."
-        )
+    check_chosen_on_validation("sort_by", sort_by, "val/fid_prior")
 
 
 def device(name: str) -> torch.device:
@@ -145,6 +124,7 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
     reason, not dropped."""
     rows, scored = [], set()
     jobs = sweep_jobs(sweep_dir)
+    report.check_writable(sweep_dir)
     if jobs[0].parent != sweep_dir:
         log.info(
             "sweep_dir=%s is a transfer study: scoring its %d pretrained autoencoders (%s/*); its classifiers' test "
@@ -220,6 +200,8 @@ def score(
     """Score one checkpoint on `split` of `data_cfg`; writes metrics.json, config.yaml, pictures and events into its
     own folder under `eval_dir`, replacing only an earlier run of the same evaluation. `note` (a crashed run's status)
     heads its report; with `check_data`, data that differ from the checkpoint's fingerprint of them are refused."""
+    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_name(data_cfg, checkpoint)}_{settings_name(cfg)}"
+    check_replaceable(out_dir)  # an earlier evaluation's, replaced at the end: a file of yours in it stops it now
     log.info("Scoring %s on the %s split", checkpoint, split)
     model = load(checkpoint)
     if not isinstance(model, AE):
@@ -256,7 +238,7 @@ def score(
     if factors is not None:
         stage("disentanglement: the codes against the %s factors", ", ".join(data.factor_names))
         metrics |= factor_metrics(model, images, factors, cfg.batch_size, cfg.seed)
-    data_key = data_name(data_cfg, checkpoint)
+    data_key = data_name(data_cfg, checkpoint)  # the sampler cache's key too
     stage("samplers: %s (fitted to the training codes, or read from the cache)", ", ".join(cfg.samplers))
     draw = fitted_samplers(model, data, data_key, checkpoint, cfg)
     if cfg.num_samples != 0:
@@ -266,7 +248,6 @@ def score(
     stage("pictures")
     grids = picture_grids(model, images, draw, cfg.seed, **cfg.images)
 
-    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_key}_{settings_name(cfg)}"
     staging = eval_dir / f".{out_dir.name}.{os.getpid()}.part"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -282,9 +263,10 @@ def score(
         lines = run_report(checkpoint, metrics, grids)
         lines = [lines[0], "", f"**Status**: {note}", *lines[1:]] if note else lines
         report.write_html(staging / "report.html", checkpoint.name, lines, staging)
-        replace_dir(staging, out_dir)
-    except BaseException:  # a half-written evaluation never stays behind
+        replace_folder(staging, out_dir)
+    except BaseException as e:  # a half-written evaluation never stays behind
         shutil.rmtree(staging, ignore_errors=True)
+        name_in_error(e, out_dir)  # e.g. TensorBoard's writer thread on a full disk, which names no file
         raise
     log.info("Scored %s on %s; wrote %s:\n%s", checkpoint.name, split, out_dir, metrics_table(metrics))
     return metrics
@@ -328,15 +310,6 @@ def settings_name(cfg: DictConfig) -> str:
     """A short hash of the SCORED_SETTINGS: evaluations that differ in them get folders of their own."""
     scored = {key: OmegaConf.to_container(cfg, resolve=True)[key] for key in SCORED_SETTINGS}
     return hashlib.blake2b(json.dumps(scored, sort_keys=True).encode(), digest_size=4).hexdigest()
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Give `new` the name `target`; an older `target` is deleted only once the new one is in place."""
-    old = target.with_name(f".{target.name}.{os.getpid()}.old")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _batches(images: Tensor, batch_size: int, model: AE):

@@ -4,6 +4,7 @@ hyperparameters, and image grids to every logger that takes images (TensorBoard,
 import importlib.util
 import json
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from autoencoders.errors import UserError
+from autoencoders.files import atomic
 from autoencoders.internals import add_summary
 from autoencoders.pictures import add_grid
 
@@ -204,9 +206,13 @@ def log_image(loggers: list[Logger], tag: str, grid: Tensor, step: int) -> None:
                 logger.experiment.log_image(logger.run_id, pixels, key=tag.replace("/", "_"), step=step)
 
 
+SWEEP_RECORD = "events.out.tfevents.sweep"  # TensorBoard reads every file whose name holds "tfevents"
+
+
 def record_sweep(sweep_dir: Path, jobs: list[Path]) -> None:
     """The experiment record of a sweep's finished jobs that logged to TensorBoard (their full hparams.yaml), in
-    the sweep dir: `tensorboard --logdir <sweep dir>` opens its HParams tab on their columns (`metric_order`)."""
+    the sweep dir: `tensorboard --logdir <sweep dir>` opens its HParams tab on their columns (`metric_order`). An
+    earlier end's record, of fewer jobs, is replaced: TensorBoard would read the first record it finds."""
     jobs = [job for job in jobs if (job / "hparams.yaml").is_file() and (job / "metrics.json").is_file()]
     if not jobs:
         return
@@ -216,7 +222,7 @@ def record_sweep(sweep_dir: Path, jobs: list[Path]) -> None:
                    list(json.loads((job / "metrics.json").read_text())))
         for job in jobs
     ]  # fmt: skip
-    for earlier in sweep_dir.glob("events.out.tfevents.*"):  # an earlier end's record, of fewer jobs: TensorBoard
-        earlier.unlink()  # would read the first record it finds
-    with SummaryWriter(sweep_dir) as writer:
-        write_experiment(writer, hparams, metric_order(runs))
+    with atomic(sweep_dir / SWEEP_RECORD) as record, tempfile.TemporaryDirectory(dir=sweep_dir) as staging:
+        with SummaryWriter(staging) as writer:  # it names its file itself: the one file in its own folder
+            write_experiment(writer, hparams, metric_order(runs))
+        next(Path(staging).iterdir()).rename(record)

@@ -187,15 +187,14 @@ def build_nets(
     """Encoder mapping images to `code_dim` numbers, and decoder mapping `latent_dim` codes to `decoder_shape`
     (default: the image shape) parameters of the likelihood, e.g. logits, or means and log-scales.
 
-    `widths` are hidden-layer sizes for `mlp` and channel counts for `conv` and `resnet` (one stride-2 stage each);
-    None keeps the net's default.
+    `widths` are hidden-layer sizes for `mlp` (none: one linear map) and channel counts for `conv` and `resnet` (one
+    stride-2 stage each, at least one); None keeps the net's default. Each is positive, and `arch` one of NETS
+    (config.AEConfig declares both).
     """
-    if arch not in NETS:
-        raise UserError(f"Unknown net architecture arch={arch!r}. Valid choices: {', '.join(NETS)}.")
-    if widths is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+    if widths is not None and not widths and arch != "mlp":
         raise UserError(
-            f"model.widths={list(widths)} must be positive layer sizes, e.g. model.widths=[512,256] for arch=mlp or "
-            "[16,32] for arch=conv or resnet, or null for the defaults."
+            f"model.widths=[] gives arch={arch} no stage, and its nets need at least one: a channel count per stride-2 "
+            "stage. Use e.g. model.widths=[16,32], or null for the default."
         )
     encoder_cls, decoder_cls = NETS[arch]
     kwargs = {} if widths is None else {"widths": tuple(widths)}

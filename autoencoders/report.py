@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from autoencoders.console import SPLITS
+from autoencoders.files import atomic, check_replaceable, remove, write_text
 from autoencoders.metrics import METRICS, metric_key
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ def describe(run_dir: Path) -> dict:
         "kl_weight": select(config, "model.kl_weight"),
         "overrides": " ".join(map(str, overrides)),
     }
+
+
+PLOTS = ("rate_distortion.png", "metrics_vs_latent_dim.png")
 
 
 def scored_runs(sweep_dir: Path) -> int:
@@ -76,14 +80,23 @@ def sort_column(rows: list[dict], sort_by: str) -> tuple[str, str]:
     return found, said
 
 
+REPORT_FILES = ("summary.csv", "summary_over_seeds.csv", "summary.md", "report.html", *PLOTS)
+
+
+def check_writable(sweep_dir: Path) -> None:
+    """Refuse, before any scoring, a sweep dir where a file of the user's has the name of one of the report's."""
+    check_replaceable(*(sweep_dir / name for name in REPORT_FILES))
+
+
 def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     """Write summary.csv, summary.md and the plots into `sweep_dir`; returns the rows in table order."""
+    check_writable(sweep_dir)
     sort_by, fallback = sort_column(rows, sort_by)
     higher_better = METRICS[metric_key(sort_by)][0]
     rows = ranked(rows, sort_by)
     metrics = sorted({name for row in rows for name in row} - set(RUN_COLUMNS), key=_metric_order)
     columns = RUN_COLUMNS + metrics
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+    with atomic(sweep_dir / "summary.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -92,14 +105,14 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     seeded = any(c["n"] > 1 for c in configurations)
     seed_columns = ["configuration", "n", *(f"{m} {s}" for m in metrics for s in ("mean", "std"))]
     if seeded:
-        with open(sweep_dir / "summary_over_seeds.csv", "w", newline="") as f:
+        with atomic(sweep_dir / "summary_over_seeds.csv") as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=seed_columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(configurations)
     else:  # not left from an older report of the same sweep dir
-        (sweep_dir / "summary_over_seeds.csv").unlink(missing_ok=True)
+        remove(sweep_dir / "summary_over_seeds.csv")
 
-    plots = {
+    plots = {  # PLOTS
         "rate_distortion.png": rate_distortion(configurations),
         "metrics_vs_latent_dim.png": metrics_vs_latent_dim(
             configurations, [sort_by, "test/nll", "test/fid_prior", "test/recon"]
@@ -107,9 +120,10 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
     }
     for name, figure in plots.items():  # a plot with nothing to show is removed, not left from an older report
         if figure is None:
-            (sweep_dir / name).unlink(missing_ok=True)
+            remove(sweep_dir / name)
         else:
-            figure.savefig(sweep_dir / name, dpi=120, bbox_inches="tight")
+            with atomic(sweep_dir / name) as tmp:
+                figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     table = markdown_table(rows, columns)
     lines = [
         f"# Sweep {sweep_dir.name}",
@@ -125,7 +139,7 @@ def write_report(sweep_dir: Path, rows: list[dict], sort_by: str) -> list[dict]:
         *(f"- `<split>/{key}`: {METRICS[key][1]}" for key in dict.fromkeys(map(metric_key, metrics))),
         *(f"\n![{name}]({name})" for name, figure in plots.items() if figure is not None),
     ]
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     pictures = [f"\n## Pictures of {row['run']}\n\n" + "".join(
         f'<figure style="display:inline-block"><img src="{image.resolve()}" alt="{image.stem}">'
         f"<figcaption>{image.stem}</figcaption></figure>"
@@ -148,7 +162,7 @@ def write_html(path: Path, title: str, lines: list[str], folder: Path) -> None:
     body = re.sub(
         r'(<img [^>]*src=")([^"]+\.png)(")', embed, markdown.markdown("\n".join(lines), extensions=["tables"])
     )
-    path.write_text(HTML.format(title=html.escape(title), body=body))
+    write_text(path, HTML.format(title=html.escape(title), body=body))
 
 
 HTML = """<!DOCTYPE html>

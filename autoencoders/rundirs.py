@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from autoencoders.cli import created_run_dirs, exit_with
+from autoencoders.cli import created_run_dirs, exit_with, user_error
 from autoencoders.errors import UserError
 
 if TYPE_CHECKING:
@@ -86,6 +87,11 @@ def checkpoint_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
     if ckpt_path != "last":
         return Path(ckpt_path)
     if not last_checkpoint(run_dir).is_file():
+        if (run_dir / ".hydra" / "config.yaml").is_file():
+            raise UserError(
+                f"ckpt_path=last resumes the run in hydra.run.dir, but {run_dir} holds no last.ckpt: its training "
+                "stopped before it saved one. Start the run again there: the same command without ckpt_path."
+            )
         raise UserError(
             f"ckpt_path=last resumes the run in hydra.run.dir, but {last_checkpoint(run_dir)} does not exist. Name "
             "the run to resume, with the overrides it was started with: python train.py <overrides> "
@@ -102,8 +108,9 @@ def resumes_in_place(ckpt_path: str | None, run_dir: Path) -> bool:
 
 
 def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
-    """Refuse to train in a dir that holds a run's checkpoints or metrics, unless resuming that run's last.ckpt."""
-    found = sorted(run_dir.glob("checkpoints/*.ckpt")) + sorted(run_dir.glob("metrics.json"))
+    """Refuse to train in a dir that holds a run's last.ckpt or metrics, unless resuming that run's last.ckpt (a run
+    that stopped before its first last.ckpt can be started again in its dir)."""
+    found = [path for path in (last_checkpoint(run_dir), run_dir / "metrics.json") if path.is_file()]
     if found and not resumes_in_place(ckpt_path, run_dir):
         raise UserError(
             f"{run_dir} already holds a run ({found[0].relative_to(run_dir)}), and a new run must not overwrite it. "
@@ -190,10 +197,29 @@ def unlock_run_dir(run_dir: Path) -> None:
         os.close(fd)  # closing the file releases its lock
 
 
+MIN_FREE_BYTES = 1 << 20  # Hydra writes a run's config (about 20 KB) before any of this project's code can explain
+
+
+def check_room(folder: Path) -> None:
+    """Refuse to start writing into `folder` on a file system that is already full."""
+    existing = next(parent for parent in [folder, *folder.parents] if parent.exists())
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(
+            f"{folder} is on a full file system ({free} bytes free), so nothing could be written there. Free space "
+            "on that disk, or write to one with room. Nothing was changed."
+        )
+
+
 def claim(run_dir: Path, chosen: bool) -> Path:
-    """Create a new run's dir exclusively. A dir the user named is used as it is; a default (timestamped) name that
-    another run took in the same second gets a suffix, -2, -3, ..., so two runs never share a dir."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Create a new run's dir exclusively. A dir the user named is used if it is empty or holds a run that stopped
+    before its first last.ckpt (started again); a default (timestamped) name that another run took in the same
+    second gets a suffix, -2, -3, ..., so two runs never share a dir."""
+    try:
+        check_room(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (user_error(e) or e) from None
     for n in range(1, 1000):
         candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
         try:
@@ -201,13 +227,21 @@ def claim(run_dir: Path, chosen: bool) -> Path:
         except FileExistsError:
             if not chosen:
                 continue
-            if is_first_process() and any(run_dir.iterdir()):
+            if not run_dir.is_dir():
+                raise UserError(
+                    f"hydra.run.dir={run_dir} is a file, not a folder. Choose a new or empty folder, or leave "
+                    "hydra.run.dir at its default (a new timestamped folder). Nothing was changed."
+                ) from None
+            started_before = (run_dir / ".hydra" / "config.yaml").is_file()  # and no last.ckpt: check_run_dir
+            if is_first_process() and not started_before and any(run_dir.iterdir()):
                 raise UserError(
                     f"hydra.run.dir={run_dir} is a folder that already holds files ({next(run_dir.iterdir()).name}, "
                     "...), and a new run must not write into them. Choose a new or empty folder, or leave "
                     "hydra.run.dir at its default (a new timestamped folder). Nothing was changed."
                 ) from None
             return run_dir
+        except OSError as e:
+            raise (user_error(e) or e) from None
         created_run_dirs.append(candidate)
         return candidate
     raise UserError(f"Could not create a new run dir beside {run_dir}: 999 runs already have its name.")

@@ -17,9 +17,10 @@ from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import exit_with
+from autoencoders.cli import exit_with, user_error
 from autoencoders.errors import UserError
 from autoencoders.jobs import FINISHED, job_order, job_status
+from autoencoders.rundirs import check_room
 
 if TYPE_CHECKING:
     import lightning as L
@@ -41,14 +42,42 @@ def objective(metrics: dict[str, float], cfg: DictConfig) -> float:
     return metrics[name]
 
 
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Refuse a sweep dir that holds a run, or files of the user's: only an empty folder or an earlier sweep's dir
+    (where a sweep run again skips its finished jobs) takes a sweep."""
+    if not sweep_dir.exists():
+        return
+    if not sweep_dir.is_dir():
+        raise UserError(f"hydra.sweep.dir={sweep_dir} is a file, not a folder. Choose a new or empty folder.")
+    run = next((sweep_dir / name for name in (".hydra", "checkpoints", "metrics.json") if (sweep_dir / name).exists()),
+               None)  # fmt: skip
+    if run is not None:
+        raise UserError(
+            f"hydra.sweep.dir={sweep_dir} holds a run ({run.name}), and a sweep must not write into it. Choose a new "
+            "folder, or leave hydra.sweep.dir at its default (a new timestamped folder). Nothing was changed."
+        )
+    entries = sorted(os.listdir(sweep_dir))
+    if entries and STARTED_FILE not in entries:
+        raise UserError(
+            f"hydra.sweep.dir={sweep_dir} holds files that are not a sweep's ({entries[0]}, ...), and a sweep must "
+            "not write among them. Choose a new or empty folder, or leave hydra.sweep.dir at its default (a new "
+            "timestamped folder). Nothing was changed."
+        )
+
+
 class FailureSummary(Callback):
     """Hydra callback: when a sweep ends, say which jobs it skipped as finished earlier, list this invocation's failed
     jobs with their reasons, and exit 1 if any failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        marker = Path(config.hydra.sweep.dir) / STARTED_FILE
-        marker.parent.mkdir(parents=True, exist_ok=True)  # before the sweeper starts: Optuna keeps its study there
-        marker.touch()
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            check_sweep_dir(sweep_dir)
+            check_room(sweep_dir)
+            sweep_dir.mkdir(parents=True, exist_ok=True)  # before the sweeper starts: Optuna keeps its study there
+            (sweep_dir / STARTED_FILE).touch()
+        except (UserError, OSError) as e:
+            exit_with(user_error(e) or UserError(f"Could not start the sweep in {sweep_dir}: {e}"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -70,8 +99,12 @@ class FailureSummary(Callback):
         from autoencoders.checkpoints import signals_deferred
         from autoencoders.loggers import record_sweep  # imports torch: only once the jobs are done
 
-        with signals_deferred():  # Ctrl-C or SIGTERM stops the sweep once its TensorBoard record is whole
-            record_sweep(sweep_dir, sorted((job for job in statuses if statuses[job].state == FINISHED), key=job_order))
+        finished = sorted((job for job in statuses if statuses[job].state == FINISHED), key=job_order)
+        try:
+            with signals_deferred():  # Ctrl-C or SIGTERM stops the sweep once its TensorBoard record is whole
+                record_sweep(sweep_dir, finished)
+        except (UserError, OSError) as e:  # Hydra would make an error of a callback a warning
+            exit_with(user_error(e, sweep_dir) or UserError(f"The sweep's TensorBoard record failed: {e}"))
         # this invocation's jobs that did not finish: a failure recorded now, or a job started now that went silent
         unfinished = [
             (job.resolve().relative_to(sweep_dir.resolve()), status)

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import os
 import re
 import warnings
@@ -19,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from autoencoders import cli
 from autoencoders.callbacks import BestCheckpoint, latest_val_metrics
 from autoencoders.checkpoints import SafeCheckpointIO
+from autoencoders.config import check_chosen_on_validation, check_settings
 from autoencoders.console import metrics_table
 from autoencoders.data import ImageDataModule
-from autoencoders.errors import UserError, check_positive
-from autoencoders.files import write_json
+from autoencoders.errors import UserError
+from autoencoders.files import remove, write_json
 from autoencoders.internals import skip_inherited_batch_hooks
 from autoencoders.likelihoods import for_data
 from autoencoders.loggers import (
@@ -49,7 +49,6 @@ from autoencoders.rundirs import (
 from autoencoders.sweeps import check_launchable
 
 log = logging.getLogger(__name__)
-SELECTIONS = ("small_val", "full_val", "none")  # which checkpoint is tested (conf/train.yaml)
 
 # Lightning's messages that no user of train.py can act on, silenced one by one (not by category):
 # a deprecation inside Lightning's own pytree code; the logging-interval warning, which does not apply because epoch
@@ -65,27 +64,18 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Reject bad top-level values before anything is built or written (their types Hydra has checked: config.py)."""
+    """Reject bad values before anything is built or written: every setting against its range (config.py declares
+    both, and Hydra has checked the types), then what no single range can say."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(
             f"Required setting(s) {', '.join(missing)} have no value (??? in the config). "
             f"Pass them on the command line, e.g. {missing[0]}=<value>."
         )
-    if cfg.latent_dim <= 0:
-        raise UserError(f"latent_dim={cfg.latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
-    if cfg.images_every_n_epochs < 1:
-        raise UserError(
-            f"images_every_n_epochs={cfg.images_every_n_epochs} is not a positive integer. Set e.g. "
-            "images_every_n_epochs=1 to log the image grids after every validation epoch."
-        )
-    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
-    if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs == 0 or max_epochs < -1):
-        raise UserError(
-            f"trainer.max_epochs={max_epochs} is no number of epochs to train. Set a positive one, e.g. "
-            "trainer.max_epochs=50 (or -1 together with a trainer.max_steps limit)."
-        )
-    if max_epochs == -1 and max_steps in (None, -1):
+    check_settings(cfg)
+    if cfg.objective is not None:  # what a sweeper selects on
+        check_chosen_on_validation("objective", cfg.objective, "val/elbo")
+    if cfg.trainer.get("max_epochs") == -1 and cfg.trainer.get("max_steps", -1) in (None, -1):
         raise UserError(
             "trainer.max_epochs=-1 with no trainer.max_steps would train forever. Set trainer.max_epochs=50, say, or "
             "a step limit such as trainer.max_steps=5000."
@@ -102,17 +92,6 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.precision={precision} (float16 mixed precision) needs a CUDA GPU, and this run trains on the "
             "CPU. Use trainer.precision=bf16-mixed (bfloat16, which CPUs support), or train on a GPU with trainer=gpu."
         )
-    if not 0 <= cfg.checkpoint_every_s < math.inf:
-        raise UserError(
-            f"checkpoint_every_s={cfg.checkpoint_every_s} is not a finite, non-negative number of seconds. Set e.g. "
-            "checkpoint_every_s=30 (last.ckpt at most every 30 s, and at the end) or 0 (after every epoch)."
-        )
-    if not 0 <= cfg.seed < 2**32:
-        raise UserError(f"seed={cfg.seed} is outside the seeds torch accepts. Use 0 <= seed < 2**32, e.g. seed=0.")
-    if not 0 <= cfg.kl_weight < math.inf:
-        raise UserError(
-            f"kl_weight={cfg.kl_weight} is not a finite, non-negative number. Set e.g. kl_weight=1 (the standard VAE)."
-        )
     if cfg.encoder_ckpt is not None and "num_classes" not in cfg.model:
         raise UserError(
             f"encoder_ckpt={cfg.encoder_ckpt} is read only by model=classifier, and this run trains "
@@ -120,34 +99,23 @@ def check_config(cfg: DictConfig) -> None:
             "classifier on that encoder."
         )
 
-    if "lr" in cfg.optimizer:
-        check_positive("optimizer.lr", cfg.optimizer.lr, "1e-3")
-    if cfg.selection not in SELECTIONS:
-        raise UserError(
-            f"selection={cfg.selection} is unknown. Use small_val (the best checkpoint on as many labelled val images "
-            "per class as training has), full_val (the best on the whole val split) or none (the last weights)."
-        )
-
 
 def check_validation_runs(trainer: DictConfig) -> None:
     """Refuse a schedule that ends before its first validation (then no checkpoint could be chosen, and there are no
-    val metrics): integer step or epoch counts only; a fractional val_check_interval, a share of an epoch, is fine."""
+    val metrics): integer step or epoch counts only; a fractional val_check_interval, a share of an epoch, is fine.
+    The values are in their ranges (config.OPEN_GROUP_RULES)."""
     if trainer.get("fast_dev_run") or trainer.get("limit_val_batches") == 0:  # validates once / never on purpose
         return
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     interval = trainer.get("val_check_interval")
     every = trainer.get("check_val_every_n_epoch", 1)  # Lightning's default: after every epoch
-
-    def count(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if every is None and count(interval) and count(max_steps) and 0 <= max_steps < interval:
+    if every is None and isinstance(interval, int) and max_steps is not None and 0 < max_steps < interval:
         raise UserError(
             f"trainer.max_steps={max_steps} ends before the first validation at trainer.val_check_interval={interval} "
             "(with trainer.check_val_every_n_epoch=null, validation runs every val_check_interval steps): no "
             "checkpoint could be chosen. Raise trainer.max_steps or lower trainer.val_check_interval."
         )
-    if count(every) and count(max_epochs) and 0 < max_epochs < every:
+    if every is not None and max_epochs is not None and 0 < max_epochs < every:
         raise UserError(
             f"trainer.max_epochs={max_epochs} ends before the first validation at trainer.check_val_every_n_epoch="
             f"{every}: no checkpoint could be chosen. Raise trainer.max_epochs or lower "
@@ -244,7 +212,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 
 
 def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback]) -> dict[str, float]:
-    (run_dir / cli.FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's: this one decides the job's status
+    remove(run_dir / cli.FAILURE_FILE)  # an earlier attempt's: this one decides the job's status
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model = build(cfg)

@@ -22,6 +22,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from autoencoders.cli import exit_with, user_error
+from autoencoders.errors import UserError
+from autoencoders.files import atomic, check_replaceable, write_text, written
 from autoencoders.jobs import FINISHED, METRICS_FILE, job_status
 
 # table order: conf/transfer/<method>.yaml, classifier.py and models/semi.py define each
@@ -70,8 +73,10 @@ class TransferStudy(Callback):
         if hydra.sweep.subdir.startswith(f"{PRETRAIN_DIR}/"):
             return  # a pretraining job, no classifier
         jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
-        jobs.mkdir(parents=True, exist_ok=True)
-        (jobs / str(hydra.job.num)).write_text(hydra.runtime.output_dir)
+        try:
+            write_text(jobs / str(hydra.job.num), hydra.runtime.output_dir)
+        except (UserError, OSError) as e:  # a job the study cannot find would be missing from its table
+            exit_with(user_error(e, jobs) or UserError(f"The study could not record job {hydra.job.num}: {e}"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -80,10 +85,14 @@ class TransferStudy(Callback):
             from autoencoders.checkpoints import signals_deferred  # imports torch: only once the jobs are done
 
             cells = summarize(results)
-            with signals_deferred():  # Ctrl-C or SIGTERM stops the study once its files are whole
-                write_csv(cells, sweep_dir / "transfer.csv")
-                (sweep_dir / "transfer.md").write_text(markdown(cells))
-                plot(cells, sweep_dir / "transfer.png")
+            try:
+                check_replaceable(*(sweep_dir / name for name in ("transfer.csv", "transfer.md", "transfer.png")))
+                with signals_deferred():  # Ctrl-C or SIGTERM stops the study once its files are whole
+                    write_csv(cells, sweep_dir / "transfer.csv")
+                    write_text(sweep_dir / "transfer.md", markdown(cells))
+                    plot(cells, sweep_dir / "transfer.png")
+            except (UserError, OSError) as e:  # Hydra would make an error of a callback a warning
+                exit_with(user_error(e, sweep_dir) or UserError(f"The study's tables could not be written: {e}"))
             print(
                 f"\n{markdown(cells)}\ntransfer study: wrote transfer.csv, transfer.md and transfer.png to {sweep_dir}"
             )
@@ -101,7 +110,6 @@ def check_unseen(config: DictConfig, encoder_ckpt: Path) -> None:
 
     from autoencoders.checkpoints import read_checkpoint
     from autoencoders.data import ImageDataModule
-    from autoencoders.errors import UserError
     from autoencoders.models.classifier import check_held_out
 
     datamodule = instantiate(config.data)
@@ -148,7 +156,10 @@ def collect(sweep_dir: Path) -> tuple[list[Result], list[str]]:
     """The test accuracy of every job that the study started (wherever its run dir is), and a line for each job
     without a result, with the reason its failure.json gives."""
     results, missing = [], []
-    for marker in sorted((sweep_dir / JOBS_DIR).glob("*"), key=lambda p: int(p.name)):
+    for name in sorted(written(sweep_dir / JOBS_DIR), key=int):
+        marker = sweep_dir / JOBS_DIR / name
+        if not marker.is_file():  # removed by hand
+            continue
         run_dir = Path(marker.read_text())
         status = job_status(run_dir)
         if status.state != FINISHED:
@@ -194,7 +205,7 @@ def _label_name(n: int | None) -> str:
 
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
-    with path.open("w", newline="") as f:
+    with atomic(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "selection", "labels_per_class", "runs", "test_acc_mean_pct", "test_acc_std_pct"])
         for c in cells:
@@ -247,5 +258,6 @@ def plot(cells: Sequence[Cell], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -2,7 +2,6 @@
 because Hydra instantiates sweepers only from the hydra_plugins package; the study itself is autoencoders/transfer.py.
 """
 
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from hydra.errors import HydraException
 from omegaconf import open_dict
 
 from autoencoders.cli import exit_with
+from autoencoders.files import remove, written
 from autoencoders.jobs import job_status
 from autoencoders.transfer import JOBS_DIR, PRETRAIN_DIR, check_unseen, pretrained_checkpoint, pretraining_overrides
 
@@ -42,7 +42,8 @@ class TransferSweeper(BasicSweeper):
         self._pretrain(arguments, sweep_dir, seeds)
         for seed in seeds:
             check_unseen(self.config, pretrained_checkpoint(sweep_dir, seed))
-        shutil.rmtree(sweep_dir / JOBS_DIR, ignore_errors=True)  # this invocation's jobs record themselves anew
+        for name in written(sweep_dir / JOBS_DIR):  # this invocation's jobs record themselves anew
+            remove(sweep_dir / JOBS_DIR / name)
         return super().sweep(arguments)
 
     def _seeds(self, arguments: Sequence[str]) -> list[int]:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def run_train(
     flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
     rest = [o for o in overrides if not o.startswith("-")]
     return run_script("train.py", *flags, *(TINY if tiny else []), *rest, cwd=cwd, check=check, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a hash of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def metrics(run_dir: Path) -> dict[str, float]:

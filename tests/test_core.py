@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from autoencoders.callbacks import BestCheckpoint
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.evaluation import reconstruction_metrics
+from autoencoders.files import write_json
 from autoencoders.likelihoods import LIKELIHOODS
 from autoencoders.models import AE, IWAE, M2, MODELS, VAE, VQVAE
 from autoencoders.models.ae import CodePenaltyAE
@@ -155,7 +156,7 @@ def test_a_failure_after_training_started_keeps_the_run_dir_with_the_error_in_tr
 def test_a_rerun_that_finishes_a_failed_job_removes_its_stale_failure_record(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / FAILURE_FILE).write_text(json.dumps({"job": 0, "dir": str(run_dir), "error": "old"}))
+    write_json(run_dir / FAILURE_FILE, {"job": 0, "dir": str(run_dir), "error": "old"})  # as cli.py records it
     from autoencoders.training import train
 
     train(compose_train(run_dir, *TINY, "model=ae", "latent_dim=2"))

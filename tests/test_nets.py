@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-from autoencoders.errors import UserError
 from autoencoders.nets import ConvDecoder, ConvEncoder, ResidualBlock, build_nets, conv_transpose_output_size
 
 
@@ -37,11 +36,6 @@ def test_decoder_returns_the_input_shape(arch, shape):
     x = torch.rand(2, *shape)
     assert encoder(x).shape == (2, 6)
     assert decoder(torch.randn(2, 3)).shape == (2, *shape)
-
-
-def test_unknown_arch_is_a_clear_error():
-    with pytest.raises(UserError, match="arch='vit'.*mlp, conv, resnet"):
-        build_nets("vit", (1, 28, 28), 4, 4)
 
 
 def test_resnet_blocks_are_residual_with_normalisation_and_train():

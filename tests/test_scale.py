@@ -55,6 +55,7 @@ def test_a_slurm_sweep_without_slurm_is_a_clear_error_before_anything_is_written
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # end to end, over 10 s: `pytest -m slow`, which CI runs
 def test_submitit_local_launcher_runs_a_sweep_offline_sharing_the_cores_and_says_so(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train(
@@ -68,6 +69,7 @@ def test_submitit_local_launcher_runs_a_sweep_offline_sharing_the_cores_and_says
     assert f"sweep {sweep}: 1 job(s) ran to the end" in proc.stdout
 
 
+@pytest.mark.slow  # end to end, over 10 s: `pytest -m slow`, which CI runs
 def test_ddp_test_metrics_equal_one_process_and_only_rank_zero_writes(tmp_path):
     """The test split scored by 2 DDP processes (no padded repeats; sums and counts added up over processes; a VAE's
     noise seeded per batch) equals one process's scores of the same checkpoint."""

@@ -95,6 +95,7 @@ def test_a_study_under_submitit_local_pretrains_in_a_submitit_job_of_its_own(tmp
     assert row["test_acc_mean_pct"] == f"{100 * test_acc:.2f}"
 
 
+@pytest.mark.slow  # end to end, over 10 s: `pytest -m slow`, which CI runs
 def test_a_finished_study_run_again_with_a_method_added_runs_only_the_new_jobs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     study = ["experiment=transfer", "data.labels_per_class=1", "seed=0", "trainer.max_steps=2",
@@ -132,7 +133,7 @@ def test_each_method_of_the_study_has_its_model_and_schedule_unless_the_command_
     "overrides,job,cause",
     [
         (["transfer=knn", "data.labels_per_class=0"], "transfer=knn data.labels_per_class=0 seed=0",
-         "data.labels_per_class=0 must be a positive number"),
+         "data.labels_per_class=0 is not positive"),
         (["transfer=m1m2,m2", "trainer.max_steps=20"], "transfer=m1m2 data.labels_per_class=1 seed=0",
          "trainer.max_steps=20 ends before the first validation at trainer.val_check_interval=100"),
     ],

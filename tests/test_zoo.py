@@ -370,8 +370,8 @@ def test_the_info_vae_loss_weights_the_kl_and_the_mmd_to_prior_draws():
     recon = bernoulli_nll(model.decoder(z), x).mean()
     torch.testing.assert_close(terms["loss"], recon + 0.5 * kl + 2.5 * imq_mmd(z, prior))
     torch.testing.assert_close(terms["elbo"], -(recon + kl))
-    with pytest.raises(UserError, match="alpha=2"):
-        InfoVAE(SHAPE, alpha=2.0)
+    with pytest.raises(UserError, match="model.alpha=0.5 and model.mmd_weight=0.25 give the MMD a negative weight"):
+        InfoVAE(SHAPE, alpha=0.5, mmd_weight=0.25)
 
 
 def test_the_rae_loss_adds_the_code_and_decoder_weight_penalties():

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from autoencoders import seeds
+from autoencoders import config, seeds
 from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches, to_unit_float
 from autoencoders.data.sources import Source
 from autoencoders.errors import UserError
 from autoencoders.internals import batches_trained
 
-BINARIZE = (None, "dynamic", "static")
+BINARIZE = (None, *config.BINARIZE)  # the values of data.binarize
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -75,29 +75,11 @@ class ImageDataModule(L.LightningDataModule):
         binarize: str | None = None,
         device_cap_gb: float = 4.0,
     ):
-        super().__init__()
-        if batch_size < 1:
-            raise UserError(f"data.batch_size={batch_size} must be a positive number of images, e.g. 128.")
-        for key, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < fraction < 1:
-                raise UserError(f"data.{key}={fraction} must lie strictly between 0 and 1, e.g. 0.1.")
+        super().__init__()  # each value is in its range (config.DataConfig): only their relation is checked here
         if val_fraction + test_fraction >= 1:
             raise UserError(
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
                 "training data; keep their sum below 1, e.g. 0.1 each."
-            )
-        per_class = {"labels_per_class": labels_per_class, "val_labels_per_class": val_labels_per_class}
-        for key, n in (per_class | {"probe_labels_per_class": probe_labels_per_class}).items():
-            if n is not None and n < 1:
-                raise UserError(f"data.{key}={n} must be a positive number of images per class, or null for all.")
-        if binarize not in BINARIZE:
-            raise UserError(
-                f"data.binarize={binarize!r} is unknown. Use dynamic (a fresh binary sample of each training image "
-                "every time), static (binarised once) or null (grey images in [0, 1])."
-            )
-        if device_cap_gb < 0:
-            raise UserError(
-                f"data.device_cap_gb={device_cap_gb} must be 0 (keep every split in host memory) or a size in GB."
             )
         self.save_hyperparameters(ignore=["source"], logger=False)
         self.source = source

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoencoders.errors import UserError, check_positive
+from autoencoders.errors import UserError
 from autoencoders.models.ae import AE
 from autoencoders.models.vae import VAE
 from autoencoders.optim import configure_optimizers
@@ -33,8 +33,6 @@ class AdversarialTraining(AE):
     def __init__(
         self, image_shape: Sequence[int], discriminator_lr: float = 1e-4, discriminator_width: int = 256, **base: Any
     ):
-        check_positive("model.discriminator_lr", discriminator_lr, "1e-4")
-        check_positive("model.discriminator_width", discriminator_width, "256")
         super().__init__(image_shape, **base)
         self.discriminator = code_discriminator(self.latent_dim, discriminator_width)
 
@@ -87,7 +85,6 @@ class AAE(AdversarialTraining):
     discriminator); `discriminator` = -log D(prior draw) - log(1 - D(z)), batch means. Samples decode N(0, I) draws."""
 
     def __init__(self, image_shape: Sequence[int], adversarial_weight: float = 1.0, **base: Any):
-        check_positive("model.adversarial_weight", adversarial_weight, "1")
         super().__init__(image_shape, **base)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
@@ -122,7 +119,6 @@ class FactorVAE(AdversarialTraining, VAE):
     the checkpoint choice are too."""
 
     def __init__(self, image_shape: Sequence[int], tc_weight: float = 6.0, **base: Any):
-        check_positive("model.tc_weight", tc_weight, "6")
         super().__init__(image_shape, **base)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:

@@ -1,13 +1,12 @@
 """Deterministic autoencoders: AE, DAE, and AEs with a penalty on their codes (sparse, WAE, RAE)."""
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from autoencoders.errors import UserError, check_non_negative
+from autoencoders.errors import UserError
 from autoencoders.likelihoods import likelihood as get_likelihood
 from autoencoders.losses import imq_mmd
 from autoencoders.models.base import EpochMeanLogging, SplitSteps, minimised
@@ -38,8 +37,6 @@ class AE(EpochMeanLogging, SplitSteps):
         scheduler: dict[str, Any] | None = None,
     ):
         super().__init__(optimizer=optimizer, scheduler=scheduler)
-        if latent_dim <= 0:
-            raise UserError(f"latent_dim={latent_dim} is not a positive integer. Set e.g. latent_dim=16.")
         self.likelihood = get_likelihood(likelihood)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.image_shape = tuple(image_shape)
@@ -122,9 +119,6 @@ class AE(EpochMeanLogging, SplitSteps):
         return minimised(terms)
 
 
-CORRUPTIONS = ("gaussian", "masking")
-
-
 class DAE(AE):
     """Denoising autoencoder (Vincent et al., 2008): encodes a corrupted input and is trained on the NLL of the clean
     one, `loss` = -log p(x | decode(encode(corrupt(x)))). `corruption`: `gaussian` adds N(0, noise^2) to every pixel,
@@ -132,12 +126,10 @@ class DAE(AE):
     is the clean input's reconstruction NLL, as for every AE."""
 
     def __init__(self, image_shape: Sequence[int], corruption: str = "gaussian", noise: float = 0.3, **base: Any):
-        if corruption not in CORRUPTIONS:
-            raise UserError(f"model.corruption={corruption!r} is unknown. Use one of: {', '.join(CORRUPTIONS)}.")
-        if not 0 <= noise <= (1 if corruption == "masking" else math.inf):
+        if corruption == "masking" and noise > 1:
             raise UserError(
-                f"model.noise={noise} is no {corruption} noise level: a standard deviation >= 0 for gaussian, a "
-                "probability in [0, 1] for masking (e.g. model.noise=0.3)."
+                f"model.noise={noise} is no masking probability: with model.corruption=masking it is the share of "
+                "pixels zeroed, in [0, 1] (e.g. model.noise=0.3)."
             )
         super().__init__(image_shape, **base)
 
@@ -179,7 +171,6 @@ class SparseAE(CodePenaltyAE):
     term, weight_key = "l1_over_l2", "sparsity"
 
     def __init__(self, image_shape: Sequence[int], sparsity: float = 3.0, **base: Any):
-        check_non_negative("model.sparsity", sparsity, "3")
         super().__init__(image_shape, **base)
 
     def penalty(self, z: Tensor) -> Tensor:
@@ -194,7 +185,6 @@ class WAE(CodePenaltyAE):
     term, weight_key = "mmd", "mmd_weight"
 
     def __init__(self, image_shape: Sequence[int], mmd_weight: float = 10.0, **base: Any):
-        check_non_negative("model.mmd_weight", mmd_weight, "10")
         super().__init__(image_shape, **base)
 
     def penalty(self, z: Tensor) -> Tensor:
@@ -212,8 +202,6 @@ class RAE(CodePenaltyAE):
     def __init__(
         self, image_shape: Sequence[int], embedding_weight: float = 1e-4, decoder_weight: float = 1e-7, **base: Any
     ):
-        check_non_negative("model.embedding_weight", embedding_weight, "1e-4")
-        check_non_negative("model.decoder_weight", decoder_weight, "1e-7")
         super().__init__(image_shape, **base)
 
     def penalty(self, z: Tensor) -> Tensor:

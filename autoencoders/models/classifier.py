@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from autoencoders.checkpoints import MODELS, read_checkpoint
 from autoencoders.data import ImageDataModule
-from autoencoders.errors import UserError, check_positive
+from autoencoders.errors import UserError
 from autoencoders.models.ae import AE
 from autoencoders.models.base import EpochMeanLogging, SplitSteps
 from autoencoders.models.vae import VAE
@@ -21,16 +21,15 @@ from autoencoders.nets import build_nets
 from autoencoders.optim import OptimizerFactory
 from autoencoders.probes import knn_vote
 
-HEADS = ("linear", "mlp")
-# How the classifier gets the features its head reads: the pretrained encoder frozen or fine-tuned, the same encoder
-# trained from scratch, a frozen encoder at its random initialisation, or the raw pixels; and two probes of the frozen
-# pretrained code: a logistic regression (`linear`, a linear head) and a cosine k-nearest-neighbour vote (`knn`).
-METHODS = ("frozen", "finetune", "scratch", "random", "pixels", "linear", "knn")
+# How the classifier gets the features its head reads (model.method; config.ClassifierConfig lists them): the
+# pretrained encoder frozen or fine-tuned, the same encoder trained from scratch, a frozen encoder at its random
+# initialisation, or the raw pixels; and two probes of the frozen pretrained code: a logistic regression (`linear`, a
+# linear head) and a cosine k-nearest-neighbour vote (`knn`). These read a pretrained encoder:
 PRETRAINED = ("frozen", "finetune", "linear", "knn")
 
 
 class Classifier(EpochMeanLogging, SplitSteps):
-    """A head (`linear` or `mlp`) on features chosen by `method` (see METHODS); null: `frozen` with an
+    """A head (`linear` or `mlp`) on features chosen by `method` (see PRETRAINED); null: `frozen` with an
     `encoder_ckpt` (a checkpoint of any autoencoder run but M2's, `check_encoder_kind`), `scratch` without. The encoder
     has the architecture of an AE's, with `latent_dim` outputs; with `encoder_ckpt`, a null `latent_dim`, `arch` or
     `widths` is the checkpoint's, and another value is an error that names it. A frozen encoder gets no gradients and
@@ -60,14 +59,7 @@ class Classifier(EpochMeanLogging, SplitSteps):
         scheduler: dict[str, Any] | None = None,
     ):
         super().__init__(optimizer=optimizer, scheduler=scheduler)
-        if head not in HEADS:
-            raise UserError(f"model.head={head!r} is unknown. Use one of: {', '.join(HEADS)}.")
-        check_positive("model.encoder_lr", encoder_lr, "1e-4")
-        if knn_k < 1:
-            raise UserError(f"model.knn_k={knn_k} must be a positive number of neighbours, e.g. 10.")
         method = method or ("frozen" if encoder_ckpt is not None else "scratch")
-        if method not in METHODS:
-            raise UserError(f"model.method={method!r} is unknown. Use one of: {', '.join(METHODS)}.")
         if encoder_ckpt is not None and method not in PRETRAINED:
             raise UserError(
                 f"model.method={method} trains no pretrained encoder, but encoder_ckpt={encoder_ckpt} is given. "
@@ -104,13 +96,20 @@ class Classifier(EpochMeanLogging, SplitSteps):
             self.head = nn.Sequential(nn.Linear(features, head_width), nn.ReLU(), nn.Linear(head_width, num_classes))
 
     def setup(self, stage: str) -> None:
-        """Before training: a pretrained method needs its encoder, and that encoder must not have seen the held-out
-        images."""
+        """Before training: knn needs as many labelled images as neighbours vote, a pretrained method needs its
+        encoder, and that encoder must not have seen the held-out images."""
         super().setup(stage)
         if stage == "fit" and self.frozen:  # Lightning warns of modules in eval mode: here they are meant to be
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         if stage == "fit" and self.method == "knn":  # it stores codes, so it has no optimizer by design
             warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
+            labelled, k = len(self.trainer.datamodule.train_set), self.hparams.knn_k
+            if k > labelled:
+                raise UserError(
+                    f"model.knn_k={k} neighbours would vote, but the k-NN bank holds only the {labelled} labelled "
+                    f"training images. Use model.knn_k={labelled} or fewer (e.g. model.knn_k={min(10, labelled)}), "
+                    "or more labelled images (data.labels_per_class)."
+                )
         if stage != "fit" or self.method not in PRETRAINED:
             return
         if self.encoder_ckpt is None:

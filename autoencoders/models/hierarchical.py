@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoencoders.errors import check_positive
 from autoencoders.losses import gaussian_log_prob
 from autoencoders.models.vae import VAE
 from autoencoders.samplers import Sampler
@@ -50,8 +49,6 @@ class HVAE(VAE):
     def __init__(self, image_shape: Sequence[int], top_latent_dim: int | None = None, hidden: int = 128, **base: Any):
         super().__init__(image_shape, **base)
         self.top_dim = top_latent_dim or math.ceil(self.latent_dim / 2)
-        check_positive("model.top_latent_dim", self.top_dim, "8")
-        check_positive("model.hidden", hidden, "128")
         dim = self.latent_dim
         self.bottom_up = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.top_dim))
         self.prior_net = nn.Sequential(nn.Linear(self.top_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * dim))

@@ -6,7 +6,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoencoders.errors import check_positive
 from autoencoders.losses import gaussian_log_prob
 from autoencoders.models.vae import VAE
 from autoencoders.nets import MADE
@@ -48,7 +47,6 @@ class IAFVAE(VAE):
     def __init__(
         self, image_shape: Sequence[int], flow_steps: int = 2, flow_widths: Sequence[int] = (64, 64), **base: Any
     ):
-        check_positive("model.flow_steps", flow_steps, "2")
         super().__init__(image_shape, **base)
         self.flow = InverseAutoregressiveFlow(self.latent_dim, flow_steps, tuple(flow_widths))
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from autoencoders.checkpoints import MODELS, read_checkpoint
 from autoencoders.data import ImageDataModule
-from autoencoders.errors import UserError, check_positive
+from autoencoders.errors import UserError
 from autoencoders.likelihoods import Gaussian
 from autoencoders.losses import gaussian_log_prob, kl_divergence
 from autoencoders.models.classifier import check_encoder_kind, check_held_out
@@ -84,8 +84,6 @@ class M2(VAE):
         m1: dict | None = None,
         **base: Any,
     ):
-        if alpha is not None:
-            check_positive("model.alpha", alpha, "40 (or null: 0.1 x the training images)")
         pretrained = read_checkpoint(encoder_ckpt) if encoder_ckpt is not None else None
         if pretrained is not None:
             m1 = m1_settings(pretrained, encoder_ckpt, image_shape)

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoencoders.errors import check_positive
 from autoencoders.losses import gaussian_log_prob
 from autoencoders.models.vae import VAE
 from autoencoders.samplers import GMMSampler
@@ -28,7 +27,6 @@ class VampVAE(VAE):
     analytic_kl = False
 
     def __init__(self, image_shape: Sequence[int], pseudo_inputs: int = 50, **base: Any):
-        check_positive("model.pseudo_inputs", pseudo_inputs, "50")
         super().__init__(image_shape, **base)
         self.pseudo_inputs = nn.Parameter(torch.rand(pseudo_inputs, *self.image_shape))
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from autoencoders.errors import UserError, check_non_negative
+from autoencoders.errors import UserError
 from autoencoders.models.ae import AE
 from autoencoders.samplers import CodePrior, nearest_codes
 
@@ -42,18 +42,10 @@ class VQVAE(AE):
         **base: Any,
     ):
         latent_dim = base.get("latent_dim", 16)
-        if codebook_init not in ("kmeans", "random"):
-            raise UserError(f"model.codebook_init={codebook_init!r} is unknown. Use kmeans or random.")
-        check_non_negative("model.revive_below", revive_below, "0.01")
-        if embedding_dim < 1 or latent_dim % embedding_dim:
+        if latent_dim % embedding_dim:
             raise UserError(
                 f"model.embedding_dim={embedding_dim} does not divide latent_dim={latent_dim} into tokens. Use a "
                 "divisor, e.g. latent_dim=16 model.embedding_dim=4 (4 tokens)."
-            )
-        if codebook_size < 2 or not 0 < decay < 1:
-            raise UserError(
-                f"model.codebook_size={codebook_size} and model.decay={decay}: use at least 2 codebook vectors and "
-                "a decay between 0 and 1 (e.g. 64 and 0.99)."
             )
         super().__init__(image_shape, **base)
         self.n_tokens = latent_dim // embedding_dim
@@ -214,8 +206,6 @@ class FSQVAE(AE):
     bundled digits, recon 206 nats and 1 of 5 levels used, against 91 and all 5 with 50 or 100 warm-up steps)."""
 
     def __init__(self, image_shape: Sequence[int], levels: int = 5, decoder_warmup_steps: int = 100, **base: Any):
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-            raise UserError(f"model.levels={levels!r} must be an integer >= 2 values per code number, e.g. 5.")
         latent_dim = base.get("latent_dim", 16)
         if latent_dim * levels > MAX_PRIOR_OUTPUTS:
             raise UserError(
@@ -224,7 +214,6 @@ class FSQVAE(AE):
                 f"{latent_dim * levels:,} numbers per image, and serves at most {MAX_PRIOR_OUTPUTS}. Use fewer levels, "
                 "e.g. model.levels=5 (the FSQ paper uses 5 to 8)."
             )
-        check_non_negative("model.decoder_warmup_steps", decoder_warmup_steps, "100")
         super().__init__(image_shape, **base)
 
     def encode(self, x: Tensor) -> Tensor:
