@@ -350,7 +350,7 @@ class FSQVAEConfig(AEConfig):  # conf/model/fsq.yaml: autoencoders.models.FSQVAE
 @dataclass
 class M2Config(VAEConfig):  # conf/model/m2.yaml: autoencoders.models.M2
     num_classes: int | None = positive("10")
-    alpha: float | None = positive("40", what="a weight", note="null: 0.1 x the training images.")
+    alpha: float = weight("0.1")  # Kingma et al.'s alpha, per image: M2's docstring
     encoder_ckpt: str | None = MISSING
 
 

@@ -211,6 +211,7 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_previous_one(tmp_path, m
     assert (tmp_path / LEDGER).read_text() == "last.ckpt\n"  # recorded as the project's once durable
 
 
+@pytest.mark.slow  # end to end, over 10 s: `pytest -m slow`, which CI runs
 def test_rerunning_a_crashed_sweep_skips_finished_jobs_untouched_and_resumes_the_rest(tmp_path):
     sweep = tmp_path / "sweep"
     command = ["-m", "model=ae,vae", "latent_dim=2", "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}"]

@@ -117,6 +117,7 @@ def test_a_vq_vaes_ema_codebook_is_the_same_in_every_ddp_process_and_as_on_one(t
     assert (one - initial).abs().max() > 0.01  # the updates moved it
 
 
+@pytest.mark.slow  # end to end, over 10 s: `pytest -m slow`, which CI runs
 def test_a_non_finite_loss_on_any_ddp_process_stops_them_all_with_the_error_and_no_hang(tmp_path):
     started = time.monotonic()
     proc = run_train("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "model=ae", "latent_dim=2",

@@ -51,6 +51,31 @@ def test_the_unlabelled_bound_is_the_explicit_sum_over_classes() -> None:
     torch.testing.assert_close(-(recon + kl), torch.stack(expected), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("alpha", [0.1, 40.0])
+def test_the_loss_weighs_its_terms_as_kingma_et_als_code(alpha: float) -> None:
+    """learn_yz_x_ss.py sums the labelled bounds, alpha N / N_l times the labelled cross-entropies and the unlabelled
+    bounds of a minibatch, and divides by N = N_l + N_u: here one minibatch holds all N_l = 2 labelled and N_u = 6
+    unlabelled images."""
+    torch.manual_seed(0)
+    model, classes = M2(SHAPE, num_classes=3, latent_dim=2, alpha=alpha), 3
+    model._trainer = Mock(datamodule=Mock(train_set=range(2), unlabelled_set=range(6)), log_every_n_steps=0)
+    model.setup("fit")
+    x, y = binary_images(8), torch.tensor([0, 2, -1, -1, -1, -1, -1, -1])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        loss = model._step((x, y), "train")
+        torch.manual_seed(1)  # the same draws, in the same order: the labelled images' z, then the unlabelled ones'
+        logits = model.classifier(x)
+        recon_l, kl_l = model.class_bound(x[:2], model.encoder(x[:2]), torch.eye(classes)[y[:2]])
+        recon_u, kl_u = model.unlabelled_terms(x[2:], logits[2:])
+    labelled = recon_l + kl_l + math.log(classes)  # -L(x, y): -log p(x|y,z) + KL - log p(y)
+    cross_entropy = -Categorical(logits=logits[:2]).log_prob(y[:2])
+    n_labelled, n_total = 2, 8
+    beta = alpha * n_total / n_labelled
+    expected = (labelled.sum() + beta * cross_entropy.sum() + (recon_u + kl_u).sum()) / n_total
+    torch.testing.assert_close(loss, expected)
+
+
 class WithOne(nn.Module):
     """Appends M2's one-hot class vector for a single class, a constant 1."""
 
@@ -133,7 +158,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny runs (their outputs and weights are)."""
     root = tmp_path_factory.mktemp("semi")
     epochs = ["trainer.limit_train_batches=null", "trainer.limit_val_batches=null", "trainer.limit_test_batches=null"]
-    common = ["model=m2", "latent_dim=8", "data.labels_per_class=10", "model.nll_samples=10"]
+    common = ["model=m2", "latent_dim=8", "data.labels_per_class=10", "model.nll_samples=10", "model.alpha=40"]
     run_train(*common, "trainer.max_epochs=2", *epochs, f"hydra.run.dir={root / 'm2'}", cwd=root)
     run_train("latent_dim=8", f"hydra.run.dir={root / 'vae'}", cwd=root)
     m1 = root / "vae" / "checkpoints" / "last.ckpt"

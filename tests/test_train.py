@@ -233,6 +233,7 @@ def test_two_runs_started_in_the_same_second_get_a_dir_each(tmp_path, monkeypatc
     ]
 
 
+@pytest.mark.slow  # end to end, over 10 s: `pytest -m slow`, which CI runs
 def test_seed_makes_runs_reproducible_including_seed_zero(tmp_path):
     run_train("-m", "model=ae", "latent_dim=2", "seed=0,0,1", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
     runs = sorted(tmp_path.glob("*_seed-*"))

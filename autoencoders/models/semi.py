@@ -54,10 +54,12 @@ class M2(VAE):
 
     Training batches hold labelled and unlabelled images of the same training split (the data module serves them
     for a model with `semi_supervised`; label -1: unlabelled): the labelled bound L(x,y) = -log p(x|y,z) + KL(q(z|x,y)
-    || p(z)) - log p(y), the unlabelled U(x) = sum_y q(y|x) L(x,y) - H(q(y|x)), and `alpha` times the labelled
-    images' cross-entropy -log q(y|x), each a mean over its images (alpha null: the paper's 0.1 N, N the training
-    images). `val/elbo` and `test/elbo` are -U(x), a bound on log p(x) (KL weight 1); `acc` is q(y|x)'s accuracy,
-    and the checkpoint is chosen on `val/acc`.
+    || p(z)) - log p(y), the unlabelled U(x) = sum_y q(y|x) L(x,y) - H(q(y|x)), and the labelled images'
+    cross-entropy -log q(y|x). As in Kingma et al.'s code (learn_yz_x_ss.py: the objective summed over the N_l
+    labelled and N_u unlabelled images, the cross-entropy weighted by alpha N / N_l, and divided by N = N_l + N_u),
+    per image the loss is (N_l / N) mean L + (N_u / N) mean U + `alpha` mean CE, so `alpha` is the paper's (0.1 there).
+    `val/elbo` and `test/elbo` are -U(x), a bound on log p(x) (KL weight 1); `acc` is q(y|x)'s accuracy, and the
+    checkpoint is chosen on `val/acc`.
 
     With `encoder_ckpt` (a VAE run's checkpoint) it is M1+M2: the VAE (M1) is frozen, M2 (an MLP) models the codes
     M1 decodes, a draw z1 ~ q(z1|x) of the posterior M1 samples from in training (after an IAF's flow, a Ladder VAE's
@@ -79,7 +81,7 @@ class M2(VAE):
         arch: str = "mlp",
         widths: Sequence[int] | None = None,
         likelihood: str = "bernoulli",
-        alpha: float | None = None,
+        alpha: float = 0.1,
         encoder_ckpt: str | Path | None = None,
         m1: dict | None = None,
         **base: Any,
@@ -103,7 +105,7 @@ class M2(VAE):
             self.code_likelihood = self.likelihood
         self.pretraining_data = pretrained.get(ImageDataModule.__qualname__) if pretrained is not None else None
         self.encoder_ckpt = encoder_ckpt
-        self.dataset_size: int | None = None  # training images, for the default alpha
+        self.shares = (0.5, 0.5)  # of the labelled and the unlabelled images among both, once the data are known
 
     def build_nets(self, widths: Sequence[int] | None, decoder_shape: Sequence[int]) -> tuple[nn.Module, nn.Module]:
         """q(z|x,y)'s image net (FEATURES outputs), the decoder of [z, one-hot y], and q(y|x) and q(z|x,y)'s head."""
@@ -134,7 +136,9 @@ class M2(VAE):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = self.trainer.datamodule
-        self.dataset_size = len(datamodule.unlabelled_set) if datamodule is not None else None
+        if datamodule is not None:
+            labelled, unlabelled = len(datamodule.train_set), len(datamodule.unlabelled_set)
+            self.shares = (labelled / (labelled + unlabelled), unlabelled / (labelled + unlabelled))
         if stage == "fit" and self.m1_model is not None:
             check_held_out(self.pretraining_data, datamodule, self.encoder_ckpt)
 
@@ -184,9 +188,6 @@ class M2(VAE):
         return (q * recon.view(b, c)).sum(1), (q * kl_z.view(b, c)).sum(1) + kl_y
 
     # Training ---------------------------------------------------------------------------------------------------
-    def alpha(self) -> float:
-        return self.hparams.alpha if self.hparams.alpha is not None else 0.1 * (self.dataset_size or 1)
-
     def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
         images, y = batch
         x = self.inputs(images)
@@ -201,7 +202,8 @@ class M2(VAE):
             log_prior = math.log(self.num_classes)  # -log p(y) of the labelled bound
             beta = self.kl_beta()
             bound_l, bound_u = (recon_l + beta * kl_l).mean() + log_prior, (recon_u + beta * kl_u).mean()
-            terms = {"loss": bound_l + bound_u + self.alpha() * ce, "labelled": bound_l, "unlabelled": bound_u}
+            loss = self.shares[0] * bound_l + self.shares[1] * bound_u + self.hparams.alpha * ce
+            terms = {"loss": loss, "labelled": bound_l, "unlabelled": bound_u}
             terms |= {"ce": ce, "acc": (logits[labelled].argmax(1) == yl).float().mean()}
         else:  # held-out images: the unlabelled bound of each, and the classifier's guess of its label
             recon, kl = (t.mean() for t in self.unlabelled_terms(x, logits))
