@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from autoencoders.errors import EveryProcessError, FileSystemError, UserError
-from autoencoders.files import write_json
+from autoencoders.files import exception_chain, write_json
 
 log = logging.getLogger(__name__)
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}  # as callbacks.Preemption names them
@@ -67,13 +67,14 @@ def refuse_unreadable_overrides(arguments: list[str]) -> None:
 
 
 # what the file system said (errno), and what the user can do about it
+NO_PERMISSION = "You lack the permission: make it readable and writable (chmod u+rw), or use another folder."
 FILE_SYSTEM_ERRORS = {
     errno.ENOSPC: "Free space on that disk, or write to one with room.",
     errno.EDQUOT: "Your disk quota there is used up: free some of it, or write elsewhere.",
     errno.EROFS: "That file system is mounted read-only: write to another folder (to score or resume a run there, "
     "copy it to a writable one first).",
-    errno.EACCES: "You lack the permission: make it readable and writable (chmod u+rw), or use another folder.",
-    errno.EPERM: "You lack the permission: make it readable and writable (chmod u+rw), or use another folder.",
+    errno.EACCES: NO_PERMISSION,
+    errno.EPERM: NO_PERMISSION,
 }
 
 
@@ -86,14 +87,23 @@ def user_error(error: BaseException | None, folder: Path | None = None) -> UserE
         cause = cause.__cause__
     if cause is not None:
         return cause
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRORS:
-            where = error.filename or (f"a file while writing into {folder}" if folder else "a file")
-            verb = "access" if error.errno in (errno.EACCES, errno.EPERM) else "write"  # reading fails with these too
-            cause = f"{error.strerror} ({errno.errorcode[error.errno]})"
-            return FileSystemError(f"Could not {verb} {where}: {cause}. {FILE_SYSTEM_ERRORS[error.errno]}")
-        error = error.__cause__ or error.__context__
+    for link in exception_chain(error):
+        if isinstance(link, OSError) and link.errno in FILE_SYSTEM_ERRORS:
+            where = link.filename or (f"a file while writing into {folder}" if folder else "a file")
+            verb = "access" if link.errno in (errno.EACCES, errno.EPERM) else "write"  # reading fails with these too
+            cause = f"{link.strerror} ({errno.errorcode[link.errno]})"
+            return FileSystemError(f"Could not {verb} {where}: {cause}. {FILE_SYSTEM_ERRORS[link.errno]}")
     return None
+
+
+@contextmanager
+def ending_the_command(what: str, folder: Path) -> Iterator[None]:
+    """For a Hydra callback, whose exceptions Hydra turns into warnings: bad input or a file system's refusal in the
+    block ends the command with one `error:` paragraph, exit 2 (`what` names the step, for another OSError)."""
+    try:
+        yield
+    except (UserError, OSError) as e:
+        exit_with(user_error(e, folder) or UserError(f"{what} failed: {e}"))
 
 
 def instantiated(config: Any, group: str, **kwargs: Any) -> Any:
@@ -115,10 +125,14 @@ def instantiated(config: Any, group: str, **kwargs: Any) -> Any:
 
 def discard_created_run_dir() -> None:
     """Remove the run dir that this process created, if its training never started (a rejected command)."""
-    started = {run_dir.resolve() for run_dir in training_started}
     for run_dir in created_run_dirs:
-        if run_dir.resolve() not in started:
+        if not training_began(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def training_began(run_dir: Path) -> bool:
+    """Whether training began in `run_dir` in this process (then the dir stays, whatever happens next)."""
+    return run_dir.resolve() in {started.resolve() for started in training_started}
 
 
 def to_log_file(message: str) -> None:
@@ -146,7 +160,7 @@ def reported_failures() -> Iterator[None]:
         hydra = HydraConfig.get()
         run_dir = Path(hydra.runtime.output_dir)
         bad_input = user_error(e, run_dir)
-        if isinstance(bad_input, FileSystemError) and run_dir.resolve() in {r.resolve() for r in training_started}:
+        if isinstance(bad_input, FileSystemError) and training_began(run_dir):
             bad_input = FileSystemError(f"{bad_input} {how_to_go_on(run_dir, hydra.mode)}")
         if hydra.mode != RunMode.MULTIRUN:
             if bad_input is not None:

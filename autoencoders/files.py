@@ -87,12 +87,18 @@ def check_replaceable(*paths: Path) -> None:
             check_replaceable(*(path / name for name in sorted(set(os.listdir(path)) - {LEDGER})))
 
 
+def exception_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and the exceptions behind it: each one's cause, or else the one it was raised while handling."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def name_in_error(error: BaseException, path: Path) -> None:
     """Give the OSError behind `error` (e.g. torch.save's RuntimeError on a full disk) the name of the file written."""
-    while error is not None:
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(path)
-        error = error.__cause__ or error.__context__
+    for link in exception_chain(error):
+        if isinstance(link, OSError) and link.filename is None:
+            link.filename = str(path)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import exit_with, user_error
+from autoencoders.cli import ending_the_command, exit_with
 from autoencoders.errors import UserError
 from autoencoders.jobs import FINISHED, job_order, job_status
 from autoencoders.rundirs import check_room
@@ -71,13 +71,11 @@ class FailureSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        try:
+        with ending_the_command(f"Starting the sweep in {sweep_dir}", sweep_dir):
             check_sweep_dir(sweep_dir)
             check_room(sweep_dir)
             sweep_dir.mkdir(parents=True, exist_ok=True)  # before the sweeper starts: Optuna keeps its study there
             (sweep_dir / STARTED_FILE).touch()
-        except (UserError, OSError) as e:
-            exit_with(user_error(e) or UserError(f"Could not start the sweep in {sweep_dir}: {e}"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -100,11 +98,8 @@ class FailureSummary(Callback):
         from autoencoders.loggers import record_sweep  # imports torch: only once the jobs are done
 
         finished = sorted((job for job in statuses if statuses[job].state == FINISHED), key=job_order)
-        try:
-            with signals_deferred():  # Ctrl-C or SIGTERM stops the sweep once its TensorBoard record is whole
-                record_sweep(sweep_dir, finished)
-        except (UserError, OSError) as e:  # Hydra would make an error of a callback a warning
-            exit_with(user_error(e, sweep_dir) or UserError(f"The sweep's TensorBoard record failed: {e}"))
+        with ending_the_command("The sweep's TensorBoard record", sweep_dir), signals_deferred():
+            record_sweep(sweep_dir, finished)  # Ctrl-C or SIGTERM stops the sweep once that record is whole
         # this invocation's jobs that did not finish: a failure recorded now, or a job started now that went silent
         unfinished = [
             (job.resolve().relative_to(sweep_dir.resolve()), status)

@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import exit_with, user_error
+from autoencoders.cli import ending_the_command
 from autoencoders.errors import UserError
 from autoencoders.files import atomic, check_replaceable, write_text, written
 from autoencoders.jobs import FINISHED, METRICS_FILE, job_status
@@ -73,10 +73,8 @@ class TransferStudy(Callback):
         if hydra.sweep.subdir.startswith(f"{PRETRAIN_DIR}/"):
             return  # a pretraining job, no classifier
         jobs = Path(config.hydra.sweep.dir) / JOBS_DIR
-        try:
+        with ending_the_command(f"Recording job {hydra.job.num}", jobs):  # else missing from the study's table
             write_text(jobs / str(hydra.job.num), hydra.runtime.output_dir)
-        except (UserError, OSError) as e:  # a job the study cannot find would be missing from its table
-            exit_with(user_error(e, jobs) or UserError(f"The study could not record job {hydra.job.num}: {e}"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -85,14 +83,12 @@ class TransferStudy(Callback):
             from autoencoders.checkpoints import signals_deferred  # imports torch: only once the jobs are done
 
             cells = summarize(results)
-            try:
+            with ending_the_command("Writing the study's tables", sweep_dir):
                 check_replaceable(*(sweep_dir / name for name in ("transfer.csv", "transfer.md", "transfer.png")))
                 with signals_deferred():  # Ctrl-C or SIGTERM stops the study once its files are whole
                     write_csv(cells, sweep_dir / "transfer.csv")
                     write_text(sweep_dir / "transfer.md", markdown(cells))
                     plot(cells, sweep_dir / "transfer.png")
-            except (UserError, OSError) as e:  # Hydra would make an error of a callback a warning
-                exit_with(user_error(e, sweep_dir) or UserError(f"The study's tables could not be written: {e}"))
             print(
                 f"\n{markdown(cells)}\ntransfer study: wrote transfer.csv, transfer.md and transfer.png to {sweep_dir}"
             )
