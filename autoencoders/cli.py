@@ -5,17 +5,20 @@ it ends on Ctrl-C or SIGTERM: one `error:` line, exit code 130 or 143 (stopped_b
 Imported before torch (train.py's Hydra callbacks use it at start-up)."""
 
 import errno
+import functools
 import logging
 import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 
 from autoencoders.errors import EveryProcessError, FileSystemError, UserError
@@ -96,10 +99,41 @@ def user_error(error: BaseException | None, folder: Path | None = None) -> UserE
     return None
 
 
+class CommandCallback(Callback):
+    """A Hydra callback whose failure ends the command. Hydra turns an exception that a callback raises into a warning
+    and goes on, to exit 0 (hydra._internal.callbacks): a sweep whose summary failed would pass for a success. So each
+    hook that a subclass defines ends the command instead: on bad input or a file system's refusal with one `error:`
+    paragraph (exit 2), on anything else with its traceback and exit 1."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, hook in list(vars(cls).items()):
+            if name.startswith("on_") and callable(hook):
+                setattr(cls, name, _ending_the_command_on_failure(hook))
+
+
+def _ending_the_command_on_failure(hook: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(hook)
+    def run(callback: CommandCallback, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(callback, *args, **kwargs)
+        except Exception as e:
+            error = user_error(e)
+            if error is not None:
+                exit_with(error)
+            traceback.print_exc()
+            sys.exit(
+                f"error: {type(callback).__name__}.{hook.__name__} failed with the traceback above: "
+                f"{type(e).__name__}: {e}. This is a fault of autoencoders; please report it with that traceback."
+            )
+
+    return run
+
+
 @contextmanager
 def ending_the_command(what: str, folder: Path) -> Iterator[None]:
-    """For a Hydra callback, whose exceptions Hydra turns into warnings: bad input or a file system's refusal in the
-    block ends the command with one `error:` paragraph, exit 2 (`what` names the step, for another OSError)."""
+    """In a CommandCallback's hook: bad input or a file system's refusal in the block ends the command with one
+    `error:` paragraph that names the folder being written, exit 2 (`what` names the step, for another OSError)."""
     try:
         yield
     except (UserError, OSError) as e:

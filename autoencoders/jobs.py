@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.rundirs import LOCK_FILE
@@ -56,15 +57,16 @@ def job_status(run_dir: Path) -> JobStatus:
 
 def slurm_job(run_dir: Path) -> str:
     """' (SLURM job <id>, its log: <path>, stderr: <path>)' for a job that submitit ran on SLURM, else ''."""
-    try:
-        hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
-    except OSError:
+    try:  # the job's config as it saw it: its hydra settings may refer to its other settings (a subdir to ${seed})
+        job = OmegaConf.merge(*(OmegaConf.load(run_dir / ".hydra" / f"{name}.yaml") for name in ("config", "hydra")))
+        hydra = job.hydra
+        if not str(hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
+            return ""
+        sweep_dir = run_dir.parents[len(Path(hydra.sweep.subdir).parts) - 1]  # the job dir is <sweep dir>/<subdir>
+        hydra.sweep.dir = str(sweep_dir)  # as the job saw it, perhaps relative to another working dir
+        log = Path(hydra.launcher.submitit_folder.replace("%j", hydra.job.id)) / f"{hydra.job.id}_0_log"
+    except (OSError, OmegaConfBaseException):  # no record of the job's settings, or ones this process cannot resolve
         return ""
-    if not str(hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
-        return ""
-    sweep_dir = run_dir.parents[len(Path(hydra.sweep.subdir).parts) - 1]  # the job dir is <sweep dir>/<subdir>
-    hydra.sweep.dir = str(sweep_dir)  # as the job saw it, perhaps relative to another working dir
-    log = Path(hydra.launcher.submitit_folder.replace("%j", hydra.job.id)) / f"{hydra.job.id}_0_log"
     return f" (SLURM job {hydra.job.id}, its log: {log}.out, stderr: {log}.err)"
 
 

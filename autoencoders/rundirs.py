@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from autoencoders.cli import created_run_dirs, exit_with, user_error
+from autoencoders.cli import CommandCallback, created_run_dirs, user_error
 from autoencoders.errors import UserError
 
 if TYPE_CHECKING:
@@ -247,28 +246,25 @@ def claim(run_dir: Path, chosen: bool) -> Path:
     raise UserError(f"Could not create a new run dir beside {run_dir}: 999 runs already have its name.")
 
 
-class RunDirGuard(Callback):
+class RunDirGuard(CommandCallback):
     """Hydra callback: checks a single run's dir before Hydra writes .hydra/ into it (train() checks sweep jobs), and
     creates a new run's dir exclusively."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
-        try:
-            check_run_dir(run_dir, config.ckpt_path)
-            if resumes_in_place(config.ckpt_path, run_dir):
-                if not os.access(run_dir, os.W_OK):
-                    raise UserError(
-                        f"{run_dir} is read-only, so the run cannot resume in it. Make it writable (chmod u+w), or "
-                        "copy it and resume the copy with hydra.run.dir=<copy> ckpt_path=last."
-                    )
-                check_resume_settings(config, run_dir)
-                from autoencoders.checkpoints import read_checkpoint  # imports torch: only now that it is needed
+        check_run_dir(run_dir, config.ckpt_path)
+        if resumes_in_place(config.ckpt_path, run_dir):
+            if not os.access(run_dir, os.W_OK):
+                raise UserError(
+                    f"{run_dir} is read-only, so the run cannot resume in it. Make it writable (chmod u+w), or "
+                    "copy it and resume the copy with hydra.run.dir=<copy> ckpt_path=last."
+                )
+            check_resume_settings(config, run_dir)
+            from autoencoders.checkpoints import read_checkpoint  # imports torch: only now that it is needed
 
-                read_checkpoint(checkpoint_path(config.ckpt_path, run_dir))
-                return
-            chosen = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
-            claimed = claim(run_dir, chosen)
-        except UserError as e:
-            exit_with(e)  # Hydra turns an exception raised by a callback into a warning
+            read_checkpoint(checkpoint_path(config.ckpt_path, run_dir))
+            return
+        chosen = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+        claimed = claim(run_dir, chosen)
         with read_write(config.hydra.run), open_dict(config.hydra.run):
             config.hydra.run.dir = str(claimed)

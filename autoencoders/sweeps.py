@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import ending_the_command, exit_with
+from autoencoders.cli import CommandCallback, ending_the_command
 from autoencoders.errors import UserError
 from autoencoders.jobs import FINISHED, job_order, job_status
 from autoencoders.rundirs import check_room
@@ -65,7 +64,7 @@ def check_sweep_dir(sweep_dir: Path) -> None:
         )
 
 
-class FailureSummary(Callback):
+class FailureSummary(CommandCallback):
     """Hydra callback: when a sweep ends, say which jobs it skipped as finished earlier, list this invocation's failed
     jobs with their reasons, and exit 1 if any failed."""
 
@@ -117,22 +116,20 @@ class FailureSummary(Callback):
         sys.exit(1)
 
 
-class LauncherCheck(Callback):
+class LauncherCheck(CommandCallback):
     """Hydra callback: refuse a SLURM sweep on a machine without SLURM before any job is submitted."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         target = OmegaConf.select(config, "hydra.launcher._target_") or ""
         if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
-            exit_with(
-                UserError(
-                    "hydra/launcher=slurm submits each job with SLURM's sbatch, which is not installed on this "
-                    "machine. Run the sweep from a SLURM login node, or here with hydra/launcher=joblib (parallel "
-                    "processes) or the default launcher (one job after another)."
-                )
+            raise UserError(
+                "hydra/launcher=slurm submits each job with SLURM's sbatch, which is not installed on this machine. "
+                "Run the sweep from a SLURM login node, or here with hydra/launcher=joblib (parallel processes) or "
+                "the default launcher (one job after another)."
             )
 
 
-class ThreadSplit(Callback):
+class ThreadSplit(CommandCallback):
     """Hydra callback: under a launcher that runs several jobs at once on a machine, each job's torch gets its share
     of the cores instead of every job using every core: cores // n_jobs threads under joblib, so that jobs x threads
     <= cores; under submitit (local, or SLURM, whose nodes may not confine a job to its CPUs),

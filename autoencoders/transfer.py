@@ -19,10 +19,9 @@ from typing import Any, NamedTuple
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from autoencoders.cli import ending_the_command
+from autoencoders.cli import CommandCallback, ending_the_command
 from autoencoders.errors import UserError
 from autoencoders.files import atomic, check_replaceable, write_text, written
 from autoencoders.jobs import FINISHED, METRICS_FILE, job_status
@@ -65,7 +64,7 @@ SELECTION_RULES = {  # what each value of `selection` tests, for the tables
 }
 
 
-class TransferStudy(Callback):
+class TransferStudy(CommandCallback):
     """Record where each classifier job runs; tabulate and plot their results after the sweep."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:

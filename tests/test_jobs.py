@@ -6,9 +6,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.jobs import CRASHED, FAILED, FINISHED, RUNNING, job_order, job_status
 from autoencoders.rundirs import LOCK_FILE
+from tests.helpers import ROOT
 
 
 def trainer_stand_in(run_dir) -> subprocess.Popen:
@@ -48,3 +53,30 @@ def test_a_failure_record_decides_over_older_metrics_and_finished_jobs_say_when(
 def test_jobs_sort_by_their_number(tmp_path):
     names = ["10_a", "2_b", "x"]
     assert [p.name for p in sorted((tmp_path / n for n in names), key=job_order)] == ["x", "2_b", "10_a"]
+
+
+@pytest.mark.parametrize("job", ["sweep", "transfer classifier", "transfer pretraining"])
+@pytest.mark.parametrize("failed", [True, False], ids=["failed", "crashed"])
+def test_a_slurm_job_that_did_not_finish_names_its_slurm_job_and_log(tmp_path, job, failed):
+    """A job's .hydra/ as hydra/launcher=slurm leaves it, for each kind of sweep subdir: Hydra's default (a name from
+    the overrides), the study's classifier (whose overrides name its encoder by `${seed}`, which only the job's own
+    settings resolve) and the study's pretraining (pretrain/seed-0, two folders deep)."""
+    overrides = {
+        "sweep": ["model=ae"],
+        "transfer classifier": ["experiment=transfer", "encoder_ckpt='pretrain/seed-${seed}/checkpoints/last.ckpt'"],
+        "transfer pretraining": ["model=vae", "hydra.sweep.subdir=pretrain/seed-0"],
+    }[job]
+    sweep_dir = tmp_path / "study"
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}", *overrides], True)
+    cfg.hydra.job.id, cfg.hydra.job.num = "19", 0  # as the launcher sets them in the job
+    run_dir = sweep_dir / cfg.hydra.sweep.subdir
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"hydra": cfg.hydra}), run_dir / ".hydra" / "hydra.yaml")
+    with open_dict(cfg):
+        del cfg.hydra
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    if failed:
+        (run_dir / FAILURE_FILE).write_text(json.dumps({"error": "NaN loss at step 3"}))
+    log = sweep_dir / ".submitit" / "19" / "19_0_log"
+    assert str(job_status(run_dir)).endswith(f" (SLURM job 19, its log: {log}.out, stderr: {log}.err)")

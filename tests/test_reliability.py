@@ -1,6 +1,7 @@
 """Faults and bad input: a killed run resumes exactly, NaN stops cleanly, failed sweep jobs are listed, and bad input
 is refused with a clear message while every existing run dir and checkpoint stays as it was."""
 
+import errno
 import os
 import re
 import shutil
@@ -11,15 +12,19 @@ import warnings
 import zipfile
 from argparse import Namespace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hydra._internal.callbacks import Callbacks
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 import autoencoders
 from autoencoders.checkpoints import SafeCheckpointIO, all_finite
-from autoencoders.cli import user_error
+from autoencoders.cli import CommandCallback, user_error
 from autoencoders.errors import UserError
 from autoencoders.files import LEDGER
 from autoencoders.models import M2
@@ -454,3 +459,44 @@ def test_train_py_refuses_before_writing_into_an_existing_run_dir(overrides, tru
     assert proc.stderr.count("error: ") == 1 and "Traceback" not in proc.stderr
     assert re.search(message, proc.stderr)
     assert snapshot(run_dir) == before  # not even .hydra/ or train.log
+
+
+@pytest.mark.parametrize("config", ["train.yaml", "experiment/transfer.yaml"])
+def test_every_hydra_callback_of_the_project_ends_the_command_when_it_fails(config):
+    """Hydra turns a callback's exception into a warning and exits 0; the project's callbacks end the command."""
+    callbacks = OmegaConf.load(ROOT / "conf" / config).hydra.callbacks
+    assert callbacks
+    for name, node in callbacks.items():
+        assert issubclass(get_class(node._target_), CommandCallback), name
+
+
+class Failing(CommandCallback):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error, code, said, traceback",
+    [
+        (UserError("latent_dim=0 is not positive."), 2, "error: latent_dim=0 is not positive.\n", False),
+        (OSError(errno.ENOSPC, "No space left on device", "/full/metrics.json"), 2,
+         "error: Could not write /full/metrics.json: No space left on device (ENOSPC). Free space", False),
+        (KeyError("seed"), 1, "error: Failing.on_multirun_end failed with the traceback above: KeyError: 'seed'", True),
+    ],
+    ids=["bad input", "full disk", "fault"],
+)  # fmt: skip
+def test_a_failing_hydra_callback_ends_the_command_through_hydras_own_dispatch(error, code, said, traceback, capsys):
+    callbacks = Callbacks()
+    callbacks.callbacks.append(Failing(error))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Hydra's warning would mean the failure was swallowed
+        with pytest.raises(SystemExit) as ended:
+            callbacks.on_multirun_end(config=OmegaConf.create())
+    exit_code, stderr = ended.value.code, capsys.readouterr().err
+    if isinstance(exit_code, str):  # sys.exit(message): Python prints the message to stderr and exits 1
+        exit_code, stderr = 1, stderr + exit_code
+    assert exit_code == code
+    assert said in stderr and ("Traceback (most recent call last)" in stderr) == traceback

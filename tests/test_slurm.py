@@ -73,6 +73,19 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> 
         time.sleep(0.2)
 
 
+def requeued(job_id: str) -> bool:
+    """Whether the job is back in the queue, waiting to start again, and its earlier run has left the node."""
+    waiting = "PENDING" in slurm("squeue", "--noheader", "--format=%T", "-j", job_id)
+    return waiting and slurm("sinfo", "--noheader", "--Node", "--format=%T").split() == ["idle"]
+
+
+def start_requeued(job_id: str) -> None:
+    """Start a requeued job in 2 s instead of SLURM's 2 minutes. Not at once: slurmd refuses a job whose credential
+    dates from the second in which the job's earlier run was killed ("Job credential revoked"), and the job fails."""
+    wait_for(lambda: requeued(job_id), "the requeue")
+    slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now+2")
+
+
 def start_train(*overrides: str, cwd: Path) -> subprocess.Popen:
     """train.py as a user starts it, in the background."""
     command = [sys.executable, str(ROOT / "train.py"), *overrides]
@@ -136,8 +149,7 @@ def test_a_preempted_job_saves_is_requeued_and_ends_as_an_uninterrupted_run(
         slurm("scancel", "--signal=USR2", job_id)
     else:
         slurm("scontrol", "requeue", job_id)
-    wait_for(lambda: "PENDING" in slurm("squeue", "--noheader", "--format=%T", "-j", job_id), "the requeue")
-    slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # SLURM holds a requeued job for 2 minutes
+    start_requeued(job_id)
     code, stdout, stderr = ended(sweep)
     assert code == 0, stderr[-3000:]
     assert metrics(run_dir) == pytest.approx(uninterrupted, rel=1e-6)
@@ -158,8 +170,7 @@ def test_a_job_preempted_outside_fit_and_test_is_requeued_at_once_and_then_runs_
     wait_for(lambda: log.is_file() and "torch threads" in log.read_text(), "the job's start")
     job_id = slurm_job_id(run_dir)
     slurm("scancel", "--signal=USR2", job_id)
-    wait_for(lambda: "PENDING" in slurm("squeue", "--noheader", "--format=%T", "-j", job_id), "the requeue", 30)
-    slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+    start_requeued(job_id)
     code, stdout, stderr = ended(sweep)
     assert code == 0, stderr[-3000:]
     text = log.read_text()
@@ -281,12 +292,12 @@ def test_a_transfer_classifier_preempted_inside_an_epoch_resumes_exactly(cluster
     # the same study uninterrupted, by the basic launcher, its classifier on the same pretrained encoder
     pretrained = tmp_path / "study" / "pretrain" / "seed-0" / "checkpoints" / "last.ckpt"
     reference = start_train(*study, f"encoder_ckpt={pretrained}", "hydra.sweep.dir=reference", cwd=tmp_path)
-    wait_for(lambda: "PENDING" in slurm("squeue", "--noheader", "--format=%T", "-j", job_id), "the requeue")
+    wait_for(lambda: requeued(job_id), "the requeue")
     state = torch.load(last, map_location="cpu", weights_only=True)  # what the requeued job resumes from
     in_epoch = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
     assert 25 <= state["global_step"] < max_steps and state["global_step"] % 25 == 0, "the signal came after fit"
     assert state["global_step"] % steps_per_epoch != 0 and in_epoch == state["global_step"] % steps_per_epoch
-    slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")  # SLURM holds a requeued job for 2 minutes
+    start_requeued(job_id)
     code, stdout, stderr = ended(sweep)
     assert code == 0, stderr[-3000:]
     code, reference_stdout, reference_stderr = ended(reference)
