@@ -162,6 +162,7 @@ class TrainConfig:  # conf/train.yaml
     trainer: Any = MISSING
     logger: Any = None
     callbacks: Any = MISSING
+    augment: Any = None
     optimizer: Any = MISSING
     scheduler: Any = None
     seed: int = torch_seed()
@@ -214,6 +215,14 @@ class DataConfig:  # conf/data/*.yaml: autoencoders.data.ImageDataModule
     seed: int = torch_seed()
     binarize: str | None = one_of(*BINARIZE)
     device_cap_gb: float = non_negative("4", note="0 keeps every split in host memory.")
+
+
+@dataclass
+class AffineConfig:  # conf/augment/affine.yaml: autoencoders.data.augment.Affine
+    _target_: str = MISSING
+    shift: float = non_negative("2", what="a number of pixels")
+    degrees: float = _setting(low=0, high=180, example="10", what="an angle in degrees")
+    scale: float = _setting(low=0, high=1, open_high=True, example="0.1", note="factors in [1 - scale, 1 + scale].")
 
 
 @dataclass
@@ -351,6 +360,8 @@ class FSQVAEConfig(AEConfig):  # conf/model/fsq.yaml: autoencoders.models.FSQVAE
 class M2Config(VAEConfig):  # conf/model/m2.yaml: autoencoders.models.M2
     num_classes: int | None = positive("10")
     alpha: float = weight("0.1")  # Kingma et al.'s alpha, per image: M2's docstring
+    consistency: float = weight("1.0")
+    consistency_rampup: int = non_negative("1000", what="a number of steps")
     encoder_ckpt: str | None = MISSING
 
 
@@ -465,6 +476,7 @@ def register() -> None:
     # Root-level names, not options of the data and model groups: --help does not list them and `model=` cannot pick
     # them; each conf/<group>/*.yaml merges its schema in with `defaults: [/<group>_<name>_schema@_here_]`.
     store.store(name="data_schema", node=DataConfig)
+    store.store(name="augment_affine_schema", node=AffineConfig)
     models = {"ae": AEConfig, "vae": VAEConfig, "dae": DAEConfig, "sparse_ae": SparseAEConfig, "wae": WAEConfig}
     models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
     models |= {"m2": M2Config, "rae": RAEConfig, "aae": AAEConfig, "info_vae": InfoVAEConfig, "vamp": VampVAEConfig}

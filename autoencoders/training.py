@@ -92,6 +92,12 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.precision={precision} (float16 mixed precision) needs a CUDA GPU, and this run trains on the "
             "CPU. Use trainer.precision=bf16-mixed (bfloat16, which CPUs support), or train on a GPU with trainer=gpu."
         )
+    if cfg.model.get("consistency") and not cfg.get("augment"):
+        raise UserError(
+            f"model.consistency={cfg.model.consistency} compares M2's class guesses for an image and for a random "
+            "transform of it, which needs augment=affine (its ranges: augment.shift, augment.degrees, augment.scale). "
+            "Add augment=affine, or drop model.consistency."
+        )
     if cfg.encoder_ckpt is not None and "num_classes" not in cfg.model:
         raise UserError(
             f"encoder_ckpt={cfg.encoder_ckpt} is read only by model=classifier, and this run trains "
@@ -143,7 +149,8 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
     autoencoder whose likelihood is null gets the data's (bernoulli on binarised data); and a null latent_dim with no
     encoder_ckpt to take it from (a classifier's) is the top-level latent_dim."""
     select_on_whole_val(cfg)
-    datamodule = cli.instantiated(cfg.data, "data")
+    augment = cli.instantiated(cfg.augment, "augment") if cfg.get("augment") else None  # augment=none: {}
+    datamodule = cli.instantiated(cfg.data, "data", augment=augment)
     datamodule.setup("fit")
     needs = {"num_classes": datamodule.num_classes} if "num_classes" in cfg.model else {}
     if "likelihood" in cfg.model:

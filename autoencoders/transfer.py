@@ -34,6 +34,7 @@ PRETRAIN_DIR = "pretrain"  # the pretraining job's hydra.sweep.subdir
 # machine. The rest (model, seed, data.labels_per_class, the trainer's schedule, ...) concerns the classifiers only.
 SHARED = (
     "data",
+    "augment",
     "latent_dim",
     "kl_weight",
     "trainer",
@@ -136,7 +137,7 @@ def pretraining_overrides(task_overrides: Sequence[str]) -> list[str]:
     kept = []
     for override in OverridesParser.create().parse_overrides(list(task_overrides)):
         key = override.key_or_group
-        if key not in SHARED and not (key.startswith("data.") and key != "data.labels_per_class"):
+        if key not in SHARED and not (key.startswith(("data.", "augment.")) and key != "data.labels_per_class"):
             continue
         if override.is_sweep_override():
             sys.exit(

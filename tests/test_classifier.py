@@ -329,12 +329,17 @@ def test_pretraining_gets_the_shared_overrides_only() -> None:
         "model.head=mlp",
         "trainer.max_steps=5",
         "+trainer.precision=16",
+        "augment=affine",
+        "augment.degrees=5",
+        "model.consistency=1",
     ]
     assert pretraining_overrides(overrides) == [
         "data=mnist",
         "data.batch_size=64",
         "latent_dim=8",
         "+trainer.precision=16",
+        "augment=affine",
+        "augment.degrees=5",
     ]
     with pytest.raises(SystemExit, match="latent_dim=8,16 cannot be swept"):
         pretraining_overrides(["latent_dim=8,16"])

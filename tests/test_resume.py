@@ -38,9 +38,12 @@ FAMILIES = {  # "{vae}": a VAE checkpoint that the module's fixture trains
     "vqvae": ["model=vqvae", "latent_dim=4", "model.embedding_dim=2", "model.codebook_size=8"],
     "factor_vae": ["model=factor_vae"],  # manual optimization: two optimizers a step
     "m2": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2"],  # labelled and unlabelled batches
-    "m1m2": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2", "encoder_ckpt={vae}"],
-    "classifier": ["model=classifier", "data.labels_per_class=5", "encoder_ckpt={vae}", "model.method=finetune"],
-}
+    # augmented: the draws of each training batch, of both kinds of batch (labelled, and M2's labelled + unlabelled)
+    "m1m2_augmented": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2", "encoder_ckpt={vae}",
+                       "augment=affine"],
+    "classifier_augmented": ["model=classifier", "data.labels_per_class=5", "encoder_ckpt={vae}",
+                             "model.method=finetune", "augment=affine"],
+}  # fmt: skip
 
 
 def _run(fault: str, overrides: list[str], log: Path) -> None:

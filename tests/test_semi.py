@@ -13,6 +13,7 @@ from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
 import autoencoders
 from autoencoders.data import ImageDataModule, MNISTSubset
+from autoencoders.data.augment import Affine
 from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches
 from autoencoders.models import HVAE, IAFVAE, M2, VAE
 from tests.helpers import checkpoint_file, run_train
@@ -74,6 +75,46 @@ def test_the_loss_weighs_its_terms_as_kingma_et_als_code(alpha: float) -> None:
     beta = alpha * n_total / n_labelled
     expected = (labelled.sum() + beta * cross_entropy.sum() + (recon_u + kl_u).sum()) / n_total
     torch.testing.assert_close(loss, expected)
+
+
+def test_the_consistency_term_is_the_kl_between_the_guesses_for_an_image_and_its_transform() -> None:
+    """KL(q(y|x) || q(y|T(x))) by torch.distributions, T the augment group's draw from the same random state; its
+    gradient is the one of that KL with q(y|x) held fixed (a stopped gradient, as in the Π-model and UDA)."""
+    torch.manual_seed(0)
+    augment = Affine(shift=2, degrees=15, scale=0.1)
+    model = M2(SHAPE, num_classes=3, latent_dim=2, consistency=2.0)
+    model._trainer = Mock(datamodule=Mock(train_set=range(2), unlabelled_set=range(6), augment=augment))
+    model.setup("fit")
+    x = binary_images(6)
+    torch.manual_seed(1)
+    term = model.consistency_term(x, model.classifier(x))
+    (got,) = torch.autograd.grad(term, model.classifier.parameters().__next__())
+    torch.manual_seed(1)
+    moved = augment(x)
+    assert not torch.equal(moved, x)
+    fixed = Categorical(logits=model.classifier(x).detach())
+    expected = kl_divergence(fixed, Categorical(logits=model.classifier(moved))).mean()
+    (wanted,) = torch.autograd.grad(expected, model.classifier.parameters().__next__())
+    torch.testing.assert_close(term, expected)
+    torch.testing.assert_close(got, wanted)
+
+
+@pytest.mark.parametrize("step, share", [(0, 0.0), (250, 0.25), (1000, 1.0), (5000, 1.0)])
+def test_the_consistency_weight_ramps_up_as_laine_and_ailas(step: int, share: float) -> None:
+    """Laine and Aila (2017), Temporal Ensembling, appendix A: w(t) = exp(-5 (1 - T)^2), T rising linearly from 0 to 1
+    over the ramp-up."""
+    model = M2(SHAPE, num_classes=3, latent_dim=2, consistency=3.0, consistency_rampup=1000)
+    model._trainer = Mock(global_step=step)
+    assert model.consistency_weight() == pytest.approx(3.0 * math.exp(-5 * (1 - share) ** 2))
+    assert M2(SHAPE, num_classes=3, latent_dim=2, consistency=3.0).consistency_weight() == 3.0  # no ramp-up
+
+
+def test_a_consistency_term_without_an_augmentation_is_refused_before_training(tmp_path: Path) -> None:
+    proc = run_train("model=m2", "data.labels_per_class=2", "model.consistency=1", "hydra.run.dir=run", cwd=tmp_path,
+                     check=False)  # fmt: skip
+    assert proc.returncode == 2 and "error: model.consistency=1.0 compares" in proc.stderr, proc.stderr[-2000:]
+    assert "augment=affine" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 class WithOne(nn.Module):

@@ -39,6 +39,7 @@ NOT_WALKED = {
     "source": "data.source: a Source object with its own arguments, which data/sources.py checks",
     # walked as their own yamls, and the trainer's and optimizer's keys by OPEN_GROUP_RULES (below)
     **dict.fromkeys(("data", "model", "trainer", "logger", "callbacks", "optimizer", "scheduler"), "a config group"),
+    "augment": "a config group",
 }
 # Bad values that a field takes, each with its reason.
 ACCEPTED = {
@@ -114,6 +115,7 @@ def leaves(node: DictConfig, path: str) -> list[tuple[str, Any]]:
 
 
 YAMLS = ["train", "evaluate"] + [f"{g}/{p.stem}" for g in ("model", "data") for p in sorted((CONF / g).glob("*.yaml"))]
+YAMLS += ["augment/affine"]  # augment/none has no fields
 
 
 def fields_of(yaml: str) -> list[tuple[str, Any]]:

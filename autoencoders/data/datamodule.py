@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from autoencoders import config, seeds
+from autoencoders.data.augment import Affine
 from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches, to_unit_float
 from autoencoders.data.sources import Source
 from autoencoders.errors import UserError
@@ -44,6 +45,8 @@ class ImageDataModule(L.LightningDataModule):
     binarised once with a generator fixed by `split_seed`, so their scores are reproducible. `real_split(split)`
     always returns the grey images, which sample-quality metrics compare against. For data made from known factors
     (data=sprites), `factors(split)` gives each image's factor values, aligned with every split and subset above.
+    `augment` (augment=affine: data/augment.py) transforms every training image anew in each step, before a dynamic
+    binarisation; validation and test images never.
 
     On an accelerator, the splits move to its memory once, train first, while their uint8 bytes fit within
     `device_cap_gb` (per process); a split that does not fit stays in host memory and is copied per batch.
@@ -74,6 +77,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         binarize: str | None = None,
         device_cap_gb: float = 4.0,
+        augment: Affine | None = None,
     ):
         super().__init__()  # each value is in its range (config.DataConfig): only their relation is checked here
         if val_fraction + test_fraction >= 1:
@@ -81,8 +85,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
                 "training data; keep their sum below 1, e.g. 0.1 each."
             )
-        self.save_hyperparameters(ignore=["source"], logger=False)
-        self.source = source
+        self.save_hyperparameters(ignore=["source", "augment"], logger=False)
+        self.source, self.augment = source, augment
         self._device: torch.device | None = None  # the accelerator that _move_to copied the splits to that fit
         self._on_device: dict[str, ImageSplit] = {}
 
@@ -218,11 +222,14 @@ class ImageDataModule(L.LightningDataModule):
         x, y = batch
         x = to_unit_float(x)
         trainer = self.trainer
-        if self.hparams.binarize == "dynamic" and trainer is not None and trainer.training:
-            # each batch's draws from a stream of its own: the same in a resumed run as in one that never stopped
-            batch = seeds.generator(self.hparams.seed, "binarize", *self._training_position(), trainer.global_rank,
-                                    device=x.device)  # fmt: skip
-            x = torch.bernoulli(x, generator=batch)
+        if trainer is None or not trainer.training:
+            return x, y
+        # each training batch's draws from streams of its own: the same in a resumed run as in one that never stopped
+        position = (*self._training_position(), trainer.global_rank)
+        if self.augment is not None:
+            x = self.augment(x, seeds.generator(self.hparams.seed, "augment", *position, device=x.device))
+        if self.hparams.binarize == "dynamic":
+            x = torch.bernoulli(x, generator=seeds.generator(self.hparams.seed, "binarize", *position, device=x.device))
         return x, y
 
     def held_out_overlap(self, trained_on: dict) -> int:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from autoencoders.checkpoints import MODELS, read_checkpoint
 from autoencoders.data import ImageDataModule
+from autoencoders.data.augment import Affine
 from autoencoders.errors import UserError
 from autoencoders.likelihoods import Gaussian
 from autoencoders.losses import gaussian_log_prob, kl_divergence
@@ -58,6 +59,7 @@ class M2(VAE):
     cross-entropy -log q(y|x). As in Kingma et al.'s code (learn_yz_x_ss.py: the objective summed over the N_l
     labelled and N_u unlabelled images, the cross-entropy weighted by alpha N / N_l, and divided by N = N_l + N_u),
     per image the loss is (N_l / N) mean L + (N_u / N) mean U + `alpha` mean CE, so `alpha` is the paper's (0.1 there).
+    `consistency` adds that weight (ramped up over `consistency_rampup` steps) times `consistency_term`.
     `val/elbo` and `test/elbo` are -U(x), a bound on log p(x) (KL weight 1); `acc` is q(y|x)'s accuracy, and the
     checkpoint is chosen on `val/acc`.
 
@@ -82,6 +84,8 @@ class M2(VAE):
         widths: Sequence[int] | None = None,
         likelihood: str = "bernoulli",
         alpha: float = 0.1,
+        consistency: float = 0.0,
+        consistency_rampup: int = 0,
         encoder_ckpt: str | Path | None = None,
         m1: dict | None = None,
         **base: Any,
@@ -106,6 +110,7 @@ class M2(VAE):
         self.pretraining_data = pretrained.get(ImageDataModule.__qualname__) if pretrained is not None else None
         self.encoder_ckpt = encoder_ckpt
         self.shares = (0.5, 0.5)  # of the labelled and the unlabelled images among both, once the data are known
+        self.augment: Affine | None = None  # the run's augment=, for the consistency term, once the data are known
 
     def build_nets(self, widths: Sequence[int] | None, decoder_shape: Sequence[int]) -> tuple[nn.Module, nn.Module]:
         """q(z|x,y)'s image net (FEATURES outputs), the decoder of [z, one-hot y], and q(y|x) and q(z|x,y)'s head."""
@@ -139,6 +144,7 @@ class M2(VAE):
         if datamodule is not None:
             labelled, unlabelled = len(datamodule.train_set), len(datamodule.unlabelled_set)
             self.shares = (labelled / (labelled + unlabelled), unlabelled / (labelled + unlabelled))
+            self.augment = datamodule.augment  # the consistency term's transforms (train.py requires them for it)
         if stage == "fit" and self.m1_model is not None:
             check_held_out(self.pretraining_data, datamodule, self.encoder_ckpt)
 
@@ -204,6 +210,9 @@ class M2(VAE):
             bound_l, bound_u = (recon_l + beta * kl_l).mean() + log_prior, (recon_u + beta * kl_u).mean()
             loss = self.shares[0] * bound_l + self.shares[1] * bound_u + self.hparams.alpha * ce
             terms = {"loss": loss, "labelled": bound_l, "unlabelled": bound_u}
+            if self.hparams.consistency:
+                terms["consistency"] = self.consistency_term(images[~labelled], logits[~labelled])
+                terms["loss"] = loss + self.consistency_weight() * terms["consistency"]
             terms |= {"ce": ce, "acc": (logits[labelled].argmax(1) == yl).float().mean()}
         else:  # held-out images: the unlabelled bound of each, and the classifier's guess of its label
             recon, kl = (t.mean() for t in self.unlabelled_terms(x, logits))
@@ -213,6 +222,20 @@ class M2(VAE):
                 terms |= self.test_terms(images)
         self.track(split, terms, len(images))
         return terms.get("loss")
+
+    def consistency_term(self, images: Tensor, logits: Tensor) -> Tensor:
+        """Mean KL(q(y|x) || q(y|T(x))) over unlabelled images x, nats, the first q held fixed (its gradient stopped),
+        T a random transform of the run's augment group (the Π-model's and UDA's consistency); `logits`: q(y|x)'s."""
+        target = logits.detach().log_softmax(1)
+        moved = self.classifier(self.inputs(self.augment(images))).log_softmax(1)
+        return F.kl_div(moved, target, reduction="batchmean", log_target=True)
+
+    def consistency_weight(self) -> float:
+        """`consistency`, ramped up over the first `consistency_rampup` steps by Laine and Aila's (2017) sigmoid-shaped
+        exp(-5 (1 - t)²), t the share of the ramp-up done."""
+        rampup, weight = self.hparams.consistency_rampup, self.hparams.consistency
+        done = min(1.0, self.global_step / rampup) if rampup else 1.0
+        return weight * math.exp(-5 * (1 - done) ** 2)
 
     def _bound_names(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """M1+M2's bounds are on M1's codes, not on images: `code_recon`, `code_kl`, `code_elbo`."""
