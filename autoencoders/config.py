@@ -398,6 +398,9 @@ OPEN_GROUP_RULES: dict[str, dict[str, Rule]] = {
         "log_every_n_steps": Rule(low=0, integer=True, example="10", note="0: never (and the NaN guard never reads)."),
         "num_nodes": Rule(low=0, open_low=True, integer=True, example="1"),
     },
+    "callbacks.ema": {
+        "decay": Rule(low=0, high=1, open_high=True, what="the average's share kept at each step", example="0.999"),
+    },
     "optimizer": {
         "lr": Rule(low=0, open_low=True, what="a learning rate", example="1.0e-3"),
         "weight_decay": Rule(low=0, example="1.0e-2"),
@@ -414,7 +417,13 @@ def check_settings(node: DictConfig, path: str = "", schema: type | None = None)
     a type allows it, is a default. `schema`: the node's, where it has none of its own (evaluate.py's +data.<key>)."""
     schema = OmegaConf.get_type(node) if dataclasses.is_dataclass(OmegaConf.get_type(node)) else schema
     rules, schemas = _rules(schema) if schema else (OPEN_GROUP_RULES.get(path, {}), {})
-    nested = []
+    nested = (
+        []
+        if schema
+        else [  # an open group's node with rules of its own: +callbacks=ema's callbacks.ema
+            (node[name], f"{path}.{name}", None) for name in node if f"{path}.{name}" in OPEN_GROUP_RULES
+        ]
+    )
     for name, rule in rules.items():
         if name not in node:  # absent, or ???
             continue

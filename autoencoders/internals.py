@@ -2,6 +2,7 @@
 checks them against the installed Lightning and torch, so an upgrade that moves them fails there, not in a run."""
 
 import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
@@ -44,8 +45,18 @@ def accumulating(trainer: L.Trainer) -> bool:
 
 def checkpoint_of(trainer: L.Trainer, weights_only: bool = False) -> dict:
     """The checkpoint dict that `trainer.save_checkpoint` would write now, without writing it: so a callback can keep
-    an epoch's state in memory and write it later (callbacks.LastCheckpoint)."""
-    return trainer._checkpoint_connector.dump_checkpoint(weights_only)
+    an epoch's state in memory and write it later (callbacks.LastCheckpoint).
+
+    Lightning asks no callback about a weights-only checkpoint, so under +callbacks=ema (WeightAveraging) the best
+    checkpoint would hold the current weights while the average was validated and chosen: its weights are the
+    average's here, as in a full checkpoint (where WeightAveraging keeps the current ones for resuming)."""
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+    if weights_only:
+        for callback in trainer.callbacks:
+            if isinstance(callback, WeightAveraging):
+                callback.on_save_checkpoint(trainer, trainer.lightning_module, checkpoint)
+                del checkpoint["current_model_state"], checkpoint["averaging_state"]  # only for resuming
+    return checkpoint
 
 
 # The hooks Lightning calls for every batch, all through trainer/call.py's _call_callback_hooks.

@@ -166,6 +166,22 @@ def test_nan_loss_stops_naming_the_step_and_writes_the_last_good_epoch(runs, tmp
     assert (state["epoch"], state["global_step"]) == (4, 10) and all_finite(state["state_dict"].values())
 
 
+def test_under_a_weight_average_the_best_checkpoint_holds_the_average_that_was_validated_and_chosen(tmp_path):
+    """+callbacks=ema validates the average; one validation, at the end, so the best and the last checkpoint are of
+    one step: the best (weights only) must hold what last.ckpt's state_dict holds, the average, and not the current
+    weights, which last.ckpt keeps for resuming."""
+    run_train("model=vae", "latent_dim=2", "+callbacks=ema", "callbacks.ema.decay=0.5", "hydra.run.dir=run",
+              cwd=tmp_path)  # fmt: skip
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    best, last = (torch.load(p, map_location="cpu", weights_only=True) for p in (best, checkpoints / "last.ckpt"))
+    assert best["global_step"] == last["global_step"] == 2
+    assert "current_model_state" not in best and "averaging_state" not in best
+    for name, weights in best["state_dict"].items():
+        assert torch.equal(weights, last["state_dict"][name]), name
+    assert any(not torch.equal(w, last["current_model_state"][k]) for k, w in best["state_dict"].items())
+
+
 def test_checkpoint_writes_are_atomic_finite_and_read_back_weights_only(tmp_path, monkeypatch):
     io, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)

@@ -37,7 +37,8 @@ FAMILIES = {  # "{vae}": a VAE checkpoint that the module's fixture trains
     "conv_vae": ["model=conv_vae", "model.widths=[4,8]"],
     "vqvae": ["model=vqvae", "latent_dim=4", "model.embedding_dim=2", "model.codebook_size=8"],
     "factor_vae": ["model=factor_vae"],  # manual optimization: two optimizers a step
-    "m2": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2"],  # labelled and unlabelled batches
+    # labelled and unlabelled batches; validated, chosen and tested on a moving average of the weights
+    "m2_ema": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2", "+callbacks=ema"],
     # augmented: the draws of each training batch, of both kinds of batch (labelled, and M2's labelled + unlabelled)
     "m1m2_augmented": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2", "encoder_ckpt={vae}",
                        "augment=affine"],
