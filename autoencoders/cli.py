@@ -102,8 +102,8 @@ def user_error(error: BaseException | None, folder: Path | None = None) -> UserE
 class CommandCallback(Callback):
     """A Hydra callback whose failure ends the command. Hydra turns an exception that a callback raises into a warning
     and goes on, to exit 0 (hydra._internal.callbacks): a sweep whose summary failed would pass for a success. So each
-    hook that a subclass defines ends the command instead: on bad input or a file system's refusal with one `error:`
-    paragraph (exit 2), on anything else with its traceback and exit 1."""
+    hook that a subclass defines ends the command instead: on bad input or an OSError with one `error:` paragraph
+    (exit 2), on anything else with its traceback and exit 1."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -118,7 +118,7 @@ def _ending_the_command_on_failure(hook: Callable[..., None]) -> Callable[..., N
         try:
             hook(callback, *args, **kwargs)
         except Exception as e:
-            error = user_error(e)
+            error = user_error(e) or (UserError(str(e)) if isinstance(e, OSError) else None)  # ENOENT, ENOTDIR, ...
             if error is not None:
                 exit_with(error)
             traceback.print_exc()

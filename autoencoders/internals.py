@@ -55,7 +55,8 @@ def checkpoint_of(trainer: L.Trainer, weights_only: bool = False) -> dict:
         for callback in trainer.callbacks:
             if isinstance(callback, WeightAveraging):
                 callback.on_save_checkpoint(trainer, trainer.lightning_module, checkpoint)
-                del checkpoint["current_model_state"], checkpoint["averaging_state"]  # only for resuming
+                for key in ("current_model_state", "averaging_state"):  # only for resuming
+                    checkpoint.pop(key, None)
     return checkpoint
 
 

@@ -119,18 +119,19 @@ def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
 
 
 def check_resume_settings(cfg: DictConfig, run_dir: Path) -> None:
-    """Resuming in place must keep the run's model and data settings: Hydra rewrites the run's .hydra/config.yaml."""
+    """Resuming in place must keep the run's model, data and augment settings and its weight average (a last.ckpt of
+    +callbacks=ema holds the average as its weights): Hydra rewrites the run's .hydra/config.yaml."""
     saved_file = run_dir / ".hydra" / "config.yaml"
     if not saved_file.is_file():
         return
     saved = OmegaConf.load(saved_file)
     changed = []
-    for group in ("model", "data"):
-        old, new = (OmegaConf.to_container(c[group], resolve=True) for c in (saved, cfg))
+    for group in ("model", "data", "augment", "callbacks.ema"):
+        old, new = (OmegaConf.to_container(OmegaConf.select(c, group) or {}, resolve=True) for c in (saved, cfg))
         changed += [f"{group}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in {*old, *new} if old.get(k) != new.get(k)]
     if changed:
         raise UserError(
-            f"Resuming {run_dir} with other model or data settings than it was trained with "
+            f"Resuming {run_dir} with other model, data, augment or ema settings than it was trained with "
             f"({'; '.join(sorted(changed))}) would mix two runs in one folder. Resume with the run's own settings (see "
             f"{saved_file}), or train the new settings as a new run. Nothing was changed."
         )

@@ -12,6 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
@@ -98,6 +99,12 @@ def check_config(cfg: DictConfig) -> None:
             "transform of it, which needs augment=affine (its ranges: augment.shift, augment.degrees, augment.scale). "
             "Add augment=affine, or drop model.consistency."
         )
+    if cfg.model.get("method") == "knn" and (cfg.get("augment") or OmegaConf.select(cfg, "callbacks.ema")):
+        raise UserError(
+            "model.method=knn stores the codes of the labelled images in one pass and takes no training step, so "
+            "augment=affine (it would store codes of transformed images) and +callbacks=ema (no step would update the "
+            "average) do not apply to it. Drop them for knn; in a transfer study, run knn in a study of its own."
+        )
     if cfg.encoder_ckpt is not None and "num_classes" not in cfg.model:
         raise UserError(
             f"encoder_ckpt={cfg.encoder_ckpt} is read only by model=classifier, and this run trains "
@@ -179,13 +186,16 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, L.LightningModule]:
 
 
 def build_callbacks(configs: DictConfig, selection: tuple[str, str]) -> list[L.Callback]:
-    """The callbacks of the `callbacks` node, in order; a null `monitor` and `mode` are the model's `selection`."""
+    """The callbacks of the `callbacks` node, in order, but a weight average (+callbacks=ema) last: it swaps the average
+    in when validation starts and out when it ends, so the other callbacks' validation hooks (probe, pictures, the
+    checkpoints' choice) all see the average. A null `monitor` and `mode` are the model's `selection`."""
     monitor, mode = selection
-    return [
+    callbacks = [
         instantiate(config, **run_values(config, monitor=monitor, mode=mode))
         for config in configs.values()
         if config is not None  # callbacks.<name>=null drops one
     ]
+    return sorted(callbacks, key=lambda callback: isinstance(callback, WeightAveraging))  # stable: the rest in order
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, float]:

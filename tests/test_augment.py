@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from autoencoders.data import ImageDataModule
-from autoencoders.data.augment import Affine, AffineDraw, transform
+from autoencoders.data.augment import Affine, AffineDraw, affine
 from autoencoders.data.batches import to_unit_float
 from autoencoders.data.sources import MNISTSubset
 from tests.helpers import TINY, metrics, run_train
@@ -19,7 +19,7 @@ def test_each_image_moves_as_torchvisions_affine_moves_it():
     negated; images not square, so that the pixel and normalised coordinates differ in scale along each axis."""
     images = torch.rand(16, 2, 20, 28, generator=torch.Generator().manual_seed(0))
     draw = Affine(shift=4, degrees=60, scale=0.3).draw(16, torch.Generator().manual_seed(1))
-    moved = transform(images, draw)
+    moved = affine(images, draw)
     for image, out, angle, scale, shift in zip(images, moved, *draw, strict=True):
         expected = TF.affine(image, angle=-angle.item(), translate=shift.tolist(), scale=scale.item(), shear=[0.0, 0.0],
                              interpolation=InterpolationMode.BILINEAR)  # fmt: skip
@@ -45,7 +45,7 @@ def test_a_turn_moves_a_bright_bar_to_its_angle():
     (y pointing down) has its principal axis at -30 degrees in pixel coordinates."""
     image = torch.zeros(1, 1, 29, 29)
     image[0, 0, 14, 4:25] = 1
-    turned = transform(image, AffineDraw(torch.tensor([30.0]), torch.ones(1), torch.zeros(1, 2)))[0, 0]
+    turned = affine(image, AffineDraw(torch.tensor([30.0]), torch.ones(1), torch.zeros(1, 2)))[0, 0]
     y, x = torch.meshgrid(torch.arange(29.0), torch.arange(29.0), indexing="ij")
     w = turned / turned.sum()
     cx, cy = (w * x).sum(), (w * y).sum()

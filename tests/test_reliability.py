@@ -328,6 +328,15 @@ BAD_INPUT = {
     "unknown binarize": (["data.binarize=yes"], "data.binarize=yes is unknown"),
     "frozen classifier without encoder": (["model=classifier", "model.method=frozen"], "needs a pretrained encoder"),
     "classifier method unknown": (["model=classifier", "model.method=svm"], "model.method=svm is unknown"),
+    "knn augmented": (
+        ["model=classifier", "model.method=knn", "encoder_ckpt={ckpt}", "augment=affine"],
+        "model.method=knn stores the codes",
+    ),
+    "knn averaged": (
+        ["model=classifier", "model.method=knn", "encoder_ckpt={ckpt}", "+callbacks=ema"],
+        "model.method=knn stores the codes",
+    ),
+    "consistency without augment": (["model=m2", "model.consistency=1"], "needs augment=affine"),
     "negative latent_dim": (["latent_dim=-4"], "latent_dim=-4 is negative. Use an integer > 0"),
     "negative kl_weight": (["kl_weight=-1"], r"kl_weight=-1\.0 is negative. Use a weight >= 0"),
     "kl_weight nan": (["kl_weight=nan"], "kl_weight=nan is not finite. Use a weight >= 0"),
@@ -458,10 +467,18 @@ def test_corrupt_and_odd_sized_images_are_skipped_or_resized_and_the_run_goes_on
     "overrides,truncate_last,message",
     [
         (["trainer.max_epochs=5"], False, "already holds a run"),
-        (["latent_dim=3", "ckpt_path=last"], False, r"other model or data settings .*model.latent_dim: 2 -> 3"),
+        (["latent_dim=3", "ckpt_path=last"], False, r"other model, data, augment or ema settings .*latent_dim: 2 -> 3"),
+        (["augment=affine", "ckpt_path=last"], False, r"augment._target_: None -> 'autoencoders.data.augment.Affine'"),
+        (["+callbacks=ema", "ckpt_path=last"], False, r"callbacks.ema.decay: None -> 0.999"),
         (["ckpt_path=last"], True, "is not a readable checkpoint"),
     ],
-    ids=["new run in a used dir", "resume with other settings", "resume a truncated last.ckpt"],
+    ids=[
+        "new run in a used dir",
+        "resume with other settings",
+        "resume augmented",
+        "resume averaged",
+        "resume a truncated last.ckpt",
+    ],  # fmt: skip
 )
 def test_train_py_refuses_before_writing_into_an_existing_run_dir(overrides, truncate_last, message, runs, tmp_path):
     run_dir = tmp_path / "run"
@@ -478,7 +495,7 @@ def test_train_py_refuses_before_writing_into_an_existing_run_dir(overrides, tru
 
 
 @pytest.mark.parametrize("config", ["train.yaml", "experiment/transfer.yaml"])
-def test_every_hydra_callback_of_the_project_ends_the_command_when_it_fails(config):
+def test_every_hydra_callback_of_the_project_is_a_command_callback(config):
     """Hydra turns a callback's exception into a warning and exits 0; the project's callbacks end the command."""
     callbacks = OmegaConf.load(ROOT / "conf" / config).hydra.callbacks
     assert callbacks

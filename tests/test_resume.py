@@ -41,7 +41,7 @@ FAMILIES = {  # "{vae}": a VAE checkpoint that the module's fixture trains
     "m2_ema": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2", "+callbacks=ema"],
     # augmented: the draws of each training batch, of both kinds of batch (labelled, and M2's labelled + unlabelled)
     "m1m2_augmented": ["model=m2", "data.labels_per_class=2", "model.nll_samples=2", "encoder_ckpt={vae}",
-                       "augment=affine"],
+                       "augment=affine", "model.consistency=1"],
     "classifier_augmented": ["model=classifier", "data.labels_per_class=5", "encoder_ckpt={vae}",
                              "model.method=finetune", "augment=affine"],
 }  # fmt: skip

@@ -3,11 +3,14 @@ the batch's device. ImageDataModule applies it to training batches only, with a 
 the run's seed (seeds.py), so that a resumed run sees the transforms that one never stopped would have seen."""
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+Augmentation = Callable[[Tensor, torch.Generator | None], Tensor]  # (images, generator) -> transformed images
 
 
 class AffineDraw(NamedTuple):
@@ -30,7 +33,7 @@ class Affine:
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The images moved, each by a transform drawn from `generator` (None: torch's global one of their device)."""
-        return transform(images, self.draw(len(images), generator, images.device))
+        return affine(images, self.draw(len(images), generator, images.device))
 
     def draw(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> AffineDraw:
         device = generator.device if generator is not None else device
@@ -42,7 +45,7 @@ class Affine:
         return AffineDraw(uniform(self.degrees), 1 + uniform(self.scale), uniform(self.shift, 2))
 
 
-def transform(images: Tensor, draw: AffineDraw) -> Tensor:
+def affine(images: Tensor, draw: AffineDraw) -> Tensor:
     """`images` (N x C x H x W, float) each moved by its transform of `draw`: the output pixel at p (pixel units about
     the centre) takes the input at R⁻¹(p - shift) / scale, which grid_sample reads in coordinates normalised to [-1, 1]
     (half the width and height: D below)."""

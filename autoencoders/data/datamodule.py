@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from autoencoders import config, seeds
-from autoencoders.data.augment import Affine
+from autoencoders.data.augment import Augmentation
 from autoencoders.data.batches import Batches, ImageSplit, SemiSupervisedBatches, to_unit_float
 from autoencoders.data.sources import Source
 from autoencoders.errors import UserError
@@ -77,7 +77,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         binarize: str | None = None,
         device_cap_gb: float = 4.0,
-        augment: Affine | None = None,
+        augment: Augmentation | None = None,
     ):
         super().__init__()  # each value is in its range (config.DataConfig): only their relation is checked here
         if val_fraction + test_fraction >= 1:

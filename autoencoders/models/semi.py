@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from autoencoders.checkpoints import MODELS, read_checkpoint
 from autoencoders.data import ImageDataModule
-from autoencoders.data.augment import Affine
+from autoencoders.data.augment import Augmentation
 from autoencoders.errors import UserError
 from autoencoders.likelihoods import Gaussian
 from autoencoders.losses import gaussian_log_prob, kl_divergence
@@ -110,7 +110,7 @@ class M2(VAE):
         self.pretraining_data = pretrained.get(ImageDataModule.__qualname__) if pretrained is not None else None
         self.encoder_ckpt = encoder_ckpt
         self.shares = (0.5, 0.5)  # of the labelled and the unlabelled images among both, once the data are known
-        self.augment: Affine | None = None  # the run's augment=, for the consistency term, once the data are known
+        self.augment: Augmentation | None = None  # the run's augment=, for the consistency term, with the data
 
     def build_nets(self, widths: Sequence[int] | None, decoder_shape: Sequence[int]) -> tuple[nn.Module, nn.Module]:
         """q(z|x,y)'s image net (FEATURES outputs), the decoder of [z, one-hot y], and q(y|x) and q(z|x,y)'s head."""
@@ -225,7 +225,9 @@ class M2(VAE):
 
     def consistency_term(self, images: Tensor, logits: Tensor) -> Tensor:
         """Mean KL(q(y|x) || q(y|T(x))) over unlabelled images x, nats, the first q held fixed (its gradient stopped),
-        T a random transform of the run's augment group (the Π-model's and UDA's consistency); `logits`: q(y|x)'s."""
+        T a random transform of the run's augment group (the Π-model's and UDA's consistency); `logits`: q(y|x)'s.
+        T is drawn from torch's global generator, which callbacks.BatchSeeds seeds for each batch: a resume is exact.
+        The images are the batch as served: under augment=affine already one draw, binarised if the data are."""
         target = logits.detach().log_softmax(1)
         moved = self.classifier(self.inputs(self.augment(images))).log_softmax(1)
         return F.kl_div(moved, target, reduction="batchmean", log_target=True)
