@@ -127,7 +127,8 @@ def check_resume_settings(cfg: DictConfig, run_dir: Path) -> None:
     saved = OmegaConf.load(saved_file)
     changed = []
     for group in ("model", "data", "augment", "callbacks.ema"):
-        old, new = (OmegaConf.to_container(OmegaConf.select(c, group) or {}, resolve=True) for c in (saved, cfg))
+        old, new = (OmegaConf.to_container(OmegaConf.select(c, group) or OmegaConf.create(), resolve=True)
+                    for c in (saved, cfg))  # fmt: skip
         changed += [f"{group}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in {*old, *new} if old.get(k) != new.get(k)]
     if changed:
         raise UserError(
