@@ -166,6 +166,7 @@ def test_nan_loss_stops_naming_the_step_and_writes_the_last_good_epoch(runs, tmp
     assert (state["epoch"], state["global_step"]) == (4, 10) and all_finite(state["state_dict"].values())
 
 
+@pytest.mark.slow  # end to end, over 10 s: `pytest -m slow`, which CI runs
 def test_under_a_weight_average_the_best_checkpoint_holds_the_average_that_was_validated_and_chosen(tmp_path):
     """+callbacks=ema validates the average; one validation, at the end, so the best and the last checkpoint are of
     one step: the best (weights only) must hold what last.ckpt's state_dict holds, the average, and not the current
