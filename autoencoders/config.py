@@ -417,13 +417,9 @@ def check_settings(node: DictConfig, path: str = "", schema: type | None = None)
     a type allows it, is a default. `schema`: the node's, where it has none of its own (evaluate.py's +data.<key>)."""
     schema = OmegaConf.get_type(node) if dataclasses.is_dataclass(OmegaConf.get_type(node)) else schema
     rules, schemas = _rules(schema) if schema else (OPEN_GROUP_RULES.get(path, {}), {})
-    nested = (
-        []
-        if schema
-        else [  # an open group's node with rules of its own: +callbacks=ema's callbacks.ema
-            (node[name], f"{path}.{name}", None) for name in node if f"{path}.{name}" in OPEN_GROUP_RULES
-        ]
-    )
+    # an open group's nodes with rules of their own, such as +callbacks=ema's callbacks.ema
+    ruled = [] if schema else [name for name in node if f"{path}.{name}" in OPEN_GROUP_RULES]
+    nested = [(node[name], f"{path}.{name}", None) for name in ruled]
     for name, rule in rules.items():
         if name not in node:  # absent, or ???
             continue

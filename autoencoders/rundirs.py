@@ -125,10 +125,14 @@ def check_resume_settings(cfg: DictConfig, run_dir: Path) -> None:
     if not saved_file.is_file():
         return
     saved = OmegaConf.load(saved_file)
+
+    def settings(config: DictConfig, group: str) -> dict:  # {} for a group the config lacks (augment=none, no ema)
+        node = OmegaConf.select(config, group)
+        return OmegaConf.to_container(node, resolve=True) if node else {}
+
     changed = []
     for group in ("model", "data", "augment", "callbacks.ema"):
-        old, new = (OmegaConf.to_container(OmegaConf.select(c, group) or OmegaConf.create(), resolve=True)
-                    for c in (saved, cfg))  # fmt: skip
+        old, new = settings(saved, group), settings(cfg, group)
         changed += [f"{group}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in {*old, *new} if old.get(k) != new.get(k)]
     if changed:
         raise UserError(
