@@ -222,7 +222,9 @@ class AffineConfig:  # conf/augment/affine.yaml: autoencoders.data.augment.Affin
     _target_: str = MISSING
     shift: float = non_negative("2", what="a number of pixels")
     degrees: float = _setting(low=0, high=180, example="10", what="an angle in degrees")
-    scale: float = _setting(low=0, high=1, open_high=True, example="0.1", note="factors in [1 - scale, 1 + scale].")
+    scale: float = _setting(
+        low=0, high=1, open_high=True, example="0.1", note="Size factors lie in [1 - scale, 1 + scale]."
+    )
 
 
 @dataclass
