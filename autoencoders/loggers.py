@@ -6,13 +6,14 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
@@ -22,11 +23,13 @@ from torch.utils.tensorboard import SummaryWriter
 from autoencoders.errors import UserError
 from autoencoders.files import atomic
 from autoencoders.internals import add_summary
-from autoencoders.pictures import add_grid
+from autoencoders.jobs import job_order
+from autoencoders.metrics import METRICS, metric_key
+from autoencoders.pictures import add_grid, add_png
 
 # targets that need an optional extra: (the module it imports, the extra that installs it)
 OPTIONAL = {
-    "lightning.pytorch.loggers.WandbLogger": ("wandb", "wandb"),
+    "autoencoders.loggers.wandb_logger": ("wandb", "wandb"),
     "autoencoders.loggers.mlflow_logger": ("mlflow", "mlflow"),
 }
 NOT_HPARAMS = ("logger", "callbacks", "ckpt_path")
@@ -49,11 +52,6 @@ def build_loggers(configs: DictConfig | None, run_name: str) -> list[Logger]:
     return loggers
 
 
-def tensorboard_writer(loggers: list[Logger]) -> SummaryWriter | None:
-    """The SummaryWriter of the TensorBoard logger among `loggers`, if any."""
-    return next((logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)), None)
-
-
 def finish(loggers: list[Logger]) -> None:
     """Flush each logger and close its run (call on rank 0), so that the next job of a sweep in this process starts
     its own run: wandb would otherwise go on logging into this one."""
@@ -61,6 +59,15 @@ def finish(loggers: list[Logger]) -> None:
         logger.finalize("success")  # a writer's queue is not always written out at interpreter exit
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
+
+
+def wandb_logger(**kwargs: Any) -> WandbLogger:
+    """Lightning's WandbLogger, without the `anonymous` setting it always hands to wandb.init: wandb has ignored it
+    since 0.23 and warns that it has no effect (wandb#10909), a warning its user could do nothing about."""
+    logger = WandbLogger(**kwargs)
+    if logger._wandb_init.get("anonymous") is None:  # not asked for (logger.wandb.anonymous: older wandb's setting)
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def mlflow_logger(tracking_uri: str, **kwargs: Any) -> MLFlowLogger:
@@ -95,36 +102,51 @@ def run_hparams(cfg: DictConfig, choices: Mapping[str, Any]) -> Hparams:
     return {k: v if isinstance(v, bool | int | float | str) else json.dumps(v) for k, v in flat.items()}
 
 
+# TensorBoard orders its charts by the tag's first part: the one-point scalars of a run's outcome (the selected
+# checkpoint's metrics, evaluate.py's) go under a name that sorts after train/ and val/, so the curves come first.
+OUTCOME = "verdict"
+EVAL_RUN = "eval"  # evaluate.py's scalars of a run: in <run>/eval, TensorBoard's run <run>/eval, the session's group
+
+
 class TensorBoard(TensorBoardLogger):
-    """Lightning's TensorBoardLogger without the `epoch` scalar that Lightning adds to every logging call: a step
-    chart of no use, and else the first chart of the Scalars tab."""
+    """Lightning's TensorBoardLogger without the `epoch` scalar that Lightning adds to every logging call (a step
+    chart of no use) and without the test split's one-point scalars, which `log_outcome` writes as verdict/test/*."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch" and not k.startswith("test/")}, step)
 
 
-def log_hparams(loggers: list[Logger], hparams: Hparams, run_name: str, config_yaml: str) -> None:
+def session_value(value: bool | int | float | str) -> bool | float | str:
+    """An hparam as the HParams tab shows it: it prints every number to 5 significant digits (2 as 2.0000), so an
+    integer is written as its text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def log_hparams(loggers: list[Logger], hparams: Hparams, run_name: str, command: str, config_yaml: str) -> None:
     """Each logger's record of the run's hyperparameters (call on rank 0).
 
-    TensorBoard gets the session record of this run, named by its run dir, its hparams.yaml in full, and the
-    composed config in its Text tab. Which metric columns its HParams tab shows first comes from an experiment
-    record (`write_experiment`), which train.py writes for a single run and the sweep's end for a sweep."""
+    TensorBoard gets the session record of this run, named by its run dir, its hparams.yaml in full, and in its Text
+    tab `command` (that trains this run alone, a sweep's job too) and `config_yaml`. Which columns its HParams tab
+    shows first comes from an experiment record (`record_sweep`), which train.py writes at a single run's end and at
+    a sweep's end."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            add_summary(logger.experiment, hparams_pb(hparams, trial_id=run_name))
+            session = {name: session_value(value) for name, value in hparams.items()}
+            add_summary(logger.experiment, hparams_pb(session, trial_id=run_name))
             logger.hparams.update(hparams)  # what Lightning writes to hparams.yaml
-            logger.experiment.add_text("config", "".join(f"    {line}\n" for line in config_yaml.splitlines()))
+            text = "".join(f"    {line}\n" for line in config_yaml.splitlines())
+            logger.experiment.add_text("config", f"Command:\n\n    {command}\n\nConfig:\n\n{text}")
         else:
             logger.log_hyperparams(hparams)
 
 
 def log_outcome(loggers: list[Logger], metrics: Mapping[str, float], step: int, status: str) -> None:
-    """At a run's end (rank 0): the selected checkpoint's validation and test metrics as `best/<split>/<name>`, and
-    its SELECTED_AT, at the last step; in TensorBoard also the session's status (`success`, `failure`, or `unknown`
-    for a run that a signal stopped, to be resumed)."""
+    """At a run's end (rank 0): the selected checkpoint's validation and test metrics as `verdict/<split>/<name>`,
+    and the epoch and step it was saved at, at the last step; in TensorBoard also the session's status (`success`,
+    `failure`, or `unknown` for a run that a signal stopped, to be resumed)."""
     for logger in loggers:
         if metrics:
-            logger.log_metrics({f"best/{k}": v for k, v in metrics.items()}, step=step)
+            logger.log_metrics({f"{OUTCOME}/{k}": v for k, v in metrics.items()}, step=step)
         if isinstance(logger, TensorBoardLogger):
             status_pb = getattr(api_pb2, f"STATUS_{status.upper()}")
             end = plugin_data_pb2.SessionEndInfo(status=status_pb, end_time_secs=time.time())
@@ -132,15 +154,16 @@ def log_outcome(loggers: list[Logger], metrics: Mapping[str, float], step: int, 
             logger.experiment.flush()
 
 
-SELECTED_AT = ("epoch", "step")  # of the selected checkpoint, logged beside its metrics as best/epoch, best/step
+Metric = tuple[str, str]  # an HParams column: (scalar tag, group: the run under the session's run dir that logs it)
 
 
 class RunMetrics(NamedTuple):
-    """What a run shows in the HParams tab: the validation metric that chose its checkpoint (e.g. val/elbo) and the
-    metrics of its metrics.json."""
+    """What a run shows in the HParams tab: the validation metric that chose its checkpoint (e.g. val/elbo), the
+    metrics of its metrics.json, and evaluate.py's latest of each metric (e.g. test/fid_prior: its value)."""
 
     selection: str
     metrics: list[str]
+    evaluation: Mapping[str, float] = {}
 
     @property
     def test(self) -> str:
@@ -149,25 +172,29 @@ class RunMetrics(NamedTuple):
             (m for m in ("test/nll", "test/recon") if m in self.metrics), self.selection.replace("val/", "test/")
         )
 
-    @property
-    def tags(self) -> set[str]:
-        """Its scalars among them: each metric as last logged (val/elbo) and as the selected checkpoint's (best/...)."""
-        return {*self.metrics, *(f"best/{name}" for name in [*self.metrics, *SELECTED_AT])}
 
-
-def metric_order(runs: list[RunMetrics]) -> list[str]:
+def metric_order(runs: list[RunMetrics]) -> list[Metric]:
     """The HParams tab's metric columns, in order: TensorBoard ticks the first five and colours parallel coordinates
-    by the first. The selected checkpoint's selection and test metrics (`best/...`) come first where every run has
-    them; then the other metrics every run has, the selected checkpoints' first, so that no run drops out of parallel
-    coordinates (an AE beside a VAE: best/val/recon, best/test/recon, best/epoch, ...); then the rest."""
-    tags = [run.tags for run in runs]
-    every, union = (set.intersection(*tags), set.union(*tags)) if tags else (set(), set())
-    key = [
-        k for k in dict.fromkeys([f"best/{r.selection}" for r in runs] + [f"best/{r.test}" for r in runs]) if k in union
+    by the first. The selected checkpoints' selection metrics, then their test values (those every run has first, so
+    that no run drops out of parallel coordinates: an AE beside a VAE, val/recon before val/elbo); then evaluate.py's
+    metrics, test split first, FID first, any whose value is the same in every run (the floor, k) last."""
+    every = set.intersection(*(set(run.metrics) for run in runs)) if runs else set()
+    chosen = list(dict.fromkeys([r.selection for r in runs] + [r.test for r in runs]))
+    chosen = [name for name in chosen if any(name in run.metrics for run in runs)]
+    evaluated = {name: {run.evaluation.get(name) for run in runs} for run in runs for name in run.evaluation}
+
+    def rank(name: str) -> tuple:
+        try:
+            key = metric_key(name)
+        except KeyError:  # a metric METRICS does not list yet
+            key = None
+        same = len(runs) > 1 and len(evaluated[name] - {None}) == 1  # among the runs that have it
+        position = list(METRICS).index(key) if key else len(METRICS)
+        return same, not name.startswith("test/"), key != "fid_{sampler}", position, name
+
+    return [(f"{OUTCOME}/{name}", "") for name in sorted(chosen, key=lambda name: name not in every)] + [
+        (f"{OUTCOME}/{name}", EVAL_RUN) for name in sorted(evaluated, key=rank)
     ]
-    every_first = sorted(every, key=lambda name: (not name.startswith("best/"), name))
-    rest = sorted(union - every - set(key))
-    return list(dict.fromkeys([k for k in key if k in every] + every_first + key + rest))
 
 
 def hparams_summary(tag: str, **plugin_data: Any) -> Summary:
@@ -177,17 +204,32 @@ def hparams_summary(tag: str, **plugin_data: Any) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, metadata=summary_metadata, tensor=metadata.NULL_TENSOR)])
 
 
-def write_experiment(writer: SummaryWriter, hparams: list[Hparams], metrics: list[str]) -> None:
-    """TensorBoard's experiment record of these runs' hparams (those that differ flagged: its HParams tab ticks
-    them first) and of `metrics`, in the order its HParams tab lists them."""
-    types = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING}
+def write_experiment(writer: SummaryWriter, hparams: list[Hparams], metrics: list[Metric]) -> None:
+    """TensorBoard's experiment record of these runs' hparams and `metrics`, in the order its HParams tab lists them.
+
+    Its HParams tab ticks the first five hparams, those flagged as differing first, whether or not they differ: so
+    where some differ, only those are listed (the others are in each run's Text tab and hparams.yaml)."""
+    types = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64}
     infos = []
     for name in dict.fromkeys(k for run in hparams for k in run):
-        values = [run[name] for run in hparams if name in run]  # as TensorBoard: runs without it do not differ
-        kind = types.get(type(values[0]), api_pb2.DATA_TYPE_FLOAT64)
-        infos.append(api_pb2.HParamInfo(name=name, type=kind, differs=len({json.dumps(v) for v in values}) > 1))
-    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metrics]
-    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metric_infos, time_created_secs=time.time())
+        values = list({json.dumps(v): v for run in hparams if name in run for v in [session_value(run[name])]}.values())
+        kinds = {type(v) for v in values}  # as TensorBoard: runs without it do not differ
+        kind = types.get(kinds.pop(), api_pb2.DATA_TYPE_STRING) if len(kinds) == 1 else api_pb2.DATA_TYPE_STRING
+        info = api_pb2.HParamInfo(name=name, type=kind, differs=len(values) > 1)
+        if kind != api_pb2.DATA_TYPE_FLOAT64:  # the values its filter offers, as TensorBoard lists them
+            info.domain_discrete.extend(v if kind == api_pb2.DATA_TYPE_BOOL else str(v) for v in values)
+        infos.append(info)
+    metric_infos = [
+        api_pb2.MetricInfo(
+            name=api_pb2.MetricName(tag=tag, group=group),
+            display_name=f"{group}: {tag.removeprefix(OUTCOME + '/')}" if group else tag.removeprefix(OUTCOME + "/"),
+        )
+        for tag, group in metrics
+    ]
+    experiment = api_pb2.Experiment(
+        hparam_infos=[info for info in infos if info.differs] or infos, metric_infos=metric_infos,
+        time_created_secs=time.time(),
+    )  # fmt: skip
     add_summary(writer, hparams_summary(metadata.EXPERIMENT_TAG, experiment=experiment))
     writer.flush()
 
@@ -207,22 +249,83 @@ def log_image(loggers: list[Logger], tag: str, grid: Tensor, step: int) -> None:
 
 
 SWEEP_RECORD = "events.out.tfevents.sweep"  # TensorBoard reads every file whose name holds "tfevents"
+EVAL_RECORD = "events.out.tfevents.evaluations"
 
 
 def record_sweep(sweep_dir: Path, jobs: list[Path]) -> None:
-    """The experiment record of a sweep's finished jobs that logged to TensorBoard (their full hparams.yaml), in
-    the sweep dir: `tensorboard --logdir <sweep dir>` opens its HParams tab on their columns (`metric_order`). An
-    earlier end's record, of fewer jobs, is replaced: TensorBoard would read the first record it finds."""
+    """The experiment record of a sweep's finished jobs that logged to TensorBoard (their full hparams.yaml, their
+    metrics and evaluate.py's), in the sweep dir (a single run's: `record_sweep(run_dir, [run_dir])`):
+    `tensorboard --logdir <sweep dir>` opens its HParams tab on their columns (`metric_order`). An earlier record, of
+    fewer jobs or metrics, is replaced: TensorBoard would read the first record it finds."""
     jobs = [job for job in jobs if (job / "hparams.yaml").is_file() and (job / "metrics.json").is_file()]
     if not jobs:
         return
     hparams = [OmegaConf.to_container(OmegaConf.load(job / "hparams.yaml")) for job in jobs]
     runs = [
         RunMetrics(get_class(OmegaConf.load(job / ".hydra" / "config.yaml").model._target_).selection[0],
-                   list(json.loads((job / "metrics.json").read_text())))
+                   list(json.loads((job / "metrics.json").read_text())), evaluated(job / "eval"))
         for job in jobs
     ]  # fmt: skip
-    with atomic(sweep_dir / SWEEP_RECORD) as record, tempfile.TemporaryDirectory(dir=sweep_dir) as staging:
+    write_events(sweep_dir / SWEEP_RECORD, lambda writer: write_experiment(writer, hparams, metric_order(runs)))
+
+
+def latest_evaluations(eval_dir: Path) -> list[Path]:
+    """A run's latest evaluation of each split (<run>/eval/<name>/, whole: never one metric of one evaluation beside
+    another's), not the hidden folders of one being written or replaced."""
+    latest = {}
+    for folder in sorted((p.parent for p in eval_dir.glob("[!.]*/metrics.json")), key=lambda p: p.stat().st_mtime):
+        latest[OmegaConf.load(folder / "config.yaml").split] = folder
+    return list(latest.values())
+
+
+def evaluated(eval_dir: Path) -> dict[str, float]:
+    """The metrics of a run's latest evaluation of each split (`<split>/<name>`)."""
+    return {
+        k: v
+        for folder in latest_evaluations(eval_dir)
+        for k, v in json.loads((folder / "metrics.json").read_text()).items()
+    }
+
+
+def record_evaluations(eval_dir: Path) -> None:
+    """The metrics and pictures of a run's latest evaluation of each split (`latest_evaluations`), as one-point
+    scalars and images `verdict/<split>/<name>` in <run>/eval: TensorBoard shows them as one run, <run>/eval, whose
+    scalars the run's HParams session shows (group `eval`)."""
+    pictures = {}
+    for folder in latest_evaluations(eval_dir):
+        split = OmegaConf.load(folder / "config.yaml").split
+        pictures |= {f"{OUTCOME}/{split}/{png.stem}": png for png in sorted(folder.glob("*.png"))}
+
+    def write(writer: SummaryWriter) -> None:
+        for name, value in evaluated(eval_dir).items():
+            writer.add_scalar(f"{OUTCOME}/{name}", value, 0)
+        for tag, png in pictures.items():
+            with Image.open(png) as image:
+                shape = (len(image.getbands()), image.height, image.width)
+            add_png(writer, tag, png.read_bytes(), shape)
+
+    write_events(eval_dir / EVAL_RECORD, write)
+
+
+def jobs_under(folder: Path) -> list[Path]:
+    """The runs in `folder` (itself, for a single run), in job order: a sweep's jobs, a transfer study's pretraining
+    and classifier jobs."""
+    return sorted((path.parent for path in folder.rglob(".hydra") if path.is_dir()), key=job_order)
+
+
+def record_evaluated_run(run_dir: Path) -> None:
+    """After evaluate.py scored a run (`record_evaluations`): the experiment record that lists its metrics, the run's
+    own (a single run's) or that of the sweep or study it is a job of."""
+    run_dir = run_dir.resolve()
+    for folder in (run_dir, *run_dir.parents):
+        if (folder / SWEEP_RECORD).is_file():
+            record_sweep(folder, jobs_under(folder))
+            return
+
+
+def write_events(path: Path, write: Callable[[SummaryWriter], Any]) -> None:
+    """An event file named `path`, written whole by `write(writer)`, or not at all."""
+    with atomic(path) as record, tempfile.TemporaryDirectory(dir=path.parent) as staging:
         with SummaryWriter(staging) as writer:  # it names its file itself: the one file in its own folder
-            write_experiment(writer, hparams, metric_order(runs))
+            write(writer)
         next(Path(staging).iterdir()).rename(record)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_BLOB_SEQUENCE, Summary
+from tensorboard.plugins.image import metadata as image_metadata
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.io import encode_png
@@ -159,16 +160,21 @@ def add_grid(writer: SummaryWriter, tag: str, grid: Tensor, step: int = 0) -> No
     grids while it trains.
     """
     png = encode_png(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu())  # rounded as save_image does
-    image = Summary.Image(
-        height=grid.shape[1], width=grid.shape[2], colorspace=len(grid), encoded_image_string=png.numpy().tobytes()
-    )
+    add_png(writer, tag, png.numpy().tobytes(), (len(grid), grid.shape[1], grid.shape[2]), step)
+
+
+def add_png(writer: SummaryWriter, tag: str, png: bytes, shape: tuple[int, int, int], step: int = 0) -> None:
+    """A PNG image of `shape` (C, H, W) as TensorBoard's image `tag`. What it shows (DESCRIPTIONS) goes in the images
+    plugin's own metadata, with the data class that TensorBoard's default (fast) loader keeps: without them it keeps
+    the image and drops the description."""
+    image = Summary.Image(height=shape[1], width=shape[2], colorspace=shape[0], encoded_image_string=png)
     name = tag.rsplit("/", 1)[-1]
     description = DESCRIPTIONS.get(name) or DESCRIPTIONS.get(name.split("_")[0], "")  # samples_gmm: samples'
-    metadata = SummaryMetadata(summary_description=description)
+    metadata = image_metadata.create_summary_metadata(tag, description)
+    metadata.data_class = DATA_CLASS_BLOB_SEQUENCE
     add_summary(writer, Summary(value=[Summary.Value(tag=tag, image=image, metadata=metadata)]), step)
 
 
-def save_pictures(grids: dict[str, Tensor], out_dir: Path, writer: SummaryWriter) -> None:
+def save_pictures(grids: dict[str, Tensor], out_dir: Path) -> None:
     for name, grid in grids.items():
         save_image(grid, out_dir / f"{name}.png")
-        add_grid(writer, f"eval/{name}", grid)

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -26,17 +27,7 @@ from autoencoders.errors import UserError
 from autoencoders.files import remove, write_json
 from autoencoders.internals import skip_inherited_batch_hooks
 from autoencoders.likelihoods import for_data
-from autoencoders.loggers import (
-    RunMetrics,
-    build_loggers,
-    finish,
-    log_hparams,
-    log_outcome,
-    metric_order,
-    run_hparams,
-    tensorboard_writer,
-    write_experiment,
-)
+from autoencoders.loggers import build_loggers, finish, log_hparams, log_outcome, record_sweep, run_hparams
 from autoencoders.optim import run_values
 from autoencoders.rundirs import (
     check_run_dir,
@@ -254,7 +245,8 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
         skip_inherited_batch_hooks(callback)
     hparams = run_hparams(cfg, HydraConfig.get().runtime.choices)
     if trainer.is_global_zero:
-        log_hparams(loggers, hparams, run_dir.name, OmegaConf.to_yaml(cfg))
+        command = shlex.join(["python", "train.py", *HydraConfig.get().overrides.task])  # a sweep's job: its own
+        log_hparams(loggers, hparams, run_dir.name, command, OmegaConf.to_yaml(cfg, resolve=True))
 
     cli.training_started.append(run_dir)  # from here on, the run dir stays whatever happens
     try:
@@ -265,11 +257,10 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
         raise
     if trainer.is_global_zero:
         log_outcome(loggers, metrics | selected_at, trainer.global_step, "success")
-        writer = tensorboard_writer(loggers)
-        if writer is not None and HydraConfig.get().mode == RunMode.RUN:  # a sweep's end writes the sweep's
-            write_experiment(writer, [hparams], metric_order([RunMetrics(model.selection[0], list(metrics))]))
         finish(loggers)
         write_json(run_dir / "metrics.json", metrics)
+        if HydraConfig.get().mode == RunMode.RUN:  # TensorBoard's HParams columns; a sweep's end writes the sweep's
+            record_sweep(run_dir, [run_dir])
         chosen = Path(test_ckpt).name if test_ckpt else "the final weights"
         log.info(
             "Run dir: %s\nMetrics of %s (nats per image unless noted), in metrics.json:\n%s",
