@@ -216,9 +216,11 @@ def check_fits(ckpt: dict, model: L.LightningModule, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> L.LightningModule:
-    """Rebuild the right LightningModule for any checkpoint written by train.py, in eval mode on the CPU."""
+    """Rebuild the right LightningModule for any checkpoint written by train.py, in eval mode on the CPU, for
+    inference: its parameters do not require gradients, so neither do its outputs (`float(model.elbo(x).mean())`
+    needs no `torch.no_grad()`). To train it further, train.py starts a new run from it (ckpt_path=<checkpoint>)."""
     ckpt = read_checkpoint(path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "lr"}  # older versions' (now conf/optimizer)
     model = MODELS[ckpt["autoencoders_class"]](**hparams)
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return model.eval().requires_grad_(False)

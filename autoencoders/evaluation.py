@@ -2,11 +2,13 @@
 from its own saved config (both in saved_runs.py) and its model from its checkpoint, score it on a held-out split and
 write its results.
 
-A run is only read: each (checkpoint, split, data, settings) evaluation gets its own folder,
-<run>/eval/<checkpoint>_<split>_<data>_<settings>/ (metrics.json, config.yaml, PNGs, TensorBoard events and
-report.html), where <settings> hashes every evaluate setting that changes the numbers or pictures (SCORED_SETTINGS),
-and a sweep's report goes to the sweep dir. A sweep is scored on both held-out splits and ranked on validation only;
-its test columns are reported, never used to choose.
+A run's own files are only read: each (checkpoint, split, data, settings) evaluation gets its own folder,
+<run>/eval/<checkpoint>_<split>_<data>_<settings>/ (metrics.json, config.yaml, PNGs and report.html), where
+<settings> hashes every evaluate setting that changes the numbers or pictures (SCORED_SETTINGS); the latest of them
+go to TensorBoard as the run <run>/eval (loggers.record_evaluations), the HParams record of the run, or of its sweep,
+is rewritten to list them, and a sweep's report goes to the sweep dir.
+A sweep is scored on both held-out splits and ranked on validation only; its test columns are reported, never used
+to choose.
 """
 
 import functools
@@ -23,7 +25,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.tensorboard import SummaryWriter
 
 from autoencoders import report
 from autoencoders.checkpoints import load, read_checkpoint
@@ -34,7 +35,9 @@ from autoencoders.errors import UserError
 from autoencoders.files import check_replaceable, name_in_error, replace_folder, save_cache, write_json
 from autoencoders.jobs import FINISHED, RUNNING, job_status
 from autoencoders.likelihoods import bits_per_dim, for_data
+from autoencoders.loggers import jobs_under, record_evaluated_run, record_evaluations, record_sweep
 from autoencoders.metrics import (
+    COUNTS,
     METRICS,
     FeatureNetSettings,
     SampleQuality,
@@ -44,7 +47,7 @@ from autoencoders.metrics import (
     metric_key,
 )
 from autoencoders.models import AE, VAE, VQVAE
-from autoencoders.pictures import DESCRIPTIONS, ImageSampler, picture_grids, save_pictures
+from autoencoders.pictures import ImageSampler, picture_grids, save_pictures
 from autoencoders.samplers import CACHE_VERSION, make_sampler
 from autoencoders.saved_runs import (
     NOT_SCORED,
@@ -70,14 +73,18 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     if cfg.sweep_dir is not None:
         return evaluate_sweep(Path(cfg.sweep_dir), cfg)
     if cfg.run_dir is not None:
-        return [evaluate_run(Path(cfg.run_dir), cfg, cfg.split)]
+        rows = [evaluate_run(Path(cfg.run_dir), cfg, cfg.split)]
+        record_evaluated_run(Path(cfg.run_dir))  # its HParams session shows them
+        return rows
     checkpoint = Path(cfg.ckpt_path)
     run_dir = checkpoint.parent.parent  # train.py writes <run>/checkpoints/<name>.ckpt
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
         status = job_status(run_dir)
         if status.state == RUNNING:  # refused; a failed run's checkpoint named on purpose is scored
             scoring_status(run_dir)
-        return [evaluate_run(run_dir, cfg, cfg.split, checkpoint, crashed_note(status, checkpoint))]
+        rows = [evaluate_run(run_dir, cfg, cfg.split, checkpoint, crashed_note(status, checkpoint))]
+        record_evaluated_run(run_dir)
+        return rows
     data_cfg = data_config(None, cfg)
     return [score(checkpoint, data_cfg, cfg.split, checkpoint.parent / f"{checkpoint.stem}_eval", cfg)]
 
@@ -99,10 +106,12 @@ def check_config(cfg: DictConfig) -> None:
 def check_sort_by(sort_by: str) -> None:
     """A sweep is ranked on a validation metric of METRICS: ranking on test would choose a model on the test split."""
     try:
-        metric_key(sort_by.partition("/")[2])
+        key = metric_key(sort_by.partition("/")[2])
     except KeyError:
-        names = ", ".join(f"val/{key}" for key in METRICS)
-        raise UserError(f"sort_by={sort_by} is not a metric. Use one of: {names}.") from None
+        key = None
+    if key is None or key in COUNTS:  # a count says how many images FID used: it ranks nothing
+        names = ", ".join(f"val/{key}" for key in METRICS if key not in COUNTS)
+        raise UserError(f"sort_by={sort_by} is not a score to rank on. Use one of: {names}.")
     check_chosen_on_validation("sort_by", sort_by, "val/fid_prior")
 
 
@@ -142,6 +151,9 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
                 checkpoint = find_checkpoint(run_dir, cfg.checkpoint)
                 for split in SPLITS:
                     row.update(evaluate_run(run_dir, cfg, split, checkpoint, crashed_note(status, checkpoint)))
+                data_cfg = data_config(run_config(run_dir), cfg)  # the pictures of the split the rows are ranked on
+                shown = evaluation_dir(checkpoint, data_cfg, SPLITS[0], run_dir / "eval", cfg)
+                row["evaluation"] = str(shown.relative_to(sweep_dir))
                 row["status"] = "ok" if status.state == FINISHED else crashed_note(status, checkpoint)
                 scored.add(row["run"])
             except UserError as e:
@@ -158,6 +170,7 @@ def evaluate_sweep(sweep_dir: Path, cfg: DictConfig) -> list[dict]:
             f"and summary.md, which score {kept}, were kept as they were:\n" + "\n".join(failed)
         )
     rows = report.write_report(sweep_dir, rows, cfg.sort_by)
+    record_sweep(sweep_dir, jobs_under(sweep_dir))  # the HParams tab lists evaluate.py's metrics beside the rest
     if caveats:
         log.warning(
             "%d of the %d jobs in %s stopped before they finished; the checkpoints they left are scored, and the "
@@ -200,7 +213,7 @@ def score(
     """Score one checkpoint on `split` of `data_cfg`; writes metrics.json, config.yaml, pictures and events into its
     own folder under `eval_dir`, replacing only an earlier run of the same evaluation. `note` (a crashed run's status)
     heads its report; with `check_data`, data that differ from the checkpoint's fingerprint of them are refused."""
-    out_dir = eval_dir / f"{checkpoint.stem}_{split}_{data_name(data_cfg, checkpoint)}_{settings_name(cfg)}"
+    out_dir = evaluation_dir(checkpoint, data_cfg, split, eval_dir, cfg)
     check_replaceable(out_dir)  # an earlier evaluation's, replaced at the end: a file of yours in it stops it now
     log.info("Scoring %s on the %s split", checkpoint, split)
     model = load(checkpoint)
@@ -252,22 +265,19 @@ def score(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with SummaryWriter(staging) as writer:
-            save_pictures(grids, staging, writer)
-            for name, value in metrics.items():
-                writer.add_scalar(name, value)
+        save_pictures(grids, staging)  # TensorBoard's record of them and of the metrics: record_evaluations
         settings = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint_file": str(checkpoint), "split": split}
         settings |= {"run_status": note} if note else {}
         OmegaConf.save(settings | {"data": OmegaConf.to_container(data_cfg, resolve=True)}, staging / "config.yaml")
         write_json(staging / "metrics.json", metrics)
-        lines = run_report(checkpoint, metrics, grids)
-        lines = [lines[0], "", f"**Status**: {note}", *lines[1:]] if note else lines
-        report.write_html(staging / "report.html", checkpoint.name, lines, staging)
+        facts = run_report(checkpoint, model, split, data_key, cfg)
+        report.write_run_html(staging / "report.html", facts, metrics, list(grids), note)
         replace_folder(staging, out_dir)
     except BaseException as e:  # a half-written evaluation never stays behind
         shutil.rmtree(staging, ignore_errors=True)
         name_in_error(e, out_dir)  # e.g. TensorBoard's writer thread on a full disk, which names no file
         raise
+    record_evaluations(eval_dir)
     log.info("Scored %s on %s; wrote %s:\n%s", checkpoint.name, split, out_dir, metrics_table(metrics))
     return metrics
 
@@ -287,12 +297,25 @@ def check_fingerprint(checkpoint: Path, data: ImageDataModule, run_dir: Path) ->
         )
 
 
-def run_report(checkpoint: Path, metrics: dict[str, float], grids: dict[str, Tensor]) -> list[str]:
-    """report.html of one evaluation, as Markdown: its metrics with their meaning, then its pictures."""
-    meaning = {name: METRICS[metric_key(name)][1].replace("|", "\\|") for name in metrics}  # | would end the cell
-    rows = [f"| `{name}` | {value:.6g} | {meaning[name]} |" for name, value in metrics.items()]
-    pictures = [f"## {name}\n\n{DESCRIPTIONS.get(name.split('_')[0], '')}\n\n![{name}]({name}.png)" for name in grids]
-    return [f"# {checkpoint}", "", "| metric | value | meaning |", "|---|---|---|", *rows, "", *pictures]
+def run_report(checkpoint: Path, model: AE, split: str, data_key: str, cfg: DictConfig) -> dict[str, str]:
+    """What heads an evaluation's report.html: the model, split, data, checkpoint and the settings it was scored
+    with (SCORED_SETTINGS)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    latent_dim = model.hparams.get("latent_dim")
+    title = f"{type(model).__name__}{f' (latent_dim={latent_dim})' if latent_dim else ''} on the {split} split"
+    return {
+        "title": f"{title} of {data_key}: {checkpoint.name}",
+        "model": type(model).__name__,
+        "split": split,
+        "data": data_key,
+        "checkpoint": str(checkpoint),
+        "settings": " ".join(f"{key}={json.dumps(resolved[key], separators=(',', ':'))}" for key in SCORED_SETTINGS),
+    }
+
+
+def evaluation_dir(checkpoint: Path, data_cfg: DictConfig, split: str, eval_dir: Path, cfg: DictConfig) -> Path:
+    """The folder of one evaluation: <checkpoint>_<split>_<data>_<settings> under `eval_dir`."""
+    return eval_dir / f"{checkpoint.stem}_{split}_{data_name(data_cfg, checkpoint)}_{settings_name(cfg)}"
 
 
 def data_name(data_cfg: DictConfig, checkpoint: Path) -> str:
@@ -422,31 +445,34 @@ def sampler_identity(checkpoint: Path, data_key: str, cfg: DictConfig) -> str:
 def sample_metrics(
     draw: dict[str, ImageSampler], data: ImageDataModule, split: str, cfg: DictConfig
 ) -> dict[str, float]:
-    """FID and KID of each sampler's decoded images against the full train split, beside the floor (the split's
-    real images against the same reference, as many as the samples) and the feature net's accuracy on the split."""
+    """FID and KID of each sampler's decoded images against the split's real images, beside the floor (as many
+    training images, drawn at random, against the same) and the feature net's accuracy on the split; with the counts
+    (fid_samples, fid_real) that say what they are."""
     if data.num_classes < 2:
         raise UserError(
             "FID needs a classifier to supply its features, but this data has a single class (a flat image folder?). "
             "Put the images in one sub-folder per class, or pass num_samples=0 to skip FID and KID."
         )
     real, labels = data.real_split(split)
-    n = cfg.num_samples or len(real)
-    if n > len(real):  # KID's floor would draw subsets of n from the split's fewer images, after all the samplers
+    train = data.real_split("full_train")[0]
+    n = cfg.num_samples or min(len(real), len(train))
+    if n > len(train):  # the floor scores n training images
         raise UserError(
-            f"num_samples={n} is more than the {len(real)} images of the {split} split, which fid_floor and "
-            f"kid_floor are measured with. Use num_samples=null (as many as the split's images) or "
-            f"num_samples<={len(real)}."
+            f"num_samples={n} is more than the {len(train)} training images, which fid_floor and kid_floor are "
+            f"measured with. Use num_samples=null (as many as the {split} split's {len(real)} images) or "
+            f"num_samples<={len(train)}."
         )
     net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device))
-    if n != len(real):
-        log.info("FID/KID from %d samples; fid_floor is measured with the %d %s images", n, len(real), split)
-    quality = SampleQuality(net, data.real_split("full_train")[0], n, cfg.batch_size, cfg.kid_subsets)
+    log.info("FID/KID from %d samples per sampler against the %d %s images", n, len(real), split)
+    quality = SampleQuality(net, real, n, cfg.batch_size, cfg.kid_subsets)
     sizes = [min(cfg.batch_size, n - i) for i in range(0, n, cfg.batch_size)]
     metrics = {}
     for name, sample in draw.items():
         generator = torch.Generator().manual_seed(cfg.seed)
         scores = quality.score((sample(size, generator) for size in sizes), cfg.seed)  # under score's no_grad
         metrics |= {f"fid_{name}": scores["fid"], f"kid_{name}": scores["kid"], f"kid_{name}_std": scores["kid_std"]}
-    floor = quality.score(real.split(cfg.batch_size), cfg.seed)
+    drawn = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n]  # train is by class
+    floor = quality.score(train[drawn].split(cfg.batch_size), cfg.seed)
     metrics |= {"fid_floor": floor["fid"], "kid_floor": floor["kid"], "kid_floor_std": floor["kid_std"]}
+    metrics |= {"fid_samples": n, "fid_real": len(real)}
     return metrics | {"fid_net_accuracy": accuracy(net, real, labels)}

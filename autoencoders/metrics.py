@@ -4,8 +4,10 @@ their noise floor, and active units.
 Inception weights cannot be downloaded, so FID and KID use `FeatureNet`: a CNN classifier trained on the full train
 split of the dataset being scored (which `data.split_seed` alone fixes). It is trained once per dataset and training
 setting and cached, keyed by a hash of those images and settings, never by a run's seed. Its accuracy on the scored
-split is reported beside every FID. The reference set is the whole train split; `fid_floor` is what held-out real
-images score against it, i.e. what a perfect generator would score with as many samples.
+split is reported beside every FID. Samples are scored against the real images of the split being evaluated, so val and
+test give two independent checks; `fid_floor` is what as many training images score against the same split, i.e. what
+a generator that reproduces its training images would score with as many samples (the feature net was trained on
+them too, so a generator of new images can score below it).
 """
 
 import hashlib
@@ -33,8 +35,8 @@ from autoencoders.samplers import SAMPLERS
 log = logging.getLogger(__name__)
 
 # Every number evaluate.py writes, as `<split>/<name>` (split: val or test), in report order:
-# name -> (higher is better, meaning). `{sampler}`: one of samplers.py's (evaluate.py's `samplers`).
-METRICS: dict[str, tuple[bool, str]] = {
+# name -> (higher is better, or None for a count; meaning). `{sampler}`: one of samplers.py's (evaluate's `samplers`).
+METRICS: dict[str, tuple[bool | None, str]] = {
     "nll": (False, "VAEs: -log p(x) bounded by importance sampling (IWAE, k samples), nats per image"),
     "bpd": (False, "VAEs: nll in bits per dimension (nll / (pixels x channels x ln 2))"),
     "nll_k": (True, "VAEs: importance samples behind nll (evaluate.py's k; train.py's model.nll_samples)"),
@@ -54,14 +56,19 @@ METRICS: dict[str, tuple[bool, str]] = {
     "sap": (True, "data with factors: separated attribute predictability (Kumar et al., 2018), 0-1"),
     "factorvae_score": (True, "data with factors: FactorVAE score (Kim & Mnih, 2018), majority-vote accuracy"),
     "mse": (False, "squared error of the mean reconstruction per pixel, images in [0, 1] (not a likelihood)"),
-    "fid_{sampler}": (False, "FID of decoded samples against the train split, in the feature net's space"),
-    "kid_{sampler}": (False, "KID (unbiased, mean over subsets) of decoded samples against the train split"),
+    "fid_{sampler}": (False, "FID of decoded samples against this split's real images, in the feature net's space"),
+    "kid_{sampler}": (False, "KID (unbiased, mean over subsets) of decoded samples against this split's real images"),
     "kid_{sampler}_std": (False, "std of KID over its subsets"),
-    "fid_floor": (False, "FID of the split's real images against the train split: a perfect generator's score"),
-    "kid_floor": (False, "KID of the split's real images against the train split"),
+    "fid_floor": (False, "FID of as many training images against this split's: what reproducing them would score"),
+    "kid_floor": (False, "KID of as many training images against this split's"),
     "kid_floor_std": (False, "std of kid_floor over its subsets"),
+    "fid_samples": (None, "count: the decoded samples each sampler's FID and KID used (and the floor's train images)"),
+    "fid_real": (None, "count: the real images of this split that FID, KID and their floor are measured against"),
     "fid_net_accuracy": (True, "accuracy (0-1) on this split of the classifier whose features FID and KID use"),
 }
+
+
+COUNTS = tuple(name for name, (higher, _) in METRICS.items() if higher is None)  # said beside the scores, not ranked
 
 
 def metric_key(name: str) -> str:
@@ -197,16 +204,17 @@ def _read_cache(path: Path) -> dict | None:
 
 
 class SampleQuality:
-    """FID and KID of sets of `sample_size` images against a fixed reference set (the train split), in `net`'s feature
+    """FID and KID of sets of `sample_size` images against a fixed reference set (a held-out split), in `net`'s feature
     space. The reference features are computed once; each `score` call replaces the other set.
 
-    KID is averaged over `subsets` random subsets of min(1000, sample_size) images: unbiased, unlike FID, which grows
-    as the sample shrinks. Hence `fid_floor`: the score of as many held-out real images.
+    KID is averaged over `subsets` random subsets of half the smaller set (at most 1000): unbiased, unlike FID, which
+    grows as the sample shrinks. Hence `fid_floor`: the score of as many real training images.
     """
 
     def __init__(self, net: FeatureNet, reference: Tensor, sample_size: int, batch_size: int, subsets: int = 100):
         device = next(net.parameters()).device
-        subset_size = min(1000, sample_size, len(reference))
+        # subsets of half the smaller set, at most 1000: of the whole set, every subset would be the same one
+        subset_size = max(2, min(2000, sample_size, len(reference)) // 2)
         # normalize=True: inputs are floats in [0, 1]; with a custom net torchmetrics passes them on unchanged.
         with warnings.catch_warnings():  # that KID keeps its features: a few thousand small vectors here
             warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted")

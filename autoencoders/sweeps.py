@@ -84,9 +84,9 @@ class FailureSummary(CommandCallback):
         skipped = sorted(job.name for job, s in statuses.items() if s.state == FINISHED and s.since < started)
         if skipped:
             print(
-                f"sweep {sweep_dir}: {len(skipped)} job(s) had finished in an earlier run of the sweep and were "
-                f"skipped, their files left as they were ({', '.join(skipped)}); {len(done) - len(skipped)} job(s) "
-                "ran to the end now."
+                f"sweep {sweep_dir}: {len(skipped)} job(s) had finished in an earlier invocation of the sweep, their "
+                f"files left as they were ({', '.join(skipped)}); {len(done) - len(skipped)} job(s) ran to the end "
+                "now."
             )
         else:  # also what a launcher that keeps the jobs' output to itself (submitit) leaves the console
             print(

@@ -217,8 +217,8 @@ def markdown(cells: Sequence[Cell]) -> str:
     runs = sorted({c.runs for c in cells})
     rules = "; ".join(f"{rule}: {SELECTION_RULES[rule]}" for rule in sorted(selections))
     lines = [
-        f"Test accuracy (%), mean ± std over {'/'.join(map(str, runs))} seeds (each with its own pretraining), by "
-        f"labelled training images per class. Checkpoint selection ({rules}).",
+        f"Test accuracy (%), mean ± std over {'/'.join(map(str, runs))} seed{'s' * (runs != [1])} (each with its own "
+        f"pretraining), by labelled training images per class. Checkpoint selection ({rules}).",
         "",
         "| method | " + " | ".join(_label_name(n) for n in labels) + " |",
         "|---|" + "---:|" * len(labels),

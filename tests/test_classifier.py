@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,7 @@ TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batche
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny `experiment=transfer`: 9 methods x 1 label per class x 2 seeds, 2 steps each, after a tiny MLP VAE."""
     sweep = tmp_path_factory.mktemp("study") / "sweep"
-    run_train(
+    proc = run_train(
         "experiment=transfer",
         "data.labels_per_class=1",
         "seed=0,1",
@@ -38,6 +39,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"hydra.sweep.dir={sweep}",
         cwd=sweep.parent,
     )
+    (sweep.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return sweep
 
 
@@ -87,6 +89,12 @@ def test_study_writes_its_table_and_plot(study: Path) -> None:
     assert "| method | 1 |" in table and f"| frozen | {frozen:.1f} ± " in table
     assert "Checkpoint selection (small_val: the best checkpoint on as many labelled val images" in table
     assert {r["selection"] for r in rows} == {"small_val"}
+
+
+def test_study_prints_no_warning_the_user_cannot_act_on(study: Path) -> None:
+    """Frozen encoders in eval mode (every pretrained method, M1+M2), knn's lack of an optimizer and loss: by design."""
+    console = (study.parent / "console.txt").read_text()
+    assert not re.findall(r".*Warning: .*|.*warn.*", console, flags=re.IGNORECASE)
 
 
 def test_each_seed_has_its_own_pretraining_and_its_classifiers_use_it(study: Path) -> None:

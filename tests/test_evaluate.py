@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from autoencoders import report
 from autoencoders.cli import FAILURE_FILE
 from autoencoders.errors import UserError
 from autoencoders.evaluation import device, evaluate, reconstruction_metrics, sampler_identity, vae_metrics
+from autoencoders.loggers import EVAL_RECORD
 from autoencoders.metrics import FeatureNetSettings, SampleQuality, _cache_key, accuracy, active_units, feature_net
 from autoencoders.pictures import latent_traversal
 from autoencoders.rundirs import lock_run_dir, unlock_run_dir
@@ -69,22 +71,22 @@ def test_sweep_report_ranks_on_validation_and_reports_test_beside_it(sweep):
             metrics = json.loads((eval_dir(run, split) / "metrics.json").read_text())
             assert float(row[f"{split}/fid_floor"]) == pytest.approx(metrics[f"{split}/fid_floor"])
     table = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 3  # header and two runs
+    assert len(table) == 6  # the leaderboard's and every job's: a header and two runs each
     assert (
         "a validation metric: the test columns are reported, not used to choose" in (sweep / "summary.md").read_text()
     )
-    for plot in ("rate_distortion.png", "metrics_vs_latent_dim.png"):
-        assert Image.open(sweep / plot).size[0] > 100
+    assert Image.open(sweep / "metrics_vs_latent_dim.png").size[0] > 100
+    assert not (sweep / "rate_distortion.png").exists()  # drawn only through two kl_weights or more
     assert sorted(p.name for p in sweep.parent.iterdir()) == ["cache", "sweep"]  # evaluate.py left no logs behind
 
 
 def test_report_html_is_one_self_contained_page_of_the_tables_plots_and_every_runs_pictures(sweep):
     page = (sweep / "report.html").read_text()
     sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
-    pictures = sorted(p.name for p in (run_dirs(sweep)["vae"] / "pictures").glob("*.png"))
-    assert len(pictures) >= 5 and len(sources) == 2 + 2 * len(pictures) - 1  # the plots; the AE has no KL chart
+    pictures = [p for run in run_dirs(sweep).values() for p in eval_dir(run, "val").glob("*.png")]  # scored ones
+    assert len(pictures) >= 10 and len(sources) == 1 + len(pictures)  # and the one plot (one kl_weight: no R-D)
     assert all(src.startswith("data:image/png;base64,") and len(src) > 1000 for src in sources)
-    assert page.count("<table>") == 1 and page.count("<tr>") == 3 and "Pictures of 1_" in page
+    assert page.index("<h2>Leaderboard") < page.index("<h2>Pictures") < page.index("<details>") and "job 1_" in page
     run_page = (eval_dir(run_dirs(sweep)["vae"]) / "report.html").read_text()
     assert "<td><code>test/nll</code></td>" in run_page and run_page.count('src="data:image/png;base64,') >= 5
 
@@ -105,7 +107,8 @@ def test_report_html_opens_from_disk_in_a_real_browser_with_every_image_decoded(
                "--virtual-time-budget=10000", "--dump-dom", (tmp_path / "check.html").as_uri()]  # fmt: skip
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     found = json.loads(html.unescape(re.search(r'<pre id="out">([^<]*)</pre>', dom).group(1)))
-    assert found["tables"] == 1 and found["images"] >= 10 and found["decoded"] == found["images"]
+    assert found["tables"] == 3 and found["images"] >= 10 and found["decoded"] == found["images"]  # 3: leaderboard,
+    # pictures, every job
 
 
 @pytest.mark.parametrize("model", ["ae", "vae"])
@@ -120,17 +123,18 @@ def test_each_run_gets_metrics_pictures_and_tensorboard_events_in_eval_only(swee
     assert expected <= set(metrics)
     assert 0 < metrics["test/mse"] < 1 and metrics["test/recon"] > 0 and metrics["test/fid_prior"] > 0
     assert metrics["test/fid_floor"] < metrics["test/fid_prior"]  # real held-out digits beat an untrained model's
+    assert metrics["test/kid_prior_std"] > 1e-4 and metrics["test/kid_floor_std"] > 1e-4  # subsets that differ
     if model == "vae":  # bits per dim of the binarised 784-pixel digits, from the IWAE bound
         assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (784 * math.log(2)))
         assert metrics["test/nll"] <= -metrics["test/elbo"] + 1
     for name in PICTURES:
         assert Image.open(out / f"{name}.png").size[0] > 28
-    events = EventAccumulator(str(out), size_guidance={"images": 0})
+    events = EventAccumulator(str(run_dir / "eval" / EVAL_RECORD), size_guidance={"images": 0})  # the run <run>/eval
     events.Reload()
-    assert {f"eval/{name}" for name in PICTURES} <= set(events.Tags()["images"])
+    assert {f"verdict/test/{name}" for name in PICTURES} <= set(events.Tags()["images"])
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["best-epoch000.ckpt", "last.ckpt"]
-    assert sorted(p.name.split("_")[1] for p in (run_dir / "eval").glob("[!.]*")) == ["test", "val"]
+    assert sorted(p.name.split("_")[1] for p in (run_dir / "eval").glob("[!.]*") if p.is_dir()) == ["test", "val"]
 
 
 def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_path, caplog):
@@ -148,7 +152,7 @@ def test_a_run_is_scored_on_the_split_asked_for_in_its_own_folder(sweep, tmp_pat
     (test,) = evaluate(evaluate_config(f"run_dir={run}", "num_samples=0", f"cache_dir={tmp_path}"))
     assert {p.name.split("_")[1]: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()} == fitted
     assert all(name.startswith("test/") for name in test)
-    assert len(list((run / "eval").glob("[!.]*"))) == 2
+    assert len([p for p in (run / "eval").glob("[!.]*") if p.is_dir()]) == 2  # beside the TensorBoard record
     assert json.loads((eval_dir(run, "val") / "metrics.json").read_text()) == val
 
 
@@ -158,7 +162,7 @@ def test_evaluations_with_other_settings_get_folders_of_their_own(sweep, tmp_pat
     settings = [f"run_dir={run}", "num_samples=0", "samplers=[prior]", f"cache_dir={tmp_path}"]
     scored = {k: evaluate(evaluate_config(*settings, f"k={k}"))[0] for k in (2, 3)}
     evaluate(evaluate_config(*settings, "k=3", "batch_size=50", "k_chunk=1"))  # the same numbers: replaces its own
-    folders = list((run / "eval").glob("[!.]*"))
+    folders = [p for p in (run / "eval").glob("[!.]*") if p.is_dir()]
     assert len(folders) == 2
     found = {json.loads((f / "metrics.json").read_text())["test/nll_k"]: f for f in folders}
     assert set(found) == {2, 3}
@@ -180,12 +184,12 @@ def test_the_flow_and_two_stage_samplers_are_fitted_once_cached_and_scored_with_
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "samplers").iterdir()} == fitted
 
 
-def test_more_samples_than_the_split_has_images_is_refused_before_any_scoring(sweep, tmp_path):
+def test_more_samples_than_the_floor_has_training_images_is_refused_before_any_scoring(sweep, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dirs(sweep)["vae"], run, ignore=shutil.ignore_patterns("eval"))
-    with pytest.raises(UserError, match=r"num_samples=1000 is more than the 500 images of the test split(.|\n)*"
-                       r"num_samples=null .* num_samples<=500"):  # fmt: skip
-        evaluate(evaluate_config(f"run_dir={run}", "num_samples=1000", "samplers=[prior]", f"cache_dir={tmp_path}"))
+    fix = r"num_samples=null \(as many as the test split's 500 images\) or num_samples<=4000"
+    with pytest.raises(UserError, match=r"num_samples=5000 is more than the 4000 training images(.|\n)*" + fix):
+        evaluate(evaluate_config(f"run_dir={run}", "num_samples=5000", "samplers=[prior]", f"cache_dir={tmp_path}"))
     assert not (tmp_path / "fid_features").exists() and not (run / "eval").exists()  # no feature net trained
 
 
@@ -264,6 +268,37 @@ def test_fid_and_kid_are_near_their_floor_for_real_images_and_large_for_noise(sw
     assert len(list((sweep.parent / "cache" / "fid_features").iterdir())) == 1
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID of two sets of features, computed apart from torchmetrics: scipy's matrix square root, in float64."""
+    from scipy.linalg import LinAlgWarning, sqrtm
+
+    a, b = a.double().numpy(), b.double().numpy()
+    mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # ReLU units that never fire make the covariances singular: exact all the same
+        warnings.simplefilter("ignore", LinAlgWarning)
+        root = sqrtm(cov_a @ cov_b).real
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_each_split_scores_samples_against_its_own_images_and_its_floor_is_as_many_training_images(sweep, data):
+    """val/ and test/ FIDs are two checks, not one number twice: each floor equals FID, computed independently, of
+    `fid_samples` training images (evaluate.py's draw) against that split's `fid_real` images."""
+    cfg = evaluate_config(f"cache_dir={sweep.parent / 'cache'}")
+    net = feature_net(data, FeatureNetSettings(**cfg.fid), cfg.cache_dir, device(cfg.device)).eval()
+    train = data.real_split("full_train")[0]
+    found = {}
+    for split in ("val", "test"):
+        metrics = json.loads((eval_dir(run_dirs(sweep)["vae"], split) / "metrics.json").read_text())
+        real = data.real_split(split)[0]
+        assert metrics[f"{split}/fid_real"] == len(real) and metrics[f"{split}/fid_samples"] == len(real)  # null
+        drawn = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: len(real)]]
+        with torch.no_grad():
+            expected = frechet_distance(net(drawn), net(real))
+        assert metrics[f"{split}/fid_floor"] == pytest.approx(expected, rel=1e-3)
+        found[split] = metrics
+    assert found["val"]["val/fid_prior"] != found["test"]["test/fid_prior"]  # other reference images
+
+
 def test_data_overrides_replace_or_change_the_runs_own_data_config(sweep):
     run = run_dirs(sweep)["vae"]
     changed = data_config(run_config(run), evaluate_config("run_dir=x", "seed=5", "+data.test_fraction=0.2"))
@@ -323,7 +358,7 @@ def test_a_failing_sweep_evaluation_exits_nonzero_and_keeps_the_better_summary(s
     """Scoring on data that is not on disk fails for every job: the earlier, good report stays byte for byte."""
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
-    before = {name: (copy / name).read_bytes() for name in ("summary.csv", "summary.md", "rate_distortion.png")}
+    before = {name: (copy / name).read_bytes() for name in ("summary.csv", "summary.md", "metrics_vs_latent_dim.png")}
     proc = run_script(
         "evaluate.py", f"sweep_dir={copy}", "data=fashion_mnist", f"data.source.root={tmp_path / 'nowhere'}", *FAST,
         cwd=tmp_path, check=False,
@@ -346,6 +381,7 @@ def test_no_target_exits_with_a_clear_error(tmp_path):
         (["run_dir=a", "num_samples=1"], "num_samples=1"),
         (["run_dir=a", "checkpoint=middle"], "checkpoint=middle"),
         (["run_dir=a", "sort_by=val/nope"], "sort_by=val/nope"),
+        (["run_dir=a", "sort_by=val/fid_samples"], "sort_by=val/fid_samples is not a score to rank on"),
         (["run_dir=a", "sort_by=test/nll"], "would choose among the runs on the test split"),
         (["run_dir=a", "split=train"], "split=train"),
         (["run_dir=a", "device=tpu"], "device=tpu"),
@@ -394,12 +430,13 @@ def test_a_sweep_report_over_seeds_gives_each_configuration_mean_and_std_ranked_
     }
     rows = [
         {"run": f"{i}_job", "status": "ok", "model": model, "latent_dim": 2, "kl_weight": kl_weight,
-         "overrides": f"{overrides} seed={seed}", "val/recon": value, "test/recon": value + 1, "test/kl": value / 10}
+         "overrides": [*overrides.split(), f"seed={seed}"], "val/recon": value, "test/recon": value + 1,
+         "test/kl": value / 10}
         for i, ((overrides, model, kl_weight), values) in enumerate(val_recon.items())
         for seed, value in enumerate(values)
     ]  # fmt: skip
     rows.append({"run": "9_job", "status": "failed: NaN", "model": "ae", "latent_dim": 2, "kl_weight": None,
-                 "overrides": "model=ae latent_dim=2 seed=3"})  # fmt: skip
+                 "overrides": ["model=ae", "latent_dim=2", "seed=3"]})  # fmt: skip
     report.write_report(tmp_path, rows, "val/recon")
 
     with open(tmp_path / "summary_over_seeds.csv") as f:
@@ -419,9 +456,9 @@ def test_a_sweep_report_over_seeds_gives_each_configuration_mean_and_std_ranked_
         assert Image.open(tmp_path / plot).size[0] > 100
     figure = report.metrics_vs_latent_dim(report.over_seeds(rows, ["val/recon"], "val/recon"), ["val/recon"])
     (legend,) = figure.legends  # one entry per line, error bars and all
-    assert sorted(t.get_text() for t in legend.get_texts()) == ["ae", "vae (kl_weight=1)", "vae (kl_weight=4)"]
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["model=ae", "model=vae", "model=vae kl_weight=4"]
 
-    one_seed_each = [row for row in rows if row["overrides"].endswith("seed=0")]
+    one_seed_each = [row for row in rows if row["overrides"][-1] == "seed=0"]
     report.write_report(tmp_path, one_seed_each, "val/recon")  # the same sweep dir, evaluated again
     assert (
         not (tmp_path / "summary_over_seeds.csv").exists()
@@ -503,7 +540,7 @@ def test_an_image_folder_changed_since_training_is_refused(tmp_path):
 def test_a_sort_by_column_that_was_not_scored_falls_back_to_one_that_was_and_says_so(tmp_path):
     """samplers=[gmm] with the default sort_by=val/fid_prior: sorted by val/fid_gmm, and summary.md says so."""
     rows = [{"run": f"{i}_job", "status": "ok", "model": "ae", "latent_dim": 2, "kl_weight": None,
-             "overrides": f"latent_dim={i}", "val/fid_gmm": fid}
+             "overrides": [f"latent_dim={i}"], "val/fid_gmm": fid}
             for i, fid in enumerate([30.0, 10.0, 20.0])]  # fmt: skip
     ranked = report.write_report(tmp_path, rows, "val/fid_prior")
     assert [row["val/fid_gmm"] for row in ranked] == [10.0, 20.0, 30.0]

@@ -245,7 +245,7 @@ def test_rerunning_a_crashed_sweep_skips_finished_jobs_untouched_and_resumes_the
     assert snapshot(done) == before  # byte for byte: .hydra, train.log, checkpoints, events, metrics.json
     assert (crashed / "metrics.json").is_file() and (crashed / ".hydra" / "attempt-2" / "config.yaml").is_file()
     assert not list(sweep.glob("*/failure.json"))
-    skipped = "1 job(s) had finished in an earlier run of the sweep and were skipped, their files left as they were"
+    skipped = "1 job(s) had finished in an earlier invocation of the sweep, their files left as they were"
     assert f"{skipped} ({done.name}); 1 job(s) ran to the end now." in proc.stdout
     last = crashed / "checkpoints" / "last.ckpt"
     assert f"stopped in an earlier run of this sweep: resuming it from {last}" in (crashed / "train.log").read_text()

@@ -146,4 +146,6 @@ def test_optuna_search_keeps_its_study_in_the_sweep_dir_resumes_it_and_records_f
     study = optuna.load_study(study_name="vae", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2
     assert study.best_value == max(t.value for t in first)  # maximised val/elbo
+    assert sorted(int(job.parent.name.split("_")[0]) for job in sweep.glob("*/.hydra")) == [0, 1, 2, 3]  # trials
+    assert "2 job(s) had finished in an earlier invocation of the sweep" in proc.stdout
     assert Path(sweep / "optimization_results.yaml").is_file()

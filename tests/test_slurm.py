@@ -236,7 +236,7 @@ def test_a_killed_job_fails_the_sweep_naming_it_and_a_rerun_resumes_it_and_skips
     finished = (done / "metrics.json").read_bytes()
 
     rerun = run_train(*command, cwd=tmp_path, tiny=False, timeout=300)
-    assert "1 job(s) had finished in an earlier run of the sweep and were skipped" in rerun.stdout
+    assert "1 job(s) had finished in an earlier invocation of the sweep" in rerun.stdout
     assert (done / "metrics.json").read_bytes() == finished
     assert "stopped in an earlier run of this sweep: resuming it from" in (killed / "train.log").read_text()
     assert metrics(killed)["test/nll"] > 0

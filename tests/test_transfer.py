@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from autoencoders.cli import FAILURE_FILE
-from autoencoders.transfer import JOBS_DIR
+from autoencoders.transfer import JOBS_DIR, Cell, markdown
 from tests.helpers import ROOT, run_train
 
 TINY_PRETRAIN = '["model=vae","trainer.max_epochs=1","trainer.limit_train_batches=2","trainer.limit_val_batches=1"]'
@@ -149,3 +149,10 @@ def test_a_study_with_a_classifier_job_that_train_py_refuses_stops_before_any_pr
     assert paragraph.startswith(f"error: the transfer study's classifier job {job} ") and cause in paragraph
     assert "stops before any pretraining" in paragraph and "objective" not in paragraph
     assert "Traceback" not in proc.stdout and not (sweep / "pretrain").exists() and not (sweep / JOBS_DIR).exists()
+
+
+@pytest.mark.parametrize(("runs", "said"), [((1,), "over 1 seed (each"), ((3,), "over 3 seeds (each"),
+                                            ((1, 3), "over 1/3 seeds (each")])  # fmt: skip
+def test_the_study_table_counts_its_seeds_in_words(runs: tuple[int, ...], said: str) -> None:
+    table = markdown([Cell("m2", 10 * i + 1, n, 90.0, 1.0) for i, n in enumerate(runs)])
+    assert said in table

@@ -1,5 +1,6 @@
 """What every model shares: split steps, epoch means, the optimizer hook, and the registry."""
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,6 +41,9 @@ class SplitSteps(L.LightningModule):
         return self.parameters()
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and not all(p.requires_grad for p in self.parameters()):  # a frozen pretrained encoder
+            # (a classifier's, M1+M2's M1) stays in eval mode on purpose; Lightning's warning asks nothing of the user
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         if self.trainer.strategy.root_device.type == "cpu":  # NHWC conv weights: 6-20% faster conv epochs on a 2-core
             self.to(memory_format=torch.channels_last)  # CPU (benchmarks/levers.py); on GPUs not measured, so not used
 

@@ -99,10 +99,9 @@ class Classifier(EpochMeanLogging, SplitSteps):
         """Before training: knn needs as many labelled images as neighbours vote, a pretrained method needs its
         encoder, and that encoder must not have seen the held-out images."""
         super().setup(stage)
-        if stage == "fit" and self.frozen:  # Lightning warns of modules in eval mode: here they are meant to be
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-        if stage == "fit" and self.method == "knn":  # it stores codes, so it has no optimizer by design
-            warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
+        if stage == "fit" and self.method == "knn":  # it stores codes: no optimizer and no loss, by design
+            returned_none = r"`(LightningModule.configure_optimizers|training_step)` returned `None`"
+            warnings.filterwarnings("ignore", message=returned_none)
             labelled, k = len(self.trainer.datamodule.train_set), self.hparams.knn_k
             if k > labelled:
                 raise UserError(
