@@ -323,7 +323,7 @@ class ImageLogger(L.Callback):
         if not self.has_prior and trainer.current_epoch == 0:
             for logger in trainer.loggers:  # said once, where text can go, instead of decoding noise
                 if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("images/samples", NO_PRIOR, step)
+                    logger.experiment.add_text("visual/samples", NO_PRIOR, step)
         self._latest = trainer.global_step, self._grids(pl_module)
         for tag, grid in self._latest[1].items():
             log_image(trainer.loggers, tag, grid, step)
@@ -331,29 +331,29 @@ class ImageLogger(L.Callback):
     def _grids(self, model: AE) -> dict[str, Tensor]:
         """The grids of `model` by TensorBoard tag."""
         x = self.images[: self.num_images].to(model.device)
-        grids = {"images/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
+        grids = {"visual/reconstructions": image_grid(torch.cat([x, model.reconstruct(x)]), nrow=len(x))}
         if self.has_prior:
             # drawn anew with the same seed each time: a learned prior (VampPrior, a hierarchy's) changes in training
             samples = model.sample(self.num_samples, torch.Generator().manual_seed(0))
-            grids["images/samples"] = image_grid(samples, nrow=8)
+            grids["visual/samples"] = image_grid(samples, nrow=8)
         pairs = self.images[: 2 * min(self.num_pairs, len(self.images) // 2)].to(model.device)  # a small val split
         if len(pairs):
             rows = model.interpolate(pairs[0::2], pairs[1::2], self.steps)
-            grids["images/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)
+            grids["visual/interpolations"] = image_grid(rows.flatten(0, 1), nrow=self.steps)
         if model.latent_dim == 2:
-            grids["latent/scatter"] = scatter_chart(model.encode(self.images.to(model.device)), self.labels)
+            grids["visual/scatter"] = scatter_chart(model.encode(self.images.to(model.device)), self.labels)
         return grids
 
     def _final_grids(self, model: AE) -> dict[str, Tensor]:
         """What the end of training adds: the latent traversal, for 2-d codes the decoded manifold, for VAEs the KL
         per code dimension."""
         images = self.images.to(model.device)
-        grids = {"latent/traversal": image_grid(latent_traversal(model, images, self.steps, 32), self.steps)}
+        grids = {"visual/traversal": image_grid(latent_traversal(model, images, self.steps, 32), self.steps)}
         if model.latent_dim == 2:
-            grids["latent/manifold"] = image_grid(manifold(model, images), 15)
+            grids["visual/manifold"] = image_grid(manifold(model, images), 15)
         kl = kl_per_dim(model, images)
         if kl is not None:
-            grids["latent/kl_per_dim"] = kl_chart(kl)
+            grids["visual/kl_per_dim"] = kl_chart(kl)
         return grids
 
     @torch.no_grad()

@@ -46,7 +46,7 @@ def test_tensorboard_writes_events_with_scalars_and_images(every_logger):
     acc = EventAccumulator(str(every_logger), size_guidance={"images": 0})
     acc.Reload()
     assert {"val/elbo", "verdict/test/nll"} <= set(acc.Tags()["scalars"])
-    assert {"images/samples", "latent/scatter"} <= set(acc.Tags()["images"])
+    assert {"visual/samples", "visual/scatter"} <= set(acc.Tags()["images"])
 
 
 def test_csv_writes_metrics_csv_and_the_hparams(every_logger):
@@ -63,7 +63,7 @@ def test_wandb_writes_an_offline_run_with_the_metrics_and_the_image_grids(every_
     metrics = json.loads((every_logger / "metrics.json").read_text())
     for key in ("val/elbo", "test/nll"):
         assert key.encode() in log.read_bytes() and json.dumps(metrics[key]).encode() in log.read_bytes()
-    assert list((run / "files" / "media" / "images" / "images").glob("samples_*.png"))
+    assert list((run / "files" / "media" / "images" / "visual").glob("samples_*.png"))
 
 
 def test_wandb_warns_of_nothing_the_user_cannot_act_on(every_logger):
@@ -80,7 +80,7 @@ def test_mlflow_writes_a_file_store_that_mlflow_reads_back(every_logger):
     assert run.data.metrics["test/nll"] == pytest.approx(metrics["test/nll"])
     assert run.data.params["model"] == "vae" and run.data.params["latent_dim"] == "2"
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert any(path.startswith("images/images_samples") for path in images)
+    assert any(path.startswith("images/visual_samples") for path in images)
 
 
 def test_a_logger_whose_package_is_missing_is_an_error_naming_the_install(monkeypatch, tmp_path):
@@ -241,7 +241,7 @@ def test_each_curve_has_one_point_per_step_and_images_share_their_epochs_step(sw
         for tag, at in steps.items():
             if tag != "epoch":  # Lightning's own, written with every logging call
                 assert len(at) == len(set(at)), tag
-        assert steps["images/samples"] == steps["val/recon"]  # TINY: one epoch, images after the last
+        assert steps["visual/samples"] == steps["val/recon"]  # TINY: one epoch, images after the last
 
 
 def readme_tags() -> dict[str, set[str]]:
@@ -258,5 +258,5 @@ def readme_tags() -> dict[str, set[str]]:
 def test_the_readme_lists_exactly_the_tags_a_run_writes(sweeps):
     listed = readme_tags()
     for model in ("ae", "vae"):
-        (run_dir,) = sweeps["ae_first"].glob(f"*_latent_dim-2_model-{model}")  # latent_dim 2: with latent/scatter
+        (run_dir,) = sweeps["ae_first"].glob(f"*_latent_dim-2_model-{model}")  # latent_dim 2: with visual/scatter
         assert set(scalar_and_image_tags(run_dir)) == listed[model.upper()], model

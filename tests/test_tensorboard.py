@@ -219,7 +219,7 @@ def test_the_text_tab_shows_the_command_line_and_the_resolved_config(tensorboard
 def test_the_pictures_keep_their_descriptions_under_either_loader(tensorboard):
     tags = get(f"{tensorboard['evaluated']}/data/plugin/images/tags")
     descriptions = {tag: info["description"] for run in tags.values() for tag, info in run.items()}
-    assert descriptions["images/samples"].startswith("<p>Decoded draws of the model")
+    assert descriptions["visual/samples"].startswith("<p>Decoded draws of the model")
     assert descriptions["verdict/test/reconstructions"].startswith("<p>Top row: held-out images")  # evaluate.py's
     assert all(descriptions.values())
 

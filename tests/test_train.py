@@ -133,14 +133,14 @@ def test_the_best_checkpoint_is_chosen_on_val_elbo_and_metrics_json_reports_its_
 
 def test_tensorboard_holds_the_pictures_with_their_descriptions_the_config_and_no_epoch_chart(vae_run):
     tags = event_tags(vae_run)
-    pictures = {"images/reconstructions", "images/samples", "images/interpolations", "latent/scatter"}
-    pictures |= {"latent/traversal", "latent/manifold", "latent/kl_per_dim"}
+    pictures = {"visual/reconstructions", "visual/samples", "visual/interpolations", "visual/scatter"}
+    pictures |= {"visual/traversal", "visual/manifold", "visual/kl_per_dim"}
     assert pictures <= set(tags["images"])
     assert {"train/loss_epoch", "val/loss", "val/elbo", "verdict/val/elbo", "verdict/test/nll"} <= set(tags["scalars"])
     assert "epoch" not in tags["scalars"] and "test/nll" not in tags["scalars"]  # Lightning's epoch; verdict/test/nll
     acc = EventAccumulator(str(vae_run), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
-    description = acc.SummaryMetadata("latent/traversal").summary_description
+    description = acc.SummaryMetadata("visual/traversal").summary_description
     assert description.startswith("One row per code dimension (VAEs: in order of KL")
     config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "    model:\n      _target_: autoencoders.models.VAE" in config  # a markdown code block
@@ -174,7 +174,7 @@ def test_load_returns_the_trained_model(vae_run):
 def test_conv_ae_with_larger_latent_uses_the_embedding_projector(tmp_path):
     run_train("model=conv_ae", "latent_dim=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert (tmp_path / "run" / "projector_config.pbtxt").is_file()
-    assert "latent/scatter" not in event_tags(tmp_path / "run")["images"]
+    assert "visual/scatter" not in event_tags(tmp_path / "run")["images"]
 
 
 def test_images_are_logged_every_n_epochs_and_after_the_last(tmp_path):
@@ -183,8 +183,8 @@ def test_images_are_logged_every_n_epochs_and_after_the_last(tmp_path):
     acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     acc.Reload()
     steps_per_epoch = 2  # TINY's limit_train_batches; an epoch's values sit at the step of its last batch
-    assert [(e.step + 1) // steps_per_epoch - 1 for e in acc.Images("images/samples")] == [0, 2, 3]
-    samples = Image.open(io.BytesIO(acc.Images("images/samples")[-1].encoded_image_string))
+    assert [(e.step + 1) // steps_per_epoch - 1 for e in acc.Images("visual/samples")] == [0, 2, 3]
+    samples = Image.open(io.BytesIO(acc.Images("visual/samples")[-1].encoded_image_string))
     assert (samples.mode, samples.size) == ("L", (8 * 30 + 2, 8 * 30 + 2))  # grey digits: 8 x 8, 2 px padding
 
 
