@@ -210,7 +210,7 @@ def test_the_text_tab_shows_the_command_line_and_the_resolved_config(tensorboard
     assert "config/text_summary" in get(f"{url}/data/plugin/text/tags")[job]  # SummaryWriter.add_text's tag
     (text,) = get(f"{url}/data/plugin/text/text?run={urllib.parse.quote(job)}&tag=config/text_summary")
     page = html.unescape(text["text"])
-    assert "Command:\n\n    python train.py " in page  # that trains this job alone: its own overrides, not -m
+    assert "<p>Command:</p>\n<pre><code>python train.py " in page  # that trains this job alone: its overrides, not -m
     assert "model=vae" in page and "latent_dim=2" in page and "model=ae" not in page and " -m " not in page
     assert "latent_dim: 2" in page and "${" not in page  # resolved: model.latent_dim is 2, not ${latent_dim}
 
