@@ -357,9 +357,10 @@ def picture_grid(sweep_dir: Path, configurations: list[dict], shared: set[str]) 
     found = []
     for c in configurations:
         job = next((job for job in c["jobs"] if job.get("evaluation")), None)
-        if job is not None:
-            folder = sweep_dir / job["evaluation"]
-            images = {p.stem: image for p in sorted(folder.glob("*.png")) if (image := embed(p, sweep_dir))}
+        if job is not None:  # the evaluation's own pictures, and only from a folder in the sweep
+            folder = (sweep_dir / job["evaluation"]).resolve()
+            inside = folder.is_relative_to(sweep_dir.resolve())
+            images = {p.stem: image for p in sorted(folder.glob("*.png")) if inside and (image := embed(p, folder))}
         if job is not None and images:
             found.append(([o for o in c["overrides"] if o not in shared], job["run"], c["n"], images))
     kinds = picture_kinds(kind for *_, images in found for kind in images)

@@ -208,7 +208,8 @@ def test_a_sweep_trained_and_scored_end_to_end_with_markup_in_its_folder_and_tag
 
 
 def test_pictures_are_embedded_only_from_files_under_the_sweep(tmp_path):
-    """A path named in text (a status), an evaluation folder outside the sweep, a link out of it: none is read."""
+    """A path named in text (a status), an evaluation folder outside the sweep, a link out of the sweep or out of the
+    evaluation's own folder: none is read."""
     secret = tmp_path / "secret.png"
     Image.new("L", (9, 9), 7).save(secret)
     sweep = tmp_path / "sweep"
@@ -218,11 +219,15 @@ def test_pictures_are_embedded_only_from_files_under_the_sweep(tmp_path):
     linked = sweep / rows[2]["evaluation"] / "traversal.png"
     linked.unlink()
     linked.symlink_to(secret)
+    elsewhere = sweep / rows[2]["evaluation"] / "interpolations.png"  # to another job's picture, in the sweep
+    elsewhere.unlink()
+    elsewhere.symlink_to(sweep / rows[1]["run"] / "interpolations.png")
+    Image.new("L", (9, 9), 8).save(elsewhere.resolve())
     report.write_report(sweep, rows, "val/recon")
     page = (sweep / "report.html").read_text()
     sources = [image["src"] for image in assert_no_markup_but_ours(page)]
     assert base64.b64encode(secret.read_bytes()).decode() not in page
-    assert len(sources) == len(KINDS) - 1  # the third job's, less the link; the second's none
+    assert len(sources) == len(KINDS) - 2  # the third job's, less the links; the second's none
     assert "<b>traversal</b>" not in page and "<b>secret</b>" not in page and str(escape(secret)) in page
 
 
