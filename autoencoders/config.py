@@ -299,6 +299,14 @@ class BetaTCVAEConfig(VAEConfig):  # conf/model/beta_tcvae.yaml: autoencoders.mo
 
 
 @dataclass
+class CapacityVAEConfig(AEConfig):  # conf/model/beta_vae_c.yaml: autoencoders.models.CapacityVAE (no KL weight)
+    nll_samples: int = positive("100")
+    gamma: float = positive("1000.0", what="a weight")
+    capacity: float = non_negative("25.0", what="a number of nats")
+    capacity_steps: int = positive("100000")
+
+
+@dataclass
 class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.models.VQVAE
     codebook_size: int = at_least(2, "64")
     embedding_dim: int = positive("4")
@@ -488,5 +496,6 @@ def register() -> None:
     models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
     models |= {"m2": M2Config, "rae": RAEConfig, "aae": AAEConfig, "info_vae": InfoVAEConfig, "vamp": VampVAEConfig}
     models |= {"vae_iaf": IAFVAEConfig, "hvae": HVAEConfig, "factor_vae": FactorVAEConfig, "fsq": FSQVAEConfig}
+    models |= {"beta_vae_c": CapacityVAEConfig}
     for name, node in models.items():
         store.store(name=f"model_{name}_schema", node=node)

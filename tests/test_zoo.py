@@ -34,6 +34,7 @@ from autoencoders.models import (
     VQVAE,
     WAE,
     BetaTCVAE,
+    CapacityVAE,
     FactorVAE,
     InfoVAE,
     SparseAE,
@@ -187,6 +188,25 @@ def test_beta_tcvae_weights_the_total_correlation_and_keeps_the_analytic_elbo():
     torch.testing.assert_close(terms["recon"], bernoulli_nll(model.decoder(z), x).mean())
     kl = torch.distributions.kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0, 1)).sum(1).mean()
     torch.testing.assert_close(terms["elbo"], -(terms["recon"] + kl))
+
+
+@pytest.mark.parametrize(("step", "capacity"), [(0, 0.0), (250, 5.0), (1000, 20.0), (5000, 20.0)])
+def test_the_capacity_vae_pulls_the_kl_towards_a_capacity_that_rises_with_the_step(step, capacity):
+    """Burgess et al.'s loss, recon + gamma |KL - C|, C = capacity min(1, step / capacity_steps), computed here with
+    torch.distributions."""
+    model = CapacityVAE(SHAPE, gamma=100.0, capacity=20.0, capacity_steps=1000, latent_dim=3)
+    model.trainer = Mock(global_step=step)  # the step C follows (a Trainer's, saved with its checkpoints)
+    x = binary_images(16)
+    torch.manual_seed(4)
+    terms = model.loss_terms(x)
+    torch.manual_seed(4)
+    mu, logvar = model.posterior(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    recon = -Bernoulli(logits=model.decoder(q.rsample())).log_prob(x).sum((1, 2, 3)).mean()
+    kl = torch.distributions.kl_divergence(q, Normal(0, 1)).sum(1).mean()
+    torch.testing.assert_close(terms["capacity"], torch.tensor(capacity))
+    torch.testing.assert_close(terms["loss"], recon + 100.0 * (kl - capacity).abs())
+    torch.testing.assert_close(terms["elbo"], -(recon + kl))
 
 
 def compose_evaluate(*overrides: str):
@@ -496,7 +516,7 @@ def test_adversarial_models_step_both_optimizers_and_count_only_the_autoencoders
 # Every zoo model through train.py's and evaluate.py's code, and as a classifier's encoder ----------------------------
 ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae": BetaTCVAE, "vqvae": VQVAE}
 ZOO |= {"vamp": VampVAE, "vae_iaf": IAFVAE, "hvae": HVAE, "factor_vae": FactorVAE, "aae": AAE, "info_vae": InfoVAE}
-ZOO |= {"rae": RAE, "fsq": FSQVAE}
+ZOO |= {"rae": RAE, "fsq": FSQVAE, "beta_vae_c": CapacityVAE}
 
 
 def zoo_config(name: str) -> list[str]:

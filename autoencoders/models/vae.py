@@ -202,6 +202,35 @@ class BetaTCVAE(VAE):
         return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), **parts}
 
 
+class CapacityVAE(VAE):
+    """β-VAE with a controlled capacity (Burgess et al., 2018, "Understanding disentangling in β-VAE"): `loss` =
+    recon + gamma * |KL - C|, the target KL C raised linearly from 0 nats at the first training step to `capacity`
+    nats at step `capacity_steps`, then held, so the code takes on information a few nats at a time. C follows the
+    global step, so a resumed run goes on where it stopped. `kl` and `elbo` are a VAE's, so val/elbo and the
+    checkpoint choice are too; gamma and C take the place of the VAE's KL weight and its schedule."""
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        gamma: float = 1000.0,
+        capacity: float = 25.0,
+        capacity_steps: int = 100_000,
+        **base: Any,
+    ):
+        super().__init__(image_shape, **base)
+
+    def capacity_now(self) -> float:
+        """C at this training step, nats."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        return self.hparams.capacity * min(1.0, step / self.hparams.capacity_steps)
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        recon, kl = (term.mean() for term in self.elbo_terms(x))
+        capacity = torch.tensor(self.capacity_now(), device=x.device)
+        loss = recon + self.hparams.gamma * (kl - capacity).abs()
+        return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "capacity": capacity}
+
+
 class InfoVAE(VAE):
     """InfoVAE with the MMD divergence (Zhao et al., 2019; MMD-VAE): `loss` = recon + (1 - alpha) * beta * KL +
     (alpha + mmd_weight - 1) * MMD^2(q(z), N(0, I)), the MMD between the batch's codes z ~ q(z|x) and as many prior
