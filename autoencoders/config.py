@@ -318,9 +318,10 @@ class VQVAEConfig(AEConfig):  # conf/model/vqvae.yaml: autoencoders.models.VQVAE
 
 
 @dataclass
-class RAEConfig(AEConfig):  # conf/model/rae.yaml: autoencoders.models.RAE
+class RAEConfig(AEConfig):  # conf/model/rae.yaml, rae_gp.yaml: autoencoders.models.RAE
     embedding_weight: float = weight("1.0e-4")
     decoder_weight: float = weight("1.0e-7")
+    decoder_penalty: str = one_of("l2", "gradient")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Each zoo objective against an independent computation (torch.distributions, brute-force sums, closed forms)."""
 
+import contextlib
 import copy
 import functools
 import json
@@ -410,6 +411,30 @@ def test_the_rae_loss_adds_the_code_and_decoder_weight_penalties():
     assert model.sample(3, sampler=fitted).shape == (3, *SHAPE)
 
 
+@pytest.mark.parametrize("held_out", [False, True])
+def test_the_rae_gp_penalises_the_decoders_gradient_at_the_codes_as_the_authors_code_does(held_out):
+    """RAE-GP: recon + beta |z|^2 / 2 + lambda mean_(b,d) (d/dz_bd sum_pixels decode(z_b)^2)^2, the gradient here from
+    each image's full Jacobian (torch.autograd.functional.jacobian); the same in training and on held-out batches."""
+    model = RAE(SHAPE, embedding_weight=0.5, decoder_weight=0.1, decoder_penalty="gradient", latent_dim=2)
+    x = binary_images()
+    with torch.no_grad() if held_out else contextlib.nullcontext():
+        terms = model.loss_terms(x)
+    z = model.encode(x).detach()
+    slopes = []
+    for code in z:
+        image = model.decode(code[None]).flatten()
+        jacobian = torch.autograd.functional.jacobian(lambda c: model.decode(c[None]).flatten(), code)  # (pixels, D)
+        slopes.append(2 * jacobian.T @ image.detach())
+    gradient = torch.stack(slopes).pow(2).mean()
+    recon = bernoulli_nll(model.decoder(z), x).mean()
+    torch.testing.assert_close(terms["decoder_gradient"].detach(), gradient.detach())
+    expected = recon + 0.5 * 0.5 * (z**2).sum(1).mean() + 0.1 * gradient
+    torch.testing.assert_close(terms["loss"].detach(), expected.detach())
+    if not held_out:  # the penalty trains the decoder (and the encoder, through z)
+        terms["decoder_gradient"].backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
 @pytest.mark.parametrize("levels", [5, 4])
 def test_fsq_rounds_each_bounded_code_number_to_the_nearest_of_its_levels(levels):
     model = FSQVAE(SHAPE, levels=levels, latent_dim=3)
@@ -516,7 +541,7 @@ def test_adversarial_models_step_both_optimizers_and_count_only_the_autoencoders
 # Every zoo model through train.py's and evaluate.py's code, and as a classifier's encoder ----------------------------
 ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae": BetaTCVAE, "vqvae": VQVAE}
 ZOO |= {"vamp": VampVAE, "vae_iaf": IAFVAE, "hvae": HVAE, "factor_vae": FactorVAE, "aae": AAE, "info_vae": InfoVAE}
-ZOO |= {"rae": RAE, "fsq": FSQVAE, "beta_vae_c": CapacityVAE}
+ZOO |= {"rae": RAE, "rae_gp": RAE, "fsq": FSQVAE, "beta_vae_c": CapacityVAE}
 
 
 def zoo_config(name: str) -> list[str]:

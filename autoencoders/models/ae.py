@@ -1,5 +1,6 @@
 """Deterministic autoencoders: AE, DAE, and AEs with a penalty on their codes (sparse, WAE, RAE)."""
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -192,15 +193,24 @@ class WAE(CodePenaltyAE):
 
 
 class RAE(CodePenaltyAE):
-    """Regularised autoencoder, RAE-L2 (Ghosh et al., 2020): a deterministic AE with `loss` = recon +
-    embedding_weight * |z|^2 / 2 + decoder_weight * |decoder weights|^2, the last logged as `decoder_l2` (biases
-    excluded). Its samples come from a Gaussian mixture fitted to the training codes after training (ex-post density
+    """Regularised autoencoder (Ghosh et al., 2020): a deterministic AE with `loss` = recon + embedding_weight *
+    |z|^2 / 2 + decoder_weight * a penalty on the decoder, by `decoder_penalty`:
+    - `l2` (RAE-L2): |decoder weights|^2 (biases excluded), logged as `decoder_l2`;
+    - `gradient` (RAE-GP): the mean over images and code dimensions of (d/dz sum of the decoded image's squared
+      pixels)^2 at z = encode(x), as the authors' code computes its gradient penalty (`grad_pen_loss`), logged as
+      `decoder_gradient`: the decoder is pushed to be smooth around the codes.
+    Its samples come from a Gaussian mixture fitted to the training codes after training (ex-post density
     estimation; evaluate.py's `prior` sampler fits it, `gmm_components` 10 by default)."""
 
     term, weight_key = "code_l2", "embedding_weight"
 
     def __init__(
-        self, image_shape: Sequence[int], embedding_weight: float = 1e-4, decoder_weight: float = 1e-7, **base: Any
+        self,
+        image_shape: Sequence[int],
+        embedding_weight: float = 1e-4,
+        decoder_weight: float = 1e-7,
+        decoder_penalty: str = "l2",
+        **base: Any,
     ):
         super().__init__(image_shape, **base)
 
@@ -211,6 +221,22 @@ class RAE(CodePenaltyAE):
         return GMMSampler(self.latent_dim)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        terms = super().loss_terms(x, split)
-        decoder_l2 = sum(p.pow(2).sum() for name, p in self.decoder.named_parameters() if name.endswith("weight"))
-        return terms | {"loss": terms["loss"] + self.hparams.decoder_weight * decoder_l2, "decoder_l2": decoder_l2}
+        if self.hparams.decoder_penalty == "l2":
+            terms = super().loss_terms(x, split)
+            weights = (p for name, p in self.decoder.named_parameters() if name.endswith("weight"))
+            penalty, name = sum(p.pow(2).sum() for p in weights), "decoder_l2"
+        else:
+            training = torch.is_grad_enabled()
+            z = self.encode(x)
+            # held-out batches run without autograd (in inference mode under Lightning): a copy of their codes is the
+            # leaf that the decoder's gradient is taken at
+            with contextlib.nullcontext() if training else torch.inference_mode(False), torch.enable_grad():
+                z = z if training else z.clone().requires_grad_()
+                params = self.decoder(z)
+                squares = self.likelihood.mean(params).pow(2).sum()
+                (slope,) = torch.autograd.grad(squares, z, create_graph=training)
+            recon = self.likelihood.nll(params, x).mean()
+            code_l2 = self.penalty(z)
+            terms = {"loss": recon + self.hparams.embedding_weight * code_l2, "recon": recon, self.term: code_l2}
+            penalty, name = slope.pow(2).mean(), "decoder_gradient"
+        return terms | {"loss": terms["loss"] + self.hparams.decoder_weight * penalty, name: penalty}
