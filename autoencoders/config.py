@@ -349,6 +349,11 @@ class IAFVAEConfig(VAEConfig):  # conf/model/vae_iaf.yaml: autoencoders.models.I
 
 
 @dataclass
+class NormalizingFlowVAEConfig(VAEConfig):  # conf/model/vae_nf.yaml: autoencoders.models.NormalizingFlowVAE
+    flows: list[str] = one_of("planar", "radial", nonempty=True, example="[planar,planar]")
+
+
+@dataclass
 class HVAEConfig(VAEConfig):  # conf/model/hvae.yaml: autoencoders.models.HVAE
     top_latent_dim: int | None = positive("8")
     hidden: int = positive("128")
@@ -497,6 +502,6 @@ def register() -> None:
     models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
     models |= {"m2": M2Config, "rae": RAEConfig, "aae": AAEConfig, "info_vae": InfoVAEConfig, "vamp": VampVAEConfig}
     models |= {"vae_iaf": IAFVAEConfig, "hvae": HVAEConfig, "factor_vae": FactorVAEConfig, "fsq": FSQVAEConfig}
-    models |= {"beta_vae_c": CapacityVAEConfig}
+    models |= {"beta_vae_c": CapacityVAEConfig, "vae_nf": NormalizingFlowVAEConfig}
     for name, node in models.items():
         store.store(name=f"model_{name}_schema", node=node)

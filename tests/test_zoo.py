@@ -38,11 +38,13 @@ from autoencoders.models import (
     CapacityVAE,
     FactorVAE,
     InfoVAE,
+    NormalizingFlowVAE,
     SparseAE,
     VampVAE,
 )
 from autoencoders.models.adversarial import permute_dims
 from autoencoders.models.classifier import Classifier
+from autoencoders.models.nf import FLOWS
 from autoencoders.models.vq import fsq_levels
 from autoencoders.pictures import picture_grids
 from autoencoders.samplers import CodePrior
@@ -435,6 +437,43 @@ def test_the_rae_gp_penalises_the_decoders_gradient_at_the_codes_as_the_authors_
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
 
 
+@pytest.mark.parametrize("flow", ["planar", "radial"])
+@pytest.mark.parametrize("push", [0.0, 5.0])  # 5: parameters far from the identity, where invertibility is enforced
+def test_each_flows_log_det_is_the_log_det_of_its_jacobian(flow, push):
+    torch.manual_seed(0)
+    step = FLOWS[flow](3)
+    with torch.no_grad():
+        for parameter in step.parameters():
+            parameter.add_(push * torch.randn_like(parameter))
+    z = torch.randn(5, 3)
+    out, log_det = step(z)
+    for code, found in zip(z, log_det, strict=True):
+        jacobian = torch.autograd.functional.jacobian(lambda c: step(c[None])[0][0], code)
+        sign, expected = torch.linalg.slogdet(jacobian)
+        assert sign > 0  # invertible, orientation kept
+        torch.testing.assert_close(found, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_flow_vae_bounds_log_q_with_the_flows_log_det():
+    """log q(z_K|x) = log N(z_0; mu, sigma^2) - sum log|det|, here through the flows' Jacobians one by one."""
+    model = NormalizingFlowVAE(SHAPE, flows=["planar", "radial", "planar"], latent_dim=3)
+    x = binary_images(4)
+    torch.manual_seed(2)
+    z, log_q_over_p = model.latent_draws(x, 1)
+    torch.manual_seed(2)
+    mu, logvar = model.posterior(x)
+    q0 = Normal(mu, torch.exp(0.5 * logvar))
+    z0 = q0.sample()[None]
+    expected, code = q0.log_prob(z0[0]).sum(1), z0[0]
+    for flow in model.flows:
+        jacobians = [torch.autograd.functional.jacobian(lambda c, f=flow: f(c[None])[0][0], c) for c in code]
+        expected = expected - torch.stack([torch.linalg.slogdet(j)[1] for j in jacobians])
+        code = flow(code)[0]
+    torch.testing.assert_close(z[0], code)
+    expected = expected - Normal(0, 1).log_prob(code).sum(1)
+    torch.testing.assert_close(log_q_over_p[0], expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("levels", [5, 4])
 def test_fsq_rounds_each_bounded_code_number_to_the_nearest_of_its_levels(levels):
     model = FSQVAE(SHAPE, levels=levels, latent_dim=3)
@@ -541,7 +580,7 @@ def test_adversarial_models_step_both_optimizers_and_count_only_the_autoencoders
 # Every zoo model through train.py's and evaluate.py's code, and as a classifier's encoder ----------------------------
 ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae": BetaTCVAE, "vqvae": VQVAE}
 ZOO |= {"vamp": VampVAE, "vae_iaf": IAFVAE, "hvae": HVAE, "factor_vae": FactorVAE, "aae": AAE, "info_vae": InfoVAE}
-ZOO |= {"rae": RAE, "rae_gp": RAE, "fsq": FSQVAE, "beta_vae_c": CapacityVAE}
+ZOO |= {"rae": RAE, "rae_gp": RAE, "fsq": FSQVAE, "beta_vae_c": CapacityVAE, "vae_nf": NormalizingFlowVAE}
 
 
 def zoo_config(name: str) -> list[str]:

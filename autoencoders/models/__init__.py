@@ -8,10 +8,12 @@ from autoencoders.models.base import minimised
 from autoencoders.models.classifier import Classifier
 from autoencoders.models.hierarchical import HVAE
 from autoencoders.models.iaf import IAFVAE
+from autoencoders.models.nf import NormalizingFlowVAE
 from autoencoders.models.semi import M2
 from autoencoders.models.vae import IWAE, VAE, BetaTCVAE, CapacityVAE, InfoVAE
 from autoencoders.models.vamp import VampVAE
 from autoencoders.models.vq import FSQVAE, VQVAE
 
 __all__ = ["AE", "DAE", "SparseAE", "WAE", "RAE", "AAE", "VAE", "IWAE", "BetaTCVAE", "InfoVAE", "VampVAE", "IAFVAE"]
-__all__ += ["CapacityVAE", "HVAE", "FactorVAE", "VQVAE", "FSQVAE", "M2", "Classifier", "MODELS", "minimised"]
+__all__ += ["CapacityVAE", "NormalizingFlowVAE", "HVAE", "FactorVAE", "VQVAE", "FSQVAE", "M2", "Classifier"]
+__all__ += ["MODELS", "minimised"]
