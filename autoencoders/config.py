@@ -288,8 +288,10 @@ class WAEConfig(AEConfig):  # conf/model/wae.yaml: autoencoders.models.WAE
 
 
 @dataclass
-class IWAEConfig(AEConfig):  # conf/model/iwae.yaml: autoencoders.models.IWAE
+class IWAEConfig(AEConfig):  # conf/model/iwae.yaml, miwae.yaml, ciwae.yaml: autoencoders.models.IWAE
     k: int = positive("5")
+    m: int = positive("1")
+    beta: float = _setting(low=0, high=1, example="0.5", what="a share")
     nll_samples: int = positive("100")
 
 

@@ -141,22 +141,34 @@ def test_the_wae_loss_is_recon_plus_the_weighted_mmd_to_prior_draws():
     torch.testing.assert_close(terms["loss"], terms["recon"] + 3.0 * imq_mmd(z, prior))
 
 
-def test_the_iwae_loss_is_the_k_sample_bound_from_torch_distributions():
-    model = IWAE(SHAPE, k=4, latent_dim=3)
+@pytest.mark.parametrize(("k", "m", "beta"), [(4, 1, 0.0), (3, 2, 0.0), (4, 1, 0.5), (2, 3, 0.25)])  # I, MI, CIWAE
+def test_the_iwae_family_trains_rainforth_et_als_bounds_from_torch_distributions(k, m, beta):
+    """IWAE: log mean_k w; MIWAE: the mean over m groups of k; CIWAE: beta * mean log w + (1 - beta) * IWAE; w from
+    torch.distributions, the bounds in plain Python."""
+    model = IWAE(SHAPE, k=k, m=m, beta=beta, latent_dim=3)
     x = binary_images()
     torch.manual_seed(3)
     terms = model.loss_terms(x)
     torch.manual_seed(3)
     mu, logvar = model.posterior(x)
     q = Normal(mu, torch.exp(0.5 * logvar))
-    z = mu + q.stddev * torch.randn(4, *mu.shape)  # (k, B, D): the model's draws; the densities are torch's
-    logits = model.decoder(z.flatten(0, 1)).view(4, len(x), *SHAPE)
+    z = mu + q.stddev * torch.randn(m * k, *mu.shape)  # (m k, B, D): the model's draws; the densities are torch's
+    logits = model.decoder(z.flatten(0, 1)).view(m * k, len(x), *SHAPE)
     log_w = (
         Bernoulli(logits=logits).log_prob(x).flatten(2).sum(2) + Normal(0, 1).log_prob(z).sum(2) - q.log_prob(z).sum(2)
-    )
-    bound = (torch.logsumexp(log_w, 0) - math.log(4)).mean()
-    torch.testing.assert_close(terms["iwae"], bound)
-    torch.testing.assert_close(terms["loss"], -bound)
+    ).T.tolist()  # per image, its m k log weights
+
+    def log_mean_exp(values: list[float]) -> float:
+        top = max(values)
+        return top + math.log(sum(math.exp(v - top) for v in values) / len(values))
+
+    per_image = [
+        beta * sum(w) / len(w) + (1 - beta) * sum(log_mean_exp(w[g * k : (g + 1) * k]) for g in range(m)) / m
+        for w in log_w
+    ]
+    bound = sum(per_image) / len(per_image)
+    assert terms["iwae"].item() == pytest.approx(bound, rel=1e-5)
+    torch.testing.assert_close(terms["loss"], -terms["iwae"])
     assert terms["iwae"] >= terms["elbo"] - 5  # in expectation the k-sample bound is the tighter one
 
 
@@ -581,6 +593,7 @@ def test_adversarial_models_step_both_optimizers_and_count_only_the_autoencoders
 ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae": BetaTCVAE, "vqvae": VQVAE}
 ZOO |= {"vamp": VampVAE, "vae_iaf": IAFVAE, "hvae": HVAE, "factor_vae": FactorVAE, "aae": AAE, "info_vae": InfoVAE}
 ZOO |= {"rae": RAE, "rae_gp": RAE, "fsq": FSQVAE, "beta_vae_c": CapacityVAE, "vae_nf": NormalizingFlowVAE}
+ZOO |= {"miwae": IWAE, "ciwae": IWAE}
 
 
 def zoo_config(name: str) -> list[str]:

@@ -164,18 +164,22 @@ class VAE(AE):
 
 class IWAE(VAE):
     """Importance-weighted autoencoder (Burda et al., 2016): a VAE trained on the k-sample bound, `loss` = -log
-    mean_k p(x, z_k)/q(z_k|x). Its checkpoint is chosen on that bound (`val/iwae`), the objective it trains; its
+    mean_k w_k, w = p(x, z)/q(z|x); and Rainforth et al.'s (2018) variants, with m x k draws per image: MIWAE, the
+    mean of m such k-sample bounds (`m`), and CIWAE, beta * ELBO + (1 - beta) * the bound, the ELBO the mean of the
+    log w (`beta`); m = 1 and beta = 0 is the IWAE. Its checkpoint is chosen on the bound it trains (`val/iwae`); its
     one-sample `elbo` and `test/nll` are a VAE's."""
 
     selection = ("val/iwae", "max")
 
-    def __init__(self, image_shape: Sequence[int], k: int = 5, **base: Any):
+    def __init__(self, image_shape: Sequence[int], k: int = 5, m: int = 1, beta: float = 0.0, **base: Any):
         super().__init__(image_shape, **base)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        k = self.hparams.k
-        iwae = (torch.logsumexp(self.log_weights(x, k), 0) - math.log(k)).mean()
-        return super().loss_terms(x, split) | {"loss": -iwae, "iwae": iwae}
+        k, m, beta = self.hparams.k, self.hparams.m, self.hparams.beta
+        log_w = self.log_weights(x, m * k).view(m, k, -1)
+        iwae = (torch.logsumexp(log_w, 1) - math.log(k)).mean(0)
+        bound = (beta * log_w.mean((0, 1)) + (1 - beta) * iwae).mean()
+        return super().loss_terms(x, split) | {"loss": -bound, "iwae": bound}
 
 
 class BetaTCVAE(VAE):
