@@ -84,6 +84,11 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.precision={precision} (float16 mixed precision) needs a CUDA GPU, and this run trains on the "
             "CPU. Use trainer.precision=bf16-mixed (bfloat16, which CPUs support), or train on a GPU with trainer=gpu."
         )
+    if cfg.compile and cfg.model.get("decoder_penalty") == "gradient":
+        raise UserError(  # torch.compile's backward does not take the second derivative the penalty needs
+            "compile=true cannot train model.decoder_penalty=gradient (RAE-GP): its penalty differentiates the "
+            "decoder's gradient, which compiled nets do not support. Use compile=false."
+        )
     if cfg.model.get("consistency") and not cfg.get("augment"):
         raise UserError(
             f"model.consistency={cfg.model.consistency} compares M2's class guesses for an image and for a random "

@@ -226,8 +226,8 @@ class RAE(CodePenaltyAE):
             weights = (p for name, p in self.decoder.named_parameters() if name.endswith("weight"))
             penalty, name = sum(p.pow(2).sum() for p in weights), "decoder_l2"
         else:
-            training = torch.is_grad_enabled()
             z = self.encode(x)
+            training = z.requires_grad  # not on held-out batches, nor for a model loaded for inference
             # held-out batches run without autograd (in inference mode under Lightning): a copy of their codes is the
             # leaf that the decoder's gradient is taken at
             with contextlib.nullcontext() if training else torch.inference_mode(False), torch.enable_grad():

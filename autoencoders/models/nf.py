@@ -17,16 +17,16 @@ class PlanarFlow(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.u, self.w = nn.Parameter(torch.randn(dim) * 0.01), nn.Parameter(torch.randn(dim) * 0.01)
+        self.u, self.w = nn.Parameter(torch.randn(dim) * 0.01), nn.Parameter(torch.randn(dim) / dim**0.5)
         self.b = nn.Parameter(torch.zeros(()))
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         w, u = self.w, self.u
-        wu = w @ u
-        u = u + (F.softplus(wu) - 1 - wu) * w / (w @ w).clamp_min(1e-12)
-        a = z @ w + self.b
-        psi = (1 - torch.tanh(a) ** 2).unsqueeze(-1) * w
-        return z + u * torch.tanh(a).unsqueeze(-1), torch.log((1 + psi @ u).abs() + 1e-12)
+        wu, m = w @ u, F.softplus(w @ u) - 1  # m: w.u' after the correction
+        u = u + (m - wu) * w / (w @ w).clamp_min(1e-12)
+        t = torch.tanh(z @ w + self.b)
+        # 1 + u'.psi = 1 + (1 - t^2) m = t^2 + (1 - t^2) softplus(w.u): a sum of non-negative terms, no cancellation
+        return z + u * t.unsqueeze(-1), torch.log(t**2 + (1 - t**2) * (m + 1))
 
 
 class RadialFlow(nn.Module):
@@ -46,7 +46,7 @@ class RadialFlow(nn.Module):
         r = diff.norm(dim=-1)
         h = 1 / (alpha + r)
         beta_h = beta * h
-        log_det = (z.shape[-1] - 1) * torch.log1p(beta_h) + torch.log1p(beta_h - beta * h**2 * r)
+        log_det = (z.shape[-1] - 1) * torch.log1p(beta_h) + torch.log1p(beta * alpha * h**2)  # 1 + bh + bh'r
         return z + beta_h.unsqueeze(-1) * diff, log_det
 
 
