@@ -338,6 +338,7 @@ BAD_INPUT = {
         "model.method=knn stores the codes",
     ),
     "consistency without augment": (["model=m2", "model.consistency=1"], "needs augment=affine"),
+    "compiled RAE-GP": (["model=rae_gp", "compile=true"], "compile=true cannot train model.decoder_penalty=gradient"),
     "negative latent_dim": (["latent_dim=-4"], "latent_dim=-4 is negative. Use an integer > 0"),
     "negative kl_weight": (["kl_weight=-1"], r"kl_weight=-1\.0 is negative. Use a weight >= 0"),
     "kl_weight nan": (["kl_weight=nan"], "kl_weight=nan is not finite. Use a weight >= 0"),
