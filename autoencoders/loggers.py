@@ -269,20 +269,20 @@ def record_sweep(sweep_dir: Path, jobs: list[Path]) -> None:
     write_events(sweep_dir / SWEEP_RECORD, lambda writer: write_experiment(writer, hparams, metric_order(runs)))
 
 
-def latest_evaluations(eval_dir: Path) -> list[Path]:
+def latest_evaluations(eval_dir: Path) -> dict[str, Path]:
     """A run's latest evaluation of each split (<run>/eval/<name>/, whole: never one metric of one evaluation beside
     another's), not the hidden folders of one being written or replaced."""
     latest = {}
     for folder in sorted((p.parent for p in eval_dir.glob("[!.]*/metrics.json")), key=lambda p: p.stat().st_mtime):
         latest[OmegaConf.load(folder / "config.yaml").split] = folder
-    return list(latest.values())
+    return latest
 
 
 def evaluated(eval_dir: Path) -> dict[str, float]:
     """The metrics of a run's latest evaluation of each split (`<split>/<name>`)."""
     return {
         k: v
-        for folder in latest_evaluations(eval_dir)
+        for folder in latest_evaluations(eval_dir).values()
         for k, v in json.loads((folder / "metrics.json").read_text()).items()
     }
 
@@ -292,8 +292,7 @@ def record_evaluations(eval_dir: Path) -> None:
     scalars and images `verdict/<split>/<name>` in <run>/eval: TensorBoard shows them as one run, <run>/eval, whose
     scalars the run's HParams session shows (group `eval`)."""
     pictures = {}
-    for folder in latest_evaluations(eval_dir):
-        split = OmegaConf.load(folder / "config.yaml").split
+    for split, folder in latest_evaluations(eval_dir).items():
         pictures |= {f"{OUTCOME}/{split}/{png.stem}": png for png in sorted(folder.glob("*.png"))}
 
     def write(writer: SummaryWriter) -> None:

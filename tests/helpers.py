@@ -1,5 +1,7 @@
 import hashlib
+import html
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,17 @@ from tensorboard.plugins.hparams import hparams_plugin
 from werkzeug.test import Client
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_browser(check_page: Path) -> object:
+    """Open `check_page` in headless Chromium, let its scripts run, and return the JSON they wrote into its
+    `<pre id="out">` (a check page frames the pages under test and reports what it finds in them)."""
+    command = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+               "--virtual-time-budget=10000", "--dump-dom", check_page.as_uri()]  # fmt: skip
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    return json.loads(html.unescape(re.search(r'<pre id="out">([^<]*)</pre>', dom).group(1)))
+
+
 TINY = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",

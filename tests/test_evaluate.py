@@ -1,14 +1,12 @@
 """evaluate.py on a tiny two-run sweep (ae, vae) trained here: metrics, pictures, the sweep report and bad input."""
 
 import csv
-import html
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from autoencoders.metrics import FeatureNetSettings, SampleQuality, _cache_key, 
 from autoencoders.pictures import latent_traversal
 from autoencoders.rundirs import lock_run_dir, unlock_run_dir
 from autoencoders.saved_runs import build_data, data_config, run_config
-from tests.helpers import ROOT, run_script, run_train
+from tests.helpers import ROOT, in_browser, run_script, run_train
 
 FAST = ["k=20", "kid_subsets=10", "fid.epochs=1", "fid.batch_size=128", "images.num_samples=16"]
 PICTURES = {"reconstructions", "samples_prior", "interpolations", "traversal"}
@@ -103,10 +101,7 @@ def test_report_html_opens_from_disk_in_a_real_browser_with_every_image_decoded(
         'tables: d.querySelectorAll("table").length, images: images.length,'
         "decoded: images.filter(i => i.complete && i.naturalWidth > 0).length}); };</script>"
     )
-    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-               "--virtual-time-budget=10000", "--dump-dom", (tmp_path / "check.html").as_uri()]  # fmt: skip
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
-    found = json.loads(html.unescape(re.search(r'<pre id="out">([^<]*)</pre>', dom).group(1)))
+    found = in_browser(tmp_path / "check.html")
     assert found["tables"] == 3 and found["images"] >= 10 and found["decoded"] == found["images"]  # 3: leaderboard,
     # pictures, every job
 

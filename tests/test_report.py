@@ -5,11 +5,9 @@ import base64
 import csv
 import html
 import io
-import json
 import re
 import shlex
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from scipy.stats import ttest_ind
 from autoencoders import report
 from autoencoders.pictures import DESCRIPTIONS
 from autoencoders.samplers import SAMPLERS
-from tests.helpers import run_script, run_train
+from tests.helpers import in_browser, run_script, run_train
 
 # Each payload goes into every field a user controls: the sweep's and the jobs' folder names, an override's value,
 # tags, a failed job's status, an evaluation's checkpoint path (no "/": they are folder names too).
@@ -164,10 +162,7 @@ def in_chromium(pages: list[Path], folder: Path) -> list[dict]:
         ".length, images: images.length, decoded: images.filter(i => i.complete && i.naturalWidth > 0).length};"
         "if (--left === 0) out.textContent = JSON.stringify(found); });</script>"
     )
-    command = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-               "--virtual-time-budget=10000", "--dump-dom", (folder / "check.html").as_uri()]  # fmt: skip
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
-    return json.loads(html.unescape(re.search(r'<pre id="out">([^<]*)</pre>', dom).group(1)))
+    return in_browser(folder / "check.html")
 
 
 def safe(title: str, images: int) -> dict:
