@@ -241,7 +241,9 @@ class EvaluateConfig:  # conf/evaluate.yaml
     batch_size: int = positive("100")
     k: int = positive("1000")
     k_chunk: int = positive("100")
-    samplers: list[str] = one_of("prior", "gaussian", "gmm", "maf", "two_stage", example="[prior,gaussian,gmm]")
+    samplers: list[str] = one_of(
+        "prior", "gaussian", "gmm", "maf", "iaf", "two_stage", "pixelcnn", example="[prior,gaussian,gmm]"
+    )  # samplers.SAMPLERS
     gmm_components: int = positive("10")
     num_samples: int | None = at_least(
         2, also=(0,), example="1000", note="0 skips FID and KID; null: as many samples as the split has images."
@@ -296,8 +298,22 @@ class IWAEConfig(AEConfig):  # conf/model/iwae.yaml, miwae.yaml, ciwae.yaml: aut
 
 
 @dataclass
+class PIWAEConfig(AEConfig):  # conf/model/piwae.yaml: autoencoders.models.PIWAE
+    k: int = positive("8")
+    m: int = positive("8")
+    nll_samples: int = positive("100")
+
+
+@dataclass
 class BetaTCVAEConfig(VAEConfig):  # conf/model/beta_tcvae.yaml: autoencoders.models.BetaTCVAE
     tc_weight: float = positive("6.0", what="a weight")
+
+
+@dataclass
+class MSSSIMVAEConfig(VAEConfig):  # conf/model/msssim_vae.yaml: autoencoders.models.MSSSIMVAE
+    recon_weight: float = positive("1000.0", what="a weight")
+    scales: int = _setting(low=1, high=5, example="3", note="Wang et al.'s exponents cover five scales.")
+    sigma: float = positive("0.75")
 
 
 @dataclass
@@ -356,6 +372,19 @@ class NormalizingFlowVAEConfig(VAEConfig):  # conf/model/vae_nf.yaml: autoencode
 
 
 @dataclass
+class HypersphericalVAEConfig(VAEConfig):  # conf/model/svae.yaml: autoencoders.models.HypersphericalVAE
+    latent_dim: int = at_least(2, "16", note="Its codes lie on the unit sphere in latent_dim dimensions.")
+
+
+@dataclass
+class HamiltonianVAEConfig(VAEConfig):  # conf/model/hamiltonian_vae.yaml: autoencoders.models.HamiltonianVAE
+    leapfrog_steps: int = non_negative("5", note="0 with model.beta0=1 is a VAE.")
+    step_size: float = positive("0.1")  # below max_step_size: HamiltonianVAE checks it
+    max_step_size: float = positive("0.5")
+    beta0: float = _setting(low=0, high=1, open_low=True, example="0.5", what="an inverse temperature")
+
+
+@dataclass
 class HVAEConfig(VAEConfig):  # conf/model/hvae.yaml: autoencoders.models.HVAE
     top_latent_dim: int | None = positive("8")
     hidden: int = positive("128")
@@ -366,6 +395,13 @@ class FactorVAEConfig(VAEConfig):  # conf/model/factor_vae.yaml: autoencoders.mo
     tc_weight: float = positive("6.0", what="a weight")
     discriminator_lr: float = positive("1.0e-4", what="a learning rate")
     discriminator_width: int = positive("256")
+
+
+@dataclass
+class VAEGANConfig(AEConfig):  # conf/model/vae_gan.yaml: autoencoders.models.VAEGAN (no KL weight)
+    nll_samples: int = positive("100")
+    gamma: float = positive("1.0", what="a weight")
+    discriminator_lr: float = positive("1.0e-4", what="a learning rate")
 
 
 @dataclass
@@ -504,6 +540,8 @@ def register() -> None:
     models |= {"iwae": IWAEConfig, "beta_tcvae": BetaTCVAEConfig, "vqvae": VQVAEConfig, "classifier": ClassifierConfig}
     models |= {"m2": M2Config, "rae": RAEConfig, "aae": AAEConfig, "info_vae": InfoVAEConfig, "vamp": VampVAEConfig}
     models |= {"vae_iaf": IAFVAEConfig, "hvae": HVAEConfig, "factor_vae": FactorVAEConfig, "fsq": FSQVAEConfig}
-    models |= {"beta_vae_c": CapacityVAEConfig, "vae_nf": NormalizingFlowVAEConfig}
+    models |= {"beta_vae_c": CapacityVAEConfig, "vae_nf": NormalizingFlowVAEConfig, "piwae": PIWAEConfig}
+    models |= {"msssim_vae": MSSSIMVAEConfig, "hamiltonian_vae": HamiltonianVAEConfig, "vae_gan": VAEGANConfig}
+    models |= {"svae": HypersphericalVAEConfig}
     for name, node in models.items():
         store.store(name=f"model_{name}_schema", node=node)

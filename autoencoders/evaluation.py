@@ -47,8 +47,9 @@ from autoencoders.metrics import (
     metric_key,
 )
 from autoencoders.models import AE, VAE, VQVAE
+from autoencoders.models.vq import Quantised
 from autoencoders.pictures import ImageSampler, picture_grids, save_pictures
-from autoencoders.samplers import CACHE_VERSION, make_sampler
+from autoencoders.samplers import CACHE_VERSION, Sampler, make_sampler
 from autoencoders.saved_runs import (
     NOT_SCORED,
     build_data,
@@ -252,8 +253,11 @@ def score(
         stage("disentanglement: the codes against the %s factors", ", ".join(data.factor_names))
         metrics |= factor_metrics(model, images, factors, cfg.batch_size, cfg.seed)
     data_key = data_name(data_cfg, checkpoint)  # the sampler cache's key too
-    stage("samplers: %s (fitted to the training codes, or read from the cache)", ", ".join(cfg.samplers))
-    draw = fitted_samplers(model, data, data_key, checkpoint, cfg)
+    samplers = [name for name in cfg.samplers if name != "pixelcnn" or isinstance(model, Quantised)]
+    if len(samplers) < len(cfg.samplers):
+        log.info("No pixelcnn sampler for this %s: it fits a prior over tokens (vqvae, fsq)", type(model).__name__)
+    stage("samplers: %s (fitted to the training codes, or read from the cache)", ", ".join(samplers))
+    draw = fitted_samplers(model, data, data_key, checkpoint, samplers, cfg)
     if cfg.num_samples != 0:
         stage("FID and KID of each sampler and of the real %s images", split)
         metrics |= sample_metrics(draw, data, split, cfg)
@@ -392,20 +396,16 @@ def codebook_metrics(model: VQVAE, images: Tensor, batch_size: int) -> dict[str,
 
 @torch.no_grad()
 def fitted_samplers(
-    model: AE, data: ImageDataModule, data_key: str, checkpoint: Path, cfg: DictConfig
+    model: AE, data: ImageDataModule, data_key: str, checkpoint: Path, names: list[str], cfg: DictConfig
 ) -> dict[str, ImageSampler]:
-    """`cfg.samplers` as image samplers, those other than `prior` fitted to the codes of the training images
+    """The samplers `names` as image samplers, those other than `prior` fitted to the codes of the training images
     (binarised as the model saw them), cached in <cache_dir>/samplers/ under a hash of the checkpoint's bytes, the
     data (`data_key`, its data_name) and the settings."""
     found: dict[str, ImageSampler] = {}
     codes = None
     identity = sampler_identity(checkpoint, data_key, cfg)
-    for name in cfg.samplers:
-        sampler = (
-            model.prior_sampler()
-            if name == "prior"
-            else make_sampler(name, model.code_dim, cfg.gmm_components, cfg.seed)
-        )
+    for name in names:
+        sampler = new_sampler(model, name, cfg)
         cache = Path(cfg.cache_dir).expanduser() / "samplers" / f"{checkpoint.stem}_{name}_{identity}.pt"
         if sampler.needs_fit and cache.is_file():
             sampler.load_state_dict(torch.load(cache, weights_only=True))
@@ -432,6 +432,15 @@ def factor_metrics(model: AE, images: Tensor, factors: Tensor, batch_size: int, 
 
     codes = torch.cat([model.encode(x).cpu() for x in _batches(images, batch_size, model)])
     return disentanglement_metrics(codes, factors, seed)
+
+
+def new_sampler(model: AE, name: str, cfg: DictConfig) -> Sampler:
+    """The unfitted sampler `name` of evaluate.py's `samplers` for `model`."""
+    if name == "prior":
+        return model.prior_sampler()
+    if name == "pixelcnn":
+        return model.pixelcnn_sampler(cfg.seed)
+    return make_sampler(name, model.code_dim, cfg.gmm_components, cfg.seed)
 
 
 def sampler_identity(checkpoint: Path, data_key: str, cfg: DictConfig) -> str:

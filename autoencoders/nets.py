@@ -169,6 +169,57 @@ class MADE(nn.Module):
         return nn.functional.linear(h, self.out.weight * self.out_mask, self.out.bias).unflatten(-1, (self.outputs, -1))
 
 
+class GatedPixelCNN(nn.Module):
+    """A gated PixelCNN (van den Oord et al., 2016, "Conditional image generation with PixelCNN decoders") over grids
+    of `classes`-valued tokens: `layers` gated layers of `channels`, each a vertical stack (the rows above) and a
+    horizontal stack (the tokens to the left in the row), which see no token at or after a position in raster order
+    and, without the masked PixelCNN's blind spot, every earlier one within their reach: `layers` columns to the left
+    and rows above (a grid of at most layers + 1 columns and rows is seen whole). Its logits at each position predict
+    that token."""
+
+    def __init__(self, classes: int, channels: int = 64, layers: int = 5, kernel: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(classes, channels)
+        self.layers = nn.ModuleList(GatedLayer(channels, kernel) for _ in range(layers))
+        head = [nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, classes, 1)]
+        self.out = nn.Sequential(*head)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, H, W) tokens -> (B, classes, H, W) logits."""
+        x = self.embed(tokens).permute(0, 3, 1, 2)
+        # Shifted once here, so every layer may see its own row (vertical) and column (horizontal): the first
+        # layer's then lie strictly above and to the left of each token.
+        vertical = nn.functional.pad(x, (0, 0, 1, 0))[..., :-1, :]
+        horizontal = nn.functional.pad(x, (1, 0))[..., :-1]
+        for layer in self.layers:
+            vertical, horizontal = layer(vertical, horizontal)
+        return self.out(horizontal)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer: tanh(a) * sigmoid(b) of a causal conv in each stack, the vertical stack's features fed into
+    the horizontal one, and a residual connection on the horizontal stack."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.reach = kernel // 2
+        self.vertical = nn.Conv2d(channels, 2 * channels, (self.reach + 1, kernel))  # rows i-reach .. i
+        self.horizontal = nn.Conv2d(channels, 2 * channels, (1, self.reach + 1))  # columns j-reach .. j
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horizontal_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, vertical: Tensor, horizontal: Tensor) -> tuple[Tensor, Tensor]:
+        r = self.reach
+        v = self.vertical(nn.functional.pad(vertical, (r, r, r, 0)))
+        h = self.horizontal(nn.functional.pad(horizontal, (r, 0))) + self.vertical_to_horizontal(v)
+        return _gate(v), horizontal + self.horizontal_out(_gate(h))
+
+
+def _gate(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, 1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
 NETS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "mlp": (MLPEncoder, MLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),

@@ -77,12 +77,9 @@ def code_spread(model: AE, images: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def kl_per_dim(model: AE, images: Tensor) -> Tensor | None:
-    """A VAE's KL(q(z_u|x) || N(0, 1)) per code dimension u, the mean over `images` (its Gaussian posterior: for a
-    flow or a hierarchy, the encoder's, before the flow or the top-down pass); None for other models."""
-    if not hasattr(model, "posterior"):
-        return None
-    mu, logvar = model.posterior(images)
-    return (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(0)
+    """A VAE's KL per code dimension (`VAE.kl_per_dim`), the mean over `images`; None for other models."""
+    kl = model.kl_per_dim(images) if hasattr(model, "kl_per_dim") else None
+    return None if kl is None else kl.mean(0)
 
 
 def latent_traversal(model: AE, images: Tensor, steps: int, max_dims: int) -> Tensor:

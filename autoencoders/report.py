@@ -63,7 +63,9 @@ SAMPLER_DRAWS = {  # what the `samples_<sampler>` pictures (and fid_<sampler>) d
     "gaussian": "one Gaussian fitted to the training images' codes (their mean and full covariance)",
     "gmm": "a mixture of full-covariance Gaussians (gmm_components of them) fitted by EM to the training images' codes",
     "maf": "a masked autoregressive flow fitted to the training images' codes",
+    "iaf": "an inverse autoregressive flow fitted to the training images' codes",
     "two_stage": "a second-stage VAE fitted to the training images' codes (Dai & Wipf, 2019)",
+    "pixelcnn": "a gated PixelCNN fitted to the training images' tokens (VQ-VAE and FSQ)",
 }
 PICTURE_ORDER = ("reconstructions", "samples", "interpolations", "traversal", "manifold", "scatter", "kl_per_dim")
 

@@ -1,10 +1,11 @@
 """Distributions over an autoencoder's codes to sample new images from: decode z drawn from one of them.
 
 `prior` is N(0, I), a VAE's prior (and for a plain AE the lecture's "random embedding"). `gaussian` (a full-covariance
-Gaussian), `gmm` (a Gaussian mixture), `maf` (a masked autoregressive flow) and `two_stage` (a second VAE over the
-codes, Dai & Wipf 2019) are fitted to the codes of the training images, ex-post density estimation as in Ghosh et al.
-(2020): they give any autoencoder a distribution that its decoder has seen codes from. A fitted sampler is a few
-tensors (`state_dict`), so evaluate.py caches it per checkpoint.
+Gaussian), `gmm` (a Gaussian mixture), `maf` and `iaf` (masked and inverse autoregressive flows) and `two_stage` (a
+second VAE over the codes, Dai & Wipf 2019) are fitted to the codes of the training images, ex-post density estimation
+as in Ghosh et al. (2020): they give any autoencoder a distribution that its decoder has seen codes from. `pixelcnn`
+fits a gated PixelCNN to a quantised model's tokens (models/vq.py). A fitted sampler is a few tensors (`state_dict`),
+so evaluate.py caches it per checkpoint.
 """
 
 import contextlib
@@ -17,10 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from autoencoders.errors import UserError
-from autoencoders.nets import MADE
+from autoencoders.nets import MADE, GatedPixelCNN
 
-SAMPLERS = ("prior", "gaussian", "gmm", "maf", "two_stage")
-CACHE_VERSION = 2  # bump when a sampler's fit or state changes, so evaluate.py refits instead of reusing stale caches
+CODE_SAMPLERS = ("prior", "gaussian", "gmm", "maf", "iaf", "two_stage")  # any autoencoder's: make_sampler
+SAMPLERS = (*CODE_SAMPLERS, "pixelcnn")  # and a quantised model's token prior: models/vq.py
+CACHE_VERSION = 3  # bump when a sampler's fit or state changes, so evaluate.py refits instead of reusing stale caches
 
 
 class Sampler:
@@ -108,7 +110,8 @@ class GMMSampler(Sampler):
 
 class NetSampler(Sampler):
     """A small network (`net`) fitted to the standardised codes (each dimension shifted and scaled to mean 0 and std
-    1; the mean and std are part of the state) by minimising its `loss` with Adam on batches of 256. A held-out tenth
+    1; the mean and std are part of the state; `prepare` may map codes to something else) by minimising its `loss`
+    with Adam on batches of 256. A held-out tenth
     of the codes is scored every 100 steps; fitting stops after 5 scores without a new best, or at `max_steps`, and
     keeps the weights best on the held-out codes. The initial weights, the split, the batch order and any noise of the
     loss are seeded by `seed`, leaving the caller's random state as it was, so a fit depends on the codes alone."""
@@ -137,9 +140,7 @@ class NetSampler(Sampler):
                 f"{len(codes)} training code(s) are too few to fit a {type(self).__name__} to: it standardises the "
                 "codes and holds some out to stop fitting. Fit it to at least 2 codes (a training split of images)."
             )
-        codes = codes.detach().float().cpu()
-        self.mean, self.std = codes.mean(0), codes.std(0).clamp_min(1e-6)  # a constant dimension stays finite
-        z = self.standardise(codes)
+        z = self.prepare(codes.detach().float().cpu())
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), _one_thread():
             torch.manual_seed(self.seed)
             self.net = self.new_net()  # a fit starts afresh: a second one does not continue from the first
@@ -163,6 +164,11 @@ class NetSampler(Sampler):
                     break
         self.net.load_state_dict(best_weights)
         return self
+
+    def prepare(self, codes: Tensor) -> Tensor:
+        """What the net is fitted to: the codes standardised, keeping their mean and std."""
+        self.mean, self.std = codes.mean(0), codes.std(0).clamp_min(1e-6)  # a constant dimension stays finite
+        return self.standardise(codes)
 
     @torch.no_grad()
     def _held_out_loss(self, held_out: Tensor) -> float:
@@ -246,7 +252,12 @@ class MAF(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         u, log_det = self(x)
-        return -0.5 * (u.square().sum(-1) + u.shape[-1] * math.log(2 * math.pi)) + log_det
+        return self.base_log_prob(u) + log_det
+
+    @staticmethod
+    def base_log_prob(u: Tensor) -> Tensor:
+        """log N(u; 0, I) of each row."""
+        return -0.5 * (u.square().sum(-1) + u.shape[-1] * math.log(2 * math.pi))
 
 
 class MAFSampler(NetSampler):
@@ -279,6 +290,29 @@ class MAFSampler(NetSampler):
 
     def draw(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.from_base(torch.randn(n, self.dim, generator=generator))
+
+
+class IAFSampler(MAFSampler):
+    """An inverse autoregressive flow (Kingma et al., 2016), as pythae's IAF sampler: the MAF's layers run the other
+    way, from a N(0, I) base point u to a code in one pass per layer (`from_base`), so drawing is fast and the
+    density needs the sequential inverse: log p(code) = log N(u) - log|det dcode/du| with u = to_base(code), one
+    dimension at a time in each layer. Fitted by maximum likelihood through that inverse (NetSampler)."""
+
+    def to_base(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        u = self.net.inverse(self.standardise(codes))
+        return u, -(self.net(u)[1] + self.std.log().sum())
+
+    @torch.no_grad()
+    def from_base(self, u: Tensor) -> Tensor:
+        return self.net(u)[0] * self.std + self.mean
+
+    def loss(self, z: Tensor) -> Tensor:
+        u = self.net.inverse(z)
+        return -(self.net.base_log_prob(u) - self.net(u)[1])
+
+    def log_prob(self, codes: Tensor) -> Tensor:
+        u, log_det = self.to_base(codes)
+        return self.net.base_log_prob(u) + log_det
 
 
 class SecondStageVAE(nn.Module):
@@ -341,10 +375,11 @@ def make_sampler(name: str, dim: int, n_components: int = 10, seed: int = 0) -> 
         "gaussian": lambda: GaussianSampler(dim),
         "gmm": lambda: GMMSampler(dim, n_components, seed),
         "maf": lambda: MAFSampler(dim, seed=seed),
+        "iaf": lambda: IAFSampler(dim, seed=seed),
         "two_stage": lambda: TwoStageSampler(dim, seed=seed),
     }
     if name not in samplers:
-        raise UserError(f"{name} is no sampler. Use any of {', '.join(SAMPLERS)}.")
+        raise UserError(f"{name} is no sampler. Use any of {', '.join(CODE_SAMPLERS)}.")
     return samplers[name]()
 
 
@@ -406,3 +441,46 @@ class CodePrior(Sampler):
 def nearest_codes(z: Tensor, codebook: Tensor) -> Tensor:
     """The index of the nearest codebook vector (K, E) to each of z's vectors (..., E)."""
     return torch.cdist(z.reshape(-1, z.shape[-1]), codebook).argmin(1).view(z.shape[:-1])
+
+
+class PixelCNNPrior(NetSampler):
+    """A quantised model's prior as the VQ-VAE paper fits one: a gated PixelCNN (nets.GatedPixelCNN) over the grid of
+    each code's tokens, the index of the nearest of `vectors` (K, E) to each of its `n_tokens` vectors. The codes
+    here have no spatial layout (every encoder ends in a flat code), so the tokens are folded row by row into the
+    squarest grid that holds them (4 tokens: 2 x 2), with as many more layers as the grid needs for each token to see
+    every earlier one. Fitted by cross-entropy (NetSampler: held-out tokens stop it);
+    draws tokens in raster order and returns their vectors, flattened, which the model's quantiser leaves as they
+    are."""
+
+    def __init__(self, vectors: Tensor, n_tokens: int, channels: int = 32, layers: int = 4, max_steps: int = 1000,
+                 seed: int = 0):  # fmt: skip
+        self.vectors, self.n_tokens = vectors.detach().cpu(), n_tokens
+        self.grid = token_grid(n_tokens)
+        layers = max(layers, max(self.grid) - 1)  # each layer reaches one more row up and column left
+        super().__init__(n_tokens * vectors.shape[1], lambda: GatedPixelCNN(len(vectors), channels, layers), max_steps,
+                         seed)  # fmt: skip
+
+    def prepare(self, codes: Tensor) -> Tensor:
+        """Each code's tokens, (N, H, W)."""
+        return nearest_codes(codes.view(len(codes), self.n_tokens, -1), self.vectors).view(-1, *self.grid)
+
+    def loss(self, tokens: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(self.net(tokens), tokens, reduction="none").flatten(1).sum(1)
+
+    def log_prob(self, codes: Tensor) -> Tensor:
+        """log p(tokens) of each code, nats: the sum over its tokens of log p(token | the tokens before it)."""
+        return -self.loss(self.prepare(codes.detach().float().cpu()))
+
+    @torch.no_grad()
+    def draw(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        tokens = torch.zeros(n, *self.grid, dtype=torch.long)
+        for i, j in itertools.product(*map(range, self.grid)):
+            probs = self.net(tokens)[:, :, i, j].softmax(1)
+            tokens[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return self.vectors[tokens.flatten(1)].flatten(1)
+
+
+def token_grid(n_tokens: int) -> tuple[int, int]:
+    """The squarest (rows, columns) grid of n_tokens positions."""
+    rows = max(r for r in range(1, math.isqrt(n_tokens) + 1) if n_tokens % r == 0)
+    return rows, n_tokens // rows

@@ -89,6 +89,11 @@ def check_config(cfg: DictConfig) -> None:
             "compile=true cannot train model.decoder_penalty=gradient (RAE-GP): its penalty differentiates the "
             "decoder's gradient, which compiled nets do not support. Use compile=false."
         )
+    if cfg.compile and cfg.model.get("leapfrog_steps"):
+        raise UserError(  # as for RAE-GP: the leapfrog's gradient of -log p(x, z) is trained through
+            f"compile=true cannot train model.leapfrog_steps={cfg.model.leapfrog_steps} (the Hamiltonian VAE): its "
+            "bound differentiates the decoder's gradient in z, which compiled nets do not support. Use compile=false."
+        )
     if cfg.model.get("consistency") and not cfg.get("augment"):
         raise UserError(
             f"model.consistency={cfg.model.consistency} compares M2's class guesses for an image and for a random "

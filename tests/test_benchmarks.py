@@ -1,5 +1,6 @@
 """The benchmark scripts run and report every figure; their timings are never checked."""
 
+import importlib.util
 import json
 import os
 import site
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from autoencoders.data.sources import MNISTSubset
 from tests.helpers import ROOT
@@ -124,6 +126,13 @@ def test_callback_costs_times_every_hook_of_train_pys_callbacks(tmp_path):
     assert "NanGuard.on_before_backward" in stdout and "all hooks within epochs" in stdout
 
 
+def test_the_model_zoo_benchmark_runs_every_autoencoder_of_the_zoo():
+    spec = importlib.util.spec_from_file_location("model_zoo", ROOT / "benchmarks" / "model_zoo.py")
+    spec.loader.exec_module(model_zoo := importlib.util.module_from_spec(spec))
+    zoo = {p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")} - {"m2", "classifier"}
+    assert sorted(model_zoo.MODELS) == sorted(zoo)
+
+
 @pytest.mark.slow
 def test_model_zoo_trains_scores_and_reuses_each_model_and_prints_the_table(tmp_path):
     stdout = run_benchmark("model_zoo.py", "--quick", "--out", str(tmp_path / "zoo"), "--models", "ae", "vqvae",
@@ -132,6 +141,7 @@ def test_model_zoo_trains_scores_and_reuses_each_model_and_prints_the_table(tmp_
     assert [row.split("`")[1] for row in rows] == ["ae", "vqvae"]
     assert all(" % | " in row and row.endswith(" s |") for row in rows)
     assert (tmp_path / "zoo" / "table.md").read_text().strip() in stdout
+    assert Image.open(tmp_path / "zoo" / "samples.png").size == (7 * 242, 242 + 16)  # two models' pictures, captioned
 
 
 @pytest.mark.slow

@@ -1,15 +1,20 @@
-"""The quantised models' codes: FSQ's grid of levels, and a VQ-VAE's codebook under DDP."""
+"""The quantised models' codes: FSQ's grid of levels, a VQ-VAE's codebook under DDP, and the priors over tokens."""
 
+import logging
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from autoencoders.callbacks import BatchSeeds
 from autoencoders.errors import UserError
-from autoencoders.models import FSQVAE, VQVAE
+from autoencoders.evaluation import evaluate
+from autoencoders.models import FSQVAE, VAE, VQVAE
 from autoencoders.models.vq import fsq_levels
+from tests.helpers import ROOT, checkpoint_file
 
 SHAPE = (1, 8, 8)
 
@@ -75,3 +80,32 @@ def test_a_vq_vaes_codebook_draws_are_the_same_in_every_ddp_process_seeded_as_tr
         rank0, rank1 = (torch.load(tmp_path / f"step{step}-rank{rank}.pt") for rank in (0, 1))
         assert (rank0["revived"] > 0) == revives
         assert torch.equal(rank0["codebook"], rank1["codebook"]), (rank0["codebook"] - rank1["codebook"]).abs().max()
+
+
+def evaluate_checkpoint(model: torch.nn.Module, tmp_path: Path, *overrides: str) -> dict[str, float]:
+    """evaluate.py's scores of `model`, untrained, on the bundled digits' test split."""
+    ckpt = checkpoint_file(model, tmp_path / "model.ckpt")
+    settings = [f"ckpt_path={ckpt}", "data=mnist_subset", f"cache_dir={tmp_path / 'cache'}", "images.num_samples=4"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        (scores,) = evaluate(compose("evaluate", overrides=[*settings, *overrides]))
+    return scores
+
+
+@pytest.mark.slow  # fits a PixelCNN and a FID feature net: `pytest -m slow`
+@pytest.mark.parametrize("cls", [VQVAE, FSQVAE])
+def test_evaluate_py_fits_a_pixelcnn_to_a_quantised_models_tokens_and_scores_its_samples(cls, tmp_path):
+    torch.manual_seed(0)
+    own = {"embedding_dim": 2} if cls is VQVAE else {"levels": 4}
+    overrides = ["samplers=[prior,pixelcnn]", "num_samples=50", "kid_subsets=5", "fid.epochs=1", "k=2"]
+    scores = evaluate_checkpoint(cls((1, 28, 28), latent_dim=4, **own), tmp_path, *overrides)
+    assert all(math.isfinite(scores[f"test/{m}_{s}"]) for m in ("fid", "kid") for s in ("prior", "pixelcnn"))
+    assert len(list((tmp_path / "cache" / "samplers").glob("model_pixelcnn_*.pt"))) == 1
+
+
+def test_a_model_with_continuous_codes_skips_the_pixelcnn_and_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        scores = evaluate_checkpoint(
+            VAE((1, 28, 28), latent_dim=2), tmp_path, "samplers=[pixelcnn]", "num_samples=0", "k=2"
+        )
+    assert "No pixelcnn sampler for this VAE: it fits a prior over tokens (vqvae, fsq)" in caplog.text
+    assert "test/recon" in scores and not (tmp_path / "cache" / "samplers").exists()

@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from scipy import ndimage
 from torch.distributions import Bernoulli, MultivariateNormal, Normal
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 import autoencoders
 from autoencoders.callbacks import ImageLogger
@@ -30,13 +32,18 @@ from autoencoders.models import (
     IAFVAE,
     IWAE,
     M2,
+    MSSSIMVAE,
+    PIWAE,
     RAE,
     VAE,
+    VAEGAN,
     VQVAE,
     WAE,
     BetaTCVAE,
     CapacityVAE,
     FactorVAE,
+    HamiltonianVAE,
+    HypersphericalVAE,
     InfoVAE,
     NormalizingFlowVAE,
     SparseAE,
@@ -45,10 +52,11 @@ from autoencoders.models import (
 from autoencoders.models.adversarial import permute_dims
 from autoencoders.models.classifier import Classifier
 from autoencoders.models.nf import FLOWS
+from autoencoders.models.svae import log_ive, vmf_kl_to_uniform, vmf_log_prob, vmf_rsample
 from autoencoders.models.vq import fsq_levels
 from autoencoders.pictures import picture_grids
 from autoencoders.samplers import CodePrior
-from autoencoders.training import train
+from autoencoders.training import check_config, train
 from tests.helpers import ROOT, TINY, compose_train
 
 SHAPE = (1, 8, 8)
@@ -170,6 +178,103 @@ def test_the_iwae_family_trains_rainforth_et_als_bounds_from_torch_distributions
     assert terms["iwae"].item() == pytest.approx(bound, rel=1e-5)
     torch.testing.assert_close(terms["loss"], -terms["iwae"])
     assert terms["iwae"] >= terms["elbo"] - 5  # in expectation the k-sample bound is the tighter one
+
+
+@pytest.mark.parametrize(("k", "m"), [(3, 2), (2, 3)])
+def test_the_piwae_trains_its_decoder_on_the_mk_sample_bound_and_its_encoder_on_the_miwae_bound(k, m):
+    """Rainforth et al.'s PIWAE: after one backward of its loss, the decoder's gradient is autograd's of the m k-sample
+    IWAE bound and the encoder's that of the MIWAE bound, both of one plain graph of the same draws' log weights
+    from torch.distributions."""
+    model = PIWAE(SHAPE, k=k, m=m, latent_dim=3)
+    x = binary_images()
+    torch.manual_seed(3)
+    terms = model.loss_terms(x)
+    terms["loss"].backward()
+    torch.manual_seed(3)
+    mu, logvar = model.posterior(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    z = mu + q.stddev * torch.randn(m * k, *mu.shape)  # (m k, B, D): the model's draws
+    logits = model.decoder(z.flatten(0, 1)).view(m * k, len(x), *SHAPE)
+    log_w = (
+        Bernoulli(logits=logits).log_prob(x).flatten(2).sum(2) + Normal(0, 1).log_prob(z).sum(2) - q.log_prob(z).sum(2)
+    )
+    iwae = (torch.logsumexp(log_w, 0) - math.log(m * k)).mean()
+    miwae = (torch.logsumexp(log_w.view(m, k, -1), 1) - math.log(k)).mean()
+    torch.testing.assert_close(terms["iwae"], iwae)
+    torch.testing.assert_close(terms["miwae"], miwae)
+    torch.testing.assert_close(terms["loss"], -iwae)
+    nets = {
+        "decoder": (list(model.decoder.parameters()), iwae, miwae),
+        "encoder": (list(model.encoder.parameters()), miwae, iwae),
+    }
+    for net, (params, own, other) in nets.items():
+        expected = torch.autograd.grad(-own, params, retain_graph=True)
+        for param, grad in zip(params, expected, strict=True):
+            torch.testing.assert_close(param.grad, grad, msg=net)
+        wrong = torch.autograd.grad(-other, params, retain_graph=True)  # the other bound's gradient is another
+        assert any((param.grad - grad).abs().max() > 1e-4 for param, grad in zip(params, wrong, strict=True)), net
+
+
+def ssim_maps(a: np.ndarray, b: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wang et al.'s SSIM map of two grey images in [0, 1] (c1 = 0.01², c2 = 0.03²), and its contrast-structure part
+    3.5 sigma clear of the border: local means, variances and covariance under scipy's Gaussian window, 3.5 sigma
+    either side, the image mirrored at its border."""
+
+    def local_mean(image: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(image, sigma, mode="mirror", truncate=3.5)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = local_mean(a), local_mean(b)
+    var_a, var_b, cov = local_mean(a * a) - mu_a**2, local_mean(b * b) - mu_b**2, local_mean(a * b) - mu_a * mu_b
+    contrast = (2 * cov + c2) / (var_a + var_b + c2)
+    r = int(3.5 * sigma + 0.5)
+    return (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1) * contrast, contrast[r:-r, r:-r]
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray, scales: int, sigma: float) -> float:
+    """MS-SSIM (Wang et al., 2003) of two grey images: the mean contrast parts of the finer scales and the mean SSIM
+    of the coarsest, each scale the 2x2 means of the one before, each value v mapped to (v + 1) / 2 (pythae's), to
+    Wang et al.'s exponents of those scales rescaled to sum to 1."""
+    betas = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333][:scales])
+    value = 1.0
+    for scale, beta in enumerate(betas / betas.sum()):
+        ssim, contrast = ssim_maps(a, b, sigma)
+        value *= (((contrast if scale < scales - 1 else ssim).mean() + 1) / 2) ** beta
+        h, w = a.shape[0] // 2, a.shape[1] // 2
+        a, b = (image[: 2 * h, : 2 * w].reshape(h, 2, w, 2).mean((1, 3)) for image in (a, b))
+    return value
+
+
+@pytest.mark.parametrize(("size", "scales"), [(8, 2), (28, 3)])  # 3 scales, the default, need 28x28 images and up
+def test_the_msssim_vae_loss_is_the_weighted_ms_ssim_dissimilarity_plus_the_weighted_kl(size, scales):
+    model = MSSSIMVAE((1, size, size), recon_weight=50.0, scales=scales, sigma=0.75, kl_weight=0.5, latent_dim=3)
+    x = torch.bernoulli(torch.rand(6, 1, size, size, generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(5)
+    terms = model.loss_terms(x)
+    torch.manual_seed(5)
+    mu, logvar = model.posterior(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    p_x = Bernoulli(logits=model.decoder(mu + q.stddev * torch.randn_like(mu)))
+    means, images = p_x.mean.detach().double().numpy(), x.double().numpy()
+    similarity = np.mean([ms_ssim(mean[0], image[0], scales, 0.75) for mean, image in zip(means, images, strict=True)])
+    kl = torch.distributions.kl_divergence(q, Normal(0, 1)).sum(1).mean()
+    assert terms["msssim"].item() == pytest.approx(similarity, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(50.0 * (1 - similarity) + 0.5 * kl.item(), rel=1e-5)
+    torch.testing.assert_close(terms["elbo"], p_x.log_prob(x).flatten(1).sum(1).mean() - kl)  # a VAE's, in nats
+
+
+def test_ms_ssim_is_one_for_identical_images_its_one_scale_is_wang_et_als_ssim_and_small_images_are_refused():
+    model = MSSSIMVAE(SHAPE, scales=2, sigma=0.75, latent_dim=3)
+    a, b = torch.rand(2, 4, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(1 - model.msssim(a, a), torch.zeros(4))  # a zero reconstruction term
+    one_scale = multiscale_structural_similarity_index_measure(
+        a, b, sigma=0.75, kernel_size=7, reduction="none", data_range=1.0, betas=(1.0,), normalize=None
+    )
+    pairs = zip(a.numpy(), b.numpy(), strict=True)
+    ssim = [ssim_maps(image_a[0], image_b[0], 0.75)[0].mean() for image_a, image_b in pairs]
+    torch.testing.assert_close(one_scale, torch.tensor(ssim, dtype=torch.float64))
+    with pytest.raises(UserError, match=r"model.scales=3 scales with a 7-pixel window .* does not fit 8x8 images"):
+        MSSSIMVAE(SHAPE, scales=3, sigma=0.75, latent_dim=3)
 
 
 def test_the_total_correlation_estimate_matches_the_exact_tc_of_a_correlated_gaussian():
@@ -492,6 +597,156 @@ def test_the_flow_vae_bounds_log_q_with_the_flows_log_det():
     torch.testing.assert_close(log_q_over_p[0], expected, atol=1e-4, rtol=1e-4)
 
 
+# The hyperspherical VAE's vMF posterior against scipy's Bessel functions and vonmises_fisher, and quadrature ---------
+def mean_resultant_length(d: int, kappa: float) -> float:
+    """A_d(kappa) = E[mu.z] = I_(d/2)(kappa) / I_(d/2-1)(kappa), from scipy's scaled Bessel functions."""
+    from scipy.special import ive
+
+    return ive(d / 2, kappa) / ive(d / 2 - 1, kappa)
+
+
+@pytest.mark.parametrize("order", [0.0, 0.5, 1.0, 7.0, 31.5, 49.5, 300.0])
+def test_the_log_bessel_function_and_its_slope_are_scipys(order):
+    from scipy.special import ive
+
+    kappa = np.concatenate([np.logspace(-3, 5, 81), np.linspace(30, 70, 81)])  # the series hands over near 50
+    kappa = kappa[ive(order, kappa) > 1e-290]  # where scipy's does not underflow
+    k = torch.tensor(kappa, requires_grad=True)
+    found = log_ive(order, k)
+    torch.testing.assert_close(found, torch.from_numpy(np.log(ive(order, kappa))), rtol=1e-9, atol=2e-9)
+    (slope,) = torch.autograd.grad(found.sum(), k)  # d/dk log(I_v(k) e^-k) = I_(v+1)(k) / I_v(k) + v / k - 1
+    expected = ive(order + 1, kappa) / ive(order, kappa) + order / kappa - 1
+    torch.testing.assert_close(slope, torch.from_numpy(expected), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("d", "kappa"), [(2, 1.0), (3, 0.5), (3, 5.0), (3, 3000.0), (10, 20.0), (64, 1000.0)])
+def test_vmf_draws_are_unit_vectors_whose_mean_is_the_mean_resultant_length_along_mu(d, kappa):
+    torch.manual_seed(0)
+    mu = F.normalize(torch.cat([torch.eye(d)[:1], -torch.eye(d)[:1], torch.randn(2, d)]).double(), dim=-1)
+    n = 10_000
+    z = vmf_rsample(mu, torch.full((4, 1), kappa, dtype=torch.float64), n)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(n, 4, dtype=torch.float64))
+    w = (z * mu).sum(-1)
+    error = (w.mean(0) - mean_resultant_length(d, kappa)) / (w.std(0) / math.sqrt(n))
+    assert (error.abs() < 4).all(), error
+    across = z - w.unsqueeze(-1) * mu  # the part orthogonal to mu: mean 0
+    assert (across.mean(0).abs() <= 4 * across.std(0) / math.sqrt(n)).all()
+
+
+@pytest.mark.parametrize("kappa", [0.5, 5.0, 3000.0])
+def test_on_s2_the_draws_component_along_mu_has_the_vmfs_closed_form_distribution(kappa):
+    """On S^2, P(mu.z <= w) = (e^(kappa (w - 1)) - e^(-2 kappa)) / (1 - e^(-2 kappa))."""
+    from scipy.stats import kstest
+
+    torch.manual_seed(1)
+    mu = F.normalize(torch.tensor([[0.3, -0.5, 0.8]], dtype=torch.float64), dim=-1)
+    w = (vmf_rsample(mu, torch.tensor([[kappa]], dtype=torch.float64), 5000) * mu).sum(-1).flatten().numpy()
+    assert kstest(w, lambda w: (np.exp(kappa * (w - 1)) - np.exp(-2 * kappa)) / -np.expm1(-2 * kappa)).pvalue > 1e-3
+
+
+def vmf_kl_by_quadrature(d: int, kappa: float) -> float:
+    """KL(vMF || uniform) on S^(d-1) as that of w = mu.z (the rest of z is uniform given w under both), by adaptive
+    quadrature: under the vMF w has density e^(kappa (w - 1)) (1 - w^2)^a / Z_q, under the uniform (1 - w^2)^a / Z_u,
+    a = (d - 3) / 2, so KL = E_q[kappa (w - 1)] - log Z_q + log Z_u, Z_u = B(1/2, a + 1). Integrated over t = kappa
+    (1 - w), whose integrand e^-t (t (2 - t / kappa))^a / kappa^(a+1) is scaled by its peak."""
+    from scipy.integrate import quad
+    from scipy.special import betaln
+
+    a = (d - 3) / 2
+    peak = kappa + a - math.hypot(a, kappa)  # the integrand's mode in t, inside (0, kappa] where a > 0
+
+    def log_f(t):
+        return -t + a * np.log(t * (2 - t / kappa))
+
+    scale = log_f(peak) if a > 0 else 0.0
+
+    def integral(g):
+        def f(t):
+            return g(t) * np.exp(log_f(t) - scale)
+
+        return quad(f, 0, 2 * kappa, points=[peak] if a > 0 else None, limit=200, epsabs=0, epsrel=1e-12)[0]
+
+    z = integral(lambda t: 1.0)
+    log_z_q = math.log(z) + scale - (a + 1) * math.log(kappa)
+    return -integral(lambda t: t) / z - log_z_q + betaln(0.5, a + 1)
+
+
+@pytest.mark.parametrize(
+    ("d", "kappa"), [(2, 0.3), (3, 2.0), (5, 0.05), (16, 40.0), (16, 60.0), (3, 5e3), (100, 800.0)]
+)
+def test_the_vmf_kl_to_the_uniform_prior_and_its_slope_match_quadrature(d, kappa):
+    k = torch.tensor([[kappa]], dtype=torch.float64, requires_grad=True)
+    found = vmf_kl_to_uniform(k, d)
+    assert found.item() == pytest.approx(vmf_kl_by_quadrature(d, kappa), rel=1e-8, abs=1e-10)
+    (slope,) = torch.autograd.grad(found.sum(), k)
+    h = 1e-3 * kappa
+    expected = (vmf_kl_by_quadrature(d, kappa + h) - vmf_kl_by_quadrature(d, kappa - h)) / (2 * h)
+    assert slope.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kappa", [0.5, 5.0, 50.0])
+def test_the_vmf_log_density_is_scipys_and_integrates_to_one_on_s2(kappa):
+    from scipy.stats import vonmises_fisher
+
+    mu = F.normalize(torch.tensor([[0.3, -0.5, 0.8]], dtype=torch.float64), dim=-1)
+    cos, weights = np.polynomial.legendre.leggauss(200)  # Gauss-Legendre in cos(theta), a uniform grid in phi
+    phi = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    c, p = np.meshgrid(cos, phi, indexing="ij")
+    s = np.sqrt(1 - c**2)
+    z = torch.from_numpy(np.stack([s * np.cos(p), s * np.sin(p), c], -1).reshape(-1, 3))
+    log_q = vmf_log_prob(z, mu, torch.tensor([[kappa]], dtype=torch.float64))
+    integral = (log_q.exp().view(200, 400).numpy() * weights[:, None]).sum() * 2 * np.pi / 400
+    assert integral == pytest.approx(1, abs=1e-9)
+    expected = vonmises_fisher(mu[0].numpy(), kappa).logpdf(z.numpy())
+    torch.testing.assert_close(log_q, torch.from_numpy(expected), rtol=1e-9, atol=1e-8)
+
+
+def kappa_slopes(d: int, kappa: float, n: int) -> torch.Tensor:
+    """d(mu.z)/dkappa of n reparameterised draws z ~ vMF(mu, kappa), one each."""
+    torch.manual_seed(2)
+    mu = F.normalize(torch.randn(1, d, dtype=torch.float64), dim=-1).expand(n, d)
+    k = torch.full((n, 1), kappa, dtype=torch.float64, requires_grad=True)
+    w = (vmf_rsample(mu, k, 1)[0] * mu).sum(-1)
+    return torch.autograd.grad(w.sum(), k)[0].flatten()
+
+
+def mean_resultant_slope(d: int, kappa: float) -> float:
+    """dA_d/dkappa by central differences of scipy's A_d."""
+    h = 1e-4 * kappa
+    return (mean_resultant_length(d, kappa + h) - mean_resultant_length(d, kappa - h)) / (2 * h)
+
+
+@pytest.mark.parametrize(("d", "kappa"), [(3, 1000.0), (16, 2000.0), (64, 5000.0)])
+def test_the_reparameterised_gradient_of_the_mean_resultant_length_is_its_slope_at_large_kappa(d, kappa):
+    slopes = kappa_slopes(d, kappa, 20_000)
+    error = (slopes.mean() - mean_resultant_slope(d, kappa)) / (slopes.std() / math.sqrt(len(slopes)))
+    assert abs(error) < 4
+
+
+def test_without_g_cor_kappas_gradient_is_biased_low_where_kappa_is_small():
+    """What dropping g_cor costs (HypersphericalVAE's docstring): on S^2 at kappa 3, E[dw/dkappa] is 0.7 of
+    dA_d/dkappa, well outside the Monte-Carlo error."""
+    slopes, exact = kappa_slopes(3, 3.0, 20_000), mean_resultant_slope(3, 3.0)
+    share, error = slopes.mean() / exact, slopes.std() / math.sqrt(len(slopes)) / exact
+    assert 0.65 < share < 0.75 and share + 4 * error < 1
+
+
+def test_the_svae_weights_its_draws_by_scipys_vmf_density_over_the_uniform_prior_and_draws_that_prior():
+    from scipy.stats import kstest, vonmises_fisher
+
+    torch.manual_seed(3)
+    model = HypersphericalVAE(SHAPE, latent_dim=3).double()
+    x = binary_images(4).double()
+    z, log_q_over_p = model.latent_draws(x, 6)
+    mu, kappa = model.vmf(x)
+    for i in range(len(x)):
+        log_q = vonmises_fisher(mu[i].detach().numpy(), kappa[i].item()).logpdf(z[:, i].detach().numpy())
+        torch.testing.assert_close(log_q_over_p[:, i], torch.from_numpy(log_q + np.log(4 * np.pi)))
+    prior = model.prior_sampler().draw(5000, torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(prior.norm(dim=1), torch.ones(5000, dtype=torch.float64))
+    assert kstest(prior[:, 2].numpy(), "uniform", args=(-1, 2)).pvalue > 1e-3  # a uniform point's height on S^2
+
+
 @pytest.mark.parametrize("levels", [5, 4])
 def test_fsq_rounds_each_bounded_code_number_to_the_nearest_of_its_levels(levels):
     model = FSQVAE(SHAPE, levels=levels, latent_dim=3)
@@ -554,6 +809,74 @@ def test_the_aae_and_factor_vae_losses_are_their_binary_cross_entropies():
     torch.testing.assert_close(terms["loss"], recon + normal_kl(mu, logvar).mean() + 3.0 * tc, rtol=1e-5, atol=1e-4)
 
 
+def larsen_et_al_terms(model: VAEGAN, x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """VAE-GAN's losses on the draws `loss_terms` makes after torch.manual_seed(seed), each image through the nets on
+    its own: L_prior by torch.distributions' KL, L_llike by its Normal, L_GAN's three terms by explicit log-sigmoids."""
+    torch.manual_seed(seed)
+    mu, logvar = model.posterior(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    z = q.rsample()
+    x_tilde, x_p = torch.sigmoid(model.decoder(z)), torch.sigmoid(model.decoder(torch.randn_like(z)))
+    (dis_l_x, real), (dis_l_tilde, tilde), (_, prior) = (model.discriminator(i) for i in (x, x_tilde, x_p))
+    fakes = F.logsigmoid(-tilde).mean() + F.logsigmoid(-prior).mean()  # log(1 - Dis(x~)) + log(1 - Dis(x_p))
+    return {"z": z, "kl": torch.distributions.kl_divergence(q, Normal(0, 1)).sum(1).mean(),
+            "llike": -Normal(dis_l_tilde, 1).log_prob(dis_l_x).sum(1).mean(),
+            "fakes": fakes, "gan": F.logsigmoid(real).mean() + fakes}  # fmt: skip
+
+
+def test_the_vae_gans_losses_are_larsen_et_als_from_torch_distributions():
+    model, x = VAEGAN(SHAPE, gamma=0.3, latent_dim=2), binary_images()
+    torch.manual_seed(11)
+    terms = model.loss_terms(x)
+    expected = larsen_et_al_terms(model, x, 11)
+    torch.testing.assert_close(terms["kl"], expected["kl"])
+    torch.testing.assert_close(terms["llike"], expected["llike"])
+    torch.testing.assert_close(terms["discriminator"], -expected["gan"])
+    torch.testing.assert_close(terms["loss"], expected["kl"] + 0.3 * expected["llike"] + expected["fakes"])
+    recon = bernoulli_nll(model.decoder(expected["z"]), x).mean()  # the pixel likelihood, trained on or not
+    torch.testing.assert_close(terms["recon"], recon)
+    torch.testing.assert_close(terms["elbo"], -(recon + expected["kl"]))
+    dis_l = model.discriminator(x)[0]  # at unit scale, each image's own
+    torch.testing.assert_close(dis_l.mean(1), torch.zeros(len(x)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(dis_l.var(1, correction=0), torch.ones(len(x)), atol=1e-2, rtol=0)  # layer norm's eps
+
+
+def test_each_vae_gan_optimizer_steps_on_the_gradient_of_its_own_parts_objective():
+    """Through one training step, each part's gradient when its optimizer steps is autograd's of that part's objective
+    alone: the encoder's of L_prior + L_llike (none of L_GAN's), the decoder's of gamma L_llike + L_GAN, the
+    discriminator's of -L_GAN (none of what the autoencoder's backward pass left on its weights)."""
+    model, x = VAEGAN(SHAPE, gamma=0.3, latent_dim=2), binary_images()
+    parts = {"encoder": model.encoder, "decoder": model.decoder, "discriminator": model.discriminator}
+    at_step: dict[str, list[torch.Tensor]] = {}
+
+    class Recorder:  # an optimizer that keeps its parts' gradients when it steps
+        def __init__(self, *names: str):
+            self.names, self.optimizer = names, self
+
+        def zero_grad(self):
+            for name in self.names:
+                parts[name].zero_grad()
+
+        def step(self):
+            at_step.update({name: [p.grad.clone() for p in parts[name].parameters()] for name in self.names})
+
+    model.optimizers = lambda: (Recorder("encoder", "decoder"), Recorder("discriminator"))
+    model.manual_backward = lambda loss: loss.backward()
+    model.trainer = Mock(log_every_n_steps=0, lr_scheduler_configs=[], global_step=0)
+    torch.manual_seed(12)
+    model.training_step((x, torch.zeros(len(x))), 0)
+    terms = larsen_et_al_terms(model, x, 12)
+    kl, llike, gan = terms["kl"], terms["llike"], terms["gan"]
+    for name, objective in {"encoder": kl + llike, "decoder": 0.3 * llike + gan, "discriminator": -gan}.items():
+        expected = torch.autograd.grad(objective, list(parts[name].parameters()), retain_graph=True)
+        for found, grad in zip(at_step[name], expected, strict=True):
+            torch.testing.assert_close(found, grad, rtol=1e-4, atol=1e-6)
+    # the routing has something to keep out: L_GAN would move the encoder, the autoencoder's loss Dis
+    for objective, part in [(gan, model.encoder), (0.3 * llike + terms["fakes"], model.discriminator)]:
+        grads = torch.autograd.grad(objective, list(part.parameters()), retain_graph=True)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
 def test_the_factor_vae_discriminator_learns_the_total_correlation_of_a_correlated_gaussian():
     """Trained on its own loss, D's mean logit on joint draws estimates the TC, here -1/2 log det(correlation)."""
     torch.manual_seed(0)
@@ -578,12 +901,13 @@ def test_the_factor_vae_discriminator_learns_the_total_correlation_of_a_correlat
     assert torch.equal(permuted.sort(0).values, z.sort(0).values) and not torch.equal(permuted, z)
 
 
-def test_adversarial_models_step_both_optimizers_and_count_only_the_autoencoders_steps(tmp_path):
+@pytest.mark.parametrize("model_class", [AAE, VAEGAN])
+def test_adversarial_models_step_both_optimizers_and_count_only_the_autoencoders_steps(model_class, tmp_path):
     import lightning as L
 
     x = binary_images(32)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(32)), batch_size=8)
-    model = AAE(SHAPE, latent_dim=2)
+    model = model_class(SHAPE, latent_dim=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, accelerator="cpu", limit_val_batches=0)  # fmt: skip
@@ -600,6 +924,10 @@ ZOO = {"dae": DAE, "sparse_ae": SparseAE, "wae": WAE, "iwae": IWAE, "beta_tcvae"
 ZOO |= {"vamp": VampVAE, "vae_iaf": IAFVAE, "hvae": HVAE, "factor_vae": FactorVAE, "aae": AAE, "info_vae": InfoVAE}
 ZOO |= {"rae": RAE, "rae_gp": RAE, "fsq": FSQVAE, "beta_vae_c": CapacityVAE, "vae_nf": NormalizingFlowVAE}
 ZOO |= {"miwae": IWAE, "ciwae": IWAE}
+ZOO |= {"vae_gan": VAEGAN}
+ZOO |= {"piwae": PIWAE, "msssim_vae": MSSSIMVAE}
+ZOO |= {"hamiltonian_vae": HamiltonianVAE}
+ZOO |= {"svae": HypersphericalVAE}
 
 
 def zoo_config(name: str) -> list[str]:
@@ -667,6 +995,7 @@ PICTURED = {"ae": AE, "vae": VAE, **ZOO, "m2": M2, "m1m2": M2}
 def untrained(name: str, latent_dim: int) -> AE:
     m2 = {"num_classes": 3}
     own = {"vqvae": {"embedding_dim": 1}, "m2": m2}
+    own["msssim_vae"] = {"scales": 2}  # its default 3 scales need 28x28 images
     own["m1m2"] = m2 | {"m1": {"class": "VAE", "hparams": {"image_shape": SHAPE, "latent_dim": 3}}}
     torch.manual_seed(0)
     return PICTURED[name](SHAPE, latent_dim=latent_dim, **own.get(name, {})).eval()
@@ -681,7 +1010,8 @@ def test_every_picture_is_drawn_for_each_model_at_latent_sizes_1_and_2(name, lat
     run_end = ImageLogger(tmp_path, num_images=2, num_samples=4, num_pairs=2, steps=3)
     run_end.on_fit_start(trainer, model)
     run_end.on_fit_end(trainer, model)
-    optional = {"samples": run_end.has_prior, "kl_per_dim": isinstance(model, VAE)}
+    gaussian = isinstance(model, VAE) and not isinstance(model, HypersphericalVAE)  # a vMF's KL has no per-dim split
+    optional = {"samples": run_end.has_prior, "kl_per_dim": gaussian}
     optional |= {"manifold": latent_dim == 2, "scatter": latent_dim == 2}
     expected = {"reconstructions", "interpolations", "traversal"} | {p for p, drawn in optional.items() if drawn}
     assert {p.stem for p in tmp_path.glob("*.png")} == expected
@@ -722,3 +1052,109 @@ def test_the_readmes_new_model_example_trains_and_loads_back(tmp_path, monkeypat
     loaded = autoencoders.load(tmp_path / "model.ckpt")
     assert type(loaded).__name__ == "ContractiveAE" and loaded.hparams.penalty == 0.1
     assert set(model.loss_terms(x)) == {"loss", "recon", "l2"}
+
+
+# The Hamiltonian VAE (Caterini et al., 2018) -------------------------------------------------------------------------
+def log_joint(model: HamiltonianVAE, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x, z) per image, from torch.distributions."""
+    return Bernoulli(logits=model.decoder(z)).log_prob(x).flatten(1).sum(1) + Normal(0, 1).log_prob(z).sum(1)
+
+
+def test_without_leapfrog_steps_or_tempering_the_hamiltonian_bound_is_the_vaes_elbo():
+    model = HamiltonianVAE(SHAPE, leapfrog_steps=0, beta0=1.0, latent_dim=3)
+    x = binary_images()
+    torch.manual_seed(3)
+    bound = model.elbo(x)
+    torch.manual_seed(3)
+    mu, logvar = model.posterior(x)
+    q = Normal(mu, torch.exp(0.5 * logvar))
+    z = mu + q.stddev * torch.randn_like(mu)
+    torch.testing.assert_close(bound, log_joint(model, z, x) - q.log_prob(z).sum(1))
+
+
+@pytest.mark.parametrize("beta0", [1.0, 0.3])
+def test_a_hamiltonian_leapfrog_step_keeps_volume_and_tempering_scales_it_by_beta0_to_the_half_latent_dim(beta0):
+    """log|det| of autograd's Jacobian in (z, rho): 0 for one leapfrog step; (d/2) log beta0 for the K tempered steps,
+    which cool the momentum's variance from 1/beta0 to 1."""
+    model = HamiltonianVAE(SHAPE, leapfrog_steps=3, step_size=0.4, beta0=beta0, latent_dim=3)
+    x, state = binary_images(1), torch.randn(6, generator=torch.Generator().manual_seed(0))
+
+    def leapfrog(s: torch.Tensor) -> torch.Tensor:
+        return torch.cat(model.leapfrog(s[None, :3], s[None, 3:], x, create_graph=True)[:2], 1)[0]
+
+    def flow(s: torch.Tensor) -> torch.Tensor:
+        return torch.cat(model.flow(s[None, :3], s[None, 3:], x), 1)[0]
+
+    for move, expected in [(leapfrog, 0.0), (flow, 3 / 2 * math.log(beta0))]:
+        jacobian = torch.autograd.functional.jacobian(move, state)
+        assert (jacobian - torch.eye(6)).abs().max() > 0.1  # far from the identity
+        sign, log_det = torch.linalg.slogdet(jacobian)
+        assert sign > 0
+        torch.testing.assert_close(log_det, torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_the_hamiltonian_bound_is_the_papers_tempered_leapfrog_step_by_step_with_torch_distributions():
+    """K = 2 steps by hand: U = -log p(x, z) differentiated by autograd, a step size of its own in each dimension, the
+    quadratic tempering in the form of the authors' Gaussian experiment (T_k = 1 + (T_0 - 1)(1 - k^2 / K^2),
+    T_k = 1 / sqrt(beta_k)), and the bound with the tempering's log-det (d/2) log beta0."""
+    beta0, steps = 0.3, 2
+    model = HamiltonianVAE(SHAPE, leapfrog_steps=steps, step_size=0.2, max_step_size=0.5, beta0=beta0, latent_dim=2)
+    with torch.no_grad():
+        model.step_logits.copy_(torch.tensor([-1.0, 0.5]))
+    x = binary_images()
+    torch.manual_seed(4)
+    bound = model.elbo(x)
+    torch.manual_seed(4)
+    mu, logvar = model.posterior(x)
+    q, momentum = Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, beta0**-0.5)
+    z0 = mu + q.stddev * torch.randn_like(mu)
+    rho0 = momentum.stddev * torch.randn_like(mu)
+    epsilon = 0.5 * torch.sigmoid(torch.tensor([-1.0, 0.5]))
+
+    def grad_u(z: torch.Tensor) -> torch.Tensor:
+        return -torch.autograd.grad(log_joint(model, z, x).sum(), z, create_graph=True)[0]
+
+    def temperature(k: int) -> float:
+        return 1 + (beta0**-0.5 - 1) * (1 - k**2 / steps**2)
+
+    z, rho = z0, rho0
+    for k in range(1, steps + 1):
+        half = rho - epsilon / 2 * grad_u(z)
+        z = z + epsilon * half
+        rho = (half - epsilon / 2 * grad_u(z)) * temperature(k) / temperature(k - 1)
+    expected = log_joint(model, z, x) + Normal(0, 1).log_prob(rho).sum(1) - q.log_prob(z0).sum(1)
+    expected = expected - momentum.log_prob(rho0).sum(1) + 2 / 2 * math.log(beta0)
+    torch.testing.assert_close(bound, expected)
+    bound.sum().backward()  # through the leapfrog: the step sizes, the decoder and the encoder all learn
+    trained = [model.step_logits, *model.decoder.parameters(), *model.encoder.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+WITHOUT_AUTOGRAD = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "loaded": contextlib.nullcontext}
+
+
+@pytest.mark.parametrize("held_out", WITHOUT_AUTOGRAD)  # evaluate.py's; Lightning's val and test; autoencoders.load's
+def test_the_hamiltonian_vae_takes_its_leapfrog_on_held_out_batches_without_autograd(held_out):
+    model = HamiltonianVAE(SHAPE, leapfrog_steps=2, step_size=0.3, latent_dim=2)
+    x = binary_images()
+    torch.manual_seed(5)
+    expected = [term.detach() for term in model.elbo_terms(x)]
+    if held_out == "loaded":
+        model.requires_grad_(False)
+    torch.manual_seed(5)
+    with WITHOUT_AUTOGRAD[held_out]():
+        found = [term.clone() for term in model.elbo_terms(x)]
+    assert not any(term.requires_grad for term in found)
+    for term, training in zip(found, expected, strict=True):
+        torch.testing.assert_close(term, training)
+
+
+def test_compile_is_refused_for_the_hamiltonian_vae_whose_bound_needs_a_double_backward(tmp_path):
+    with pytest.raises(UserError, match="compile=true cannot train model.leapfrog_steps=5"):
+        check_config(compose_train(tmp_path, *TINY, "model=hamiltonian_vae", "compile=true"))
+    check_config(compose_train(tmp_path, *TINY, "model=hamiltonian_vae", "compile=true", "model.leapfrog_steps=0"))
+
+
+def test_the_hamiltonian_vae_refuses_a_first_step_size_not_below_its_bound():
+    with pytest.raises(UserError, match="model.step_size=0.5 is not below model.max_step_size=0.5"):
+        HamiltonianVAE(SHAPE, step_size=0.5, max_step_size=0.5)

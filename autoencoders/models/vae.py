@@ -1,4 +1,5 @@
-"""Gaussian-latent VAEs: VAE (β-VAE with kl_weight=β), IWAE, β-TCVAE, InfoVAE."""
+"""Gaussian-latent VAEs: VAE (β-VAE with kl_weight=β), the IWAE family (IWAE, MIWAE, CIWAE, PIWAE), β-TCVAE,
+capacity-controlled β-VAE, MS-SSIM VAE, InfoVAE."""
 
 import math
 from collections.abc import Sequence
@@ -6,6 +7,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 from autoencoders.errors import UserError
 from autoencoders.likelihoods import bits_per_dim
@@ -92,6 +95,12 @@ class VAE(AE):
     def encode(self, x: Tensor) -> Tensor:
         return self.posterior(x)[0]
 
+    def kl_per_dim(self, x: Tensor) -> Tensor | None:
+        """KL(q(z_u|x) || N(0, 1)) of each image and code dimension u, (B, d), of the encoder's Gaussian (for a flow
+        or a hierarchy, before the flow or the top-down pass); None where the posterior is no Gaussian."""
+        mu, logvar = self.posterior(x)
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """log p(z) of codes (..., D), nats, summed over the code: N(0, I)."""
         return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
@@ -175,11 +184,50 @@ class IWAE(VAE):
         super().__init__(image_shape, **base)
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        bound = self.bound_terms(x)  # drawn before the VAE's one-sample terms
+        return super().loss_terms(x, split) | bound
+
+    def bound_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """The `loss` this model trains and the bound it is chosen on (`iwae`), of m x k draws per image, nats."""
         k, m, beta = self.hparams.k, self.hparams.m, self.hparams.beta
         log_w = self.log_weights(x, m * k).view(m, k, -1)
         iwae = (torch.logsumexp(log_w, 1) - math.log(k)).mean(0)
         bound = (beta * log_w.mean((0, 1)) + (1 - beta) * iwae).mean()
-        return super().loss_terms(x, split) | {"loss": -bound, "iwae": bound}
+        return {"loss": -bound, "iwae": bound}
+
+
+class PIWAE(IWAE):
+    """PIWAE (Rainforth et al., 2018, "Tighter variational bounds are not necessarily better"): from the same m x k
+    draws per image, the decoder is trained on the m k-sample IWAE bound and the encoder on the MIWAE bound (the mean
+    of m k-sample bounds): the more samples a bound takes, the higher the signal-to-noise ratio of its gradient for
+    the decoder and the lower for the encoder, so each net gets the bound that suits it. `iwae`, which chooses the
+    checkpoint, is the m k-sample bound (the decoder's, the tighter); `miwae` the encoder's; `loss` equals -iwae.
+
+    The routing is one loss, -iwae(decoder's weights; draws held fixed) - miwae(draws; decoder's weights held fixed,
+    by a functional call on detached copies), so that Lightning's single backward, and with it DDP's gradient
+    all-reduce, loss scaling, accumulation and clipping, work as for any model; it costs one more decoder pass per
+    training step (each net's backward goes through the decoder once)."""
+
+    def __init__(self, image_shape: Sequence[int], k: int = 8, m: int = 8, **base: Any):
+        super().__init__(image_shape, k=k, m=m, **base)
+
+    def bound_terms(self, x: Tensor) -> dict[str, Tensor]:
+        k, m = self.hparams.k, self.hparams.m
+        z, log_q_over_p = self.latent_draws(x, m * k)
+        targets = x.repeat(m * k, 1, 1, 1)
+
+        def log_w(decoded: Tensor, log_q_over_p: Tensor) -> Tensor:
+            return -self.likelihood.nll(decoded, targets).view(m * k, -1) - log_q_over_p
+
+        # a graph that reaches the decoder's weights alone: the draws and their densities held fixed
+        for_decoder = log_w(self.decoder(z.detach().flatten(0, 1)), log_q_over_p.detach())
+        iwae = (torch.logsumexp(for_decoder, 0) - math.log(m * k)).mean()
+        for_encoder = for_decoder  # the same values; when training, a graph that reaches the encoder alone
+        if torch.is_grad_enabled():
+            frozen = {name: p.detach() for name, p in self.decoder.named_parameters()}
+            for_encoder = log_w(functional_call(self.decoder, frozen, (z.flatten(0, 1),)), log_q_over_p)
+        miwae = (torch.logsumexp(for_encoder.view(m, k, -1), 1) - math.log(k)).mean()
+        return {"loss": miwae.detach() - miwae - iwae, "iwae": iwae, "miwae": miwae}
 
 
 class BetaTCVAE(VAE):
@@ -233,6 +281,68 @@ class CapacityVAE(VAE):
         capacity = torch.tensor(self.capacity_now(), device=x.device)
         loss = recon + self.hparams.gamma * (kl - capacity).abs()
         return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "capacity": capacity}
+
+
+WANG_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # MS-SSIM's exponent of each scale, finest first (Wang et al.)
+
+
+class MSSSIMVAE(VAE):
+    """A VAE trained on a perceptual similarity (Snell et al., 2017; pythae's MSSSIM_VAE): `loss` = recon_weight *
+    (1 - MS-SSIM(x, the decoded mean)) + beta * KL, beta the VAE's scheduled KL weight. MS-SSIM (logged as `msssim`,
+    a similarity in [0, 1], no unit) is torchmetrics' per image over `scales` scales, each half the size of the one
+    before, with a Gaussian window of std `sigma` (2 int(3.5 sigma + 0.5) + 1 pixels a side: 7 for 0.75), data range
+    1, each scale's value mapped to [0, 1] by (v + 1) / 2 as pythae does (so a negative one cannot give NaN), and Wang
+    et al.'s exponents of the first `scales` scales rescaled to sum to 1. Images too small for the scales and window
+    are refused when the model is built.
+
+    The loss is no likelihood, and not in nats. `recon`, `elbo` and `test/nll` stay a VAE's, with the data's pixel
+    likelihood (`likelihood`), so they compare with the other VAEs'; but this decoder is not trained on that
+    likelihood: only its mean is trained, through MS-SSIM, and any scale it outputs stays as initialised, so these
+    nats are poor. The checkpoint is chosen on `val/loss`, the objective it trains at the full KL weight
+    (`kl_weight`, whatever the schedule's factor that epoch). pythae's weight is 1: against a KL
+    of tens of nats, a term of at most 1 leaves the code empty, hence 1000."""
+
+    selection = ("val/loss", "min")
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        recon_weight: float = 1000.0,
+        scales: int = 3,
+        sigma: float = 0.75,
+        **base: Any,
+    ):
+        super().__init__(image_shape, **base)
+        self.betas = tuple(beta / sum(WANG_BETAS[:scales]) for beta in WANG_BETAS[:scales])
+        self.window = 2 * int(3.5 * sigma + 0.5) + 1  # torchmetrics' Gaussian window; its kernel_size is not used
+        blank = torch.zeros(1, *self.image_shape)
+        try:  # torchmetrics' checks of the size (ValueError), and a reflection pad wider than a scale (RuntimeError)
+            self.msssim(blank, blank)
+        except (ValueError, RuntimeError) as error:
+            _, height, width = self.image_shape
+            raise UserError(
+                f"model=msssim_vae: MS-SSIM over model.scales={scales} scales with a {self.window}-pixel window "
+                f"(model.sigma={sigma}) does not fit {height}x{width} images: {str(error).rstrip('.')}. Use fewer "
+                "scales or a smaller sigma: model.scales=2 model.sigma=0.75 fits images of 8x8 and up, 3 and 0.75 of "
+                "28x28 and up."
+            ) from None
+
+    def msssim(self, x: Tensor, target: Tensor) -> Tensor:
+        """MS-SSIM of each image of x to its target, shape (B,), in [0, 1]; in float32 whatever the precision."""
+        with torch.autocast(x.device.type, enabled=False):
+            return multiscale_structural_similarity_index_measure(
+                x.float(), target.float(), sigma=self.hparams.sigma, kernel_size=self.window, reduction="none",
+                data_range=1.0, betas=self.betas, normalize="simple",
+            )  # fmt: skip
+
+    def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
+        mu, logvar = self.posterior(x)
+        decoded = self.decoder(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
+        recon, kl = self.likelihood.nll(decoded, x).mean(), kl_divergence(mu, logvar).mean()
+        msssim = self.msssim(self.likelihood.mean(decoded), x).mean()
+        beta = self.kl_beta() if split == "train" else self.hparams.kl_weight  # val/loss: one weight for every epoch
+        loss = self.hparams.recon_weight * (1 - msssim) + beta * kl
+        return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "msssim": msssim}
 
 
 class InfoVAE(VAE):

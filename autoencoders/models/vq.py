@@ -9,10 +9,27 @@ from torch import Tensor
 
 from autoencoders.errors import UserError
 from autoencoders.models.ae import AE
-from autoencoders.samplers import CodePrior, nearest_codes
+from autoencoders.samplers import CodePrior, PixelCNNPrior, nearest_codes
 
 
-class VQVAE(AE):
+class Quantised(AE):
+    """A model whose codes are `n_tokens` tokens, each one of the vectors of `token_vectors()` (K, E): its samples need
+    a prior over tokens fitted to the training codes, the autoregressive CodePrior (`prior_sampler`, evaluate.py's
+    `prior`) or a gated PixelCNN (`pixelcnn_sampler`, evaluate.py's `pixelcnn`)."""
+
+    n_tokens: int
+
+    def token_vectors(self) -> Tensor:
+        raise NotImplementedError
+
+    def prior_sampler(self) -> CodePrior:
+        return CodePrior(self.token_vectors(), self.n_tokens)
+
+    def pixelcnn_sampler(self, seed: int = 0) -> PixelCNNPrior:
+        return PixelCNNPrior(self.token_vectors(), self.n_tokens, seed=seed)
+
+
+class VQVAE(Quantised):
     """VQ-VAE (van den Oord et al., 2017). The encoder's code z_e (latent_dim numbers) is `latent_dim //
     embedding_dim` tokens, each replaced by its nearest of `codebook_size` codebook vectors; the decoder sees those,
     with straight-through gradients. `loss` = recon + commitment * |z_e - sg[e]|^2 (+ |sg[z_e] - e|^2, the codebook
@@ -68,8 +85,8 @@ class VQVAE(AE):
     def decoder_params(self, x: Tensor) -> Tensor:
         return self.decoder(self.quantize(self.encode(x)))
 
-    def prior_sampler(self) -> CodePrior:
-        return CodePrior(self.codebook, self.n_tokens)
+    def token_vectors(self) -> Tensor:
+        return self.codebook
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         z = self.encode(x)
@@ -177,19 +194,7 @@ def fsq_levels(levels: int) -> Tensor:
     return (torch.arange(levels) - levels // 2) / (levels // 2)
 
 
-class FSQPrior(CodePrior):
-    """An FSQ model's prior: CodePrior over the levels of each code number (one token per number), fitted to the
-    quantised training codes."""
-
-    def __init__(self, model: "FSQVAE"):
-        super().__init__(fsq_levels(model.hparams.levels)[:, None], model.latent_dim)
-        self.quantize = model.quantize
-
-    def fit(self, codes: Tensor) -> "FSQPrior":
-        return super().fit(self.quantize(codes.detach()))
-
-
-class FSQVAE(AE):
+class FSQVAE(Quantised):
     """Finite scalar quantisation (Mentzer et al., 2023): each of the encoder's latent_dim numbers is bounded to
     `levels` values (tanh, shifted for an even count) and rounded, with straight-through gradients; the implicit
     codebook is the grid of levels^latent_dim codes, with no codebook or commitment loss, so `loss` = recon. As for a
@@ -237,8 +242,13 @@ class FSQVAE(AE):
     def decoder_params(self, x: Tensor) -> Tensor:
         return self.decoder(self.quantize(self.encode(x)))
 
-    def prior_sampler(self) -> FSQPrior:
-        return FSQPrior(self)
+    @property
+    def n_tokens(self) -> int:
+        """One token per code number, its level."""
+        return self.latent_dim
+
+    def token_vectors(self) -> Tensor:
+        return fsq_levels(self.hparams.levels)[:, None]
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
         codes = self.quantize(self.encode(x))
