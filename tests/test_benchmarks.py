@@ -141,7 +141,8 @@ def test_model_zoo_trains_scores_and_reuses_each_model_and_prints_the_table(tmp_
     assert [row.split("`")[1] for row in rows] == ["ae", "vqvae"]
     assert all(" % | " in row and row.endswith(" s |") for row in rows)
     assert (tmp_path / "zoo" / "table.md").read_text().strip() in stdout
-    assert Image.open(tmp_path / "zoo" / "samples.png").size == (7 * 242, 242 + 16)  # two models' pictures, captioned
+    width, height = Image.open(tmp_path / "zoo" / "samples.png").size  # a row of 7 square pictures, captioned
+    assert width % 7 == 0 and height == width // 7 + 16 and width // 7 > 100
 
 
 @pytest.mark.slow
