@@ -418,6 +418,18 @@ BAD_INPUT = {
     ),
     "classifier on an M2 checkpoint": (["model=classifier", "encoder_ckpt={m2}"], "is a semi-supervised M2 checkpoint"),
     "M1+M2 on an M2 checkpoint": (["model=m2", "encoder_ckpt={m2}"], "is a semi-supervised M2 checkpoint"),
+    "compiled Hamiltonian VAE": (["model=hamiltonian_vae", "compile=true"], "compile=true cannot train model.leapfrog"),
+    "leapfrog step past its bound": (
+        ["model=hamiltonian_vae", "model.step_size=0.6"],
+        r"model.step_size=0\.6 is not below model.max_step_size=0\.5",
+    ),
+    "MS-SSIM scales the images cannot hold": (
+        ["model=msssim_vae", "model.scales=5"],
+        "model.scales=5 scales with a 7-pixel window .* does not fit 28x28 images",
+    ),
+    "a hyperspherical code of one number": (["model=svae", "latent_dim=1"], "model.latent_dim=1 is too small"),
+    "PIWAE without bounds": (["model=piwae", "model.m=0"], "model.m=0 is not positive"),
+    "VAE-GAN with a negative gamma": (["model=vae_gan", "model.gamma=-1"], r"model.gamma=-1\.0 is negative"),
     "16-mixed precision on a CPU": (
         ["+trainer.precision=16-mixed", "model=factor_vae", "trainer.accelerator=cpu"],
         r"trainer\.precision=16-mixed .*bf16-mixed",
