@@ -11,11 +11,13 @@ import autoencoders  # noqa: F401  (registers the config schemas and resolvers; 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from autoencoders.cli import exit_with, user_error
-    from autoencoders.evaluation import evaluate  # torch and lightning load only after the config is composed
+    from autoencoders.cli import exit_with, stops_kept, user_error
 
     try:
-        evaluate(cfg)
+        with stops_kept():  # SIGTERM's stop, even where the code it landed in made another error of it
+            from autoencoders.evaluation import evaluate  # torch and lightning load only after the config is composed
+
+            evaluate(cfg)
     except Exception as e:  # bad input, or a file system that refused a write: one `error:` paragraph, exit 2
         error = user_error(e)
         if error is None:

@@ -10,9 +10,11 @@ import autoencoders  # noqa: F401  (registers the config schemas and resolvers; 
 def main(cfg: DictConfig) -> float | None:
     """Returns `cfg.objective` (null: the model's selection metric, e.g. val/elbo) for sweepers such as Optuna; None
     for a failed sweep job."""
-    from autoencoders.cli import reported_failures
-    from autoencoders.sweeps import objective
-    from autoencoders.training import train  # torch and lightning load only after the config is composed
+    from autoencoders.cli import reported_failures, stops_kept
+
+    with stops_kept():  # SIGTERM's stop, even where the code it landed in made another error of it
+        from autoencoders.sweeps import objective
+        from autoencoders.training import train  # torch and lightning load only after the config is composed
 
     with reported_failures():  # bad input: exit 2 in a single run; in a sweep, recorded while the other jobs go on
         return objective(train(cfg), cfg)

@@ -189,7 +189,8 @@ def reported_failures() -> Iterator[None]:
     at the end.
     """
     try:
-        yield
+        with stops_kept():
+            yield
     except Exception as e:
         hydra = HydraConfig.get()
         run_dir = Path(hydra.runtime.output_dir)
@@ -226,14 +227,39 @@ def how_to_go_on(run_dir: Path, mode: RunMode) -> str:
 
 
 class Stopped(BaseException):
-    """SIGTERM, raised in the main thread by stopped_by_signals' handler as Python's own one raises KeyboardInterrupt
-    on Ctrl-C: a BaseException, so that no `except Exception` (a sweep job's) takes it for a failure."""
+    """SIGTERM (or SLURM's preemption signal outside training), raised in the main thread by `stop` as Python's own
+    handler raises KeyboardInterrupt on Ctrl-C: a BaseException, so that no `except Exception` (a sweep job's) takes it
+    for a failure."""
+
+
+stops: list[int] = []  # the signals for which this process raised Stopped
+
+
+def stop(number: int) -> NoReturn:
+    """Raise Stopped in the main thread, from a signal handler, recorded in `stops` for `stops_kept`."""
+    stops.append(number)
+    raise Stopped(number)
+
+
+@contextmanager
+def stops_kept() -> Iterator[None]:
+    """Around a command's work, inside its error handling: a Stopped that the code it landed in turned into another
+    error (a pybind11 extension's import makes an ImportError of it), or swallowed (a check of whether a package
+    imports), is raised again as the Stopped it was, not taken for a failure (whose traceback Hydra would print)."""
+    try:
+        yield
+    except Exception as e:
+        if stops:
+            raise Stopped(stops[0]) from e
+        raise
+    if stops:
+        raise Stopped(stops[0])
 
 
 def _on_sigterm(number: int, frame: Any) -> None:
     if signal.getsignal(signal.SIGTERM) is not _on_sigterm:  # called by Lightning's handler, which also calls the
         return  # one it found: inside fit and test Lightning stops at its next step (callbacks.Preemption)
-    raise Stopped(number)
+    stop(number)
 
 
 @contextmanager

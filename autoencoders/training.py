@@ -263,7 +263,8 @@ def _train_in(run_dir: Path, cfg: DictConfig, extra_callbacks: list[L.Callback])
         metrics, test_ckpt, selected_at = _fit_and_test(trainer, model, datamodule, ckpt_path, callbacks)
     except BaseException as error:
         if trainer.is_global_zero:  # TensorBoard's HParams tab shows each run's status; stopped by a signal: unknown
-            log_outcome(loggers, {}, trainer.global_step, "unknown" if isinstance(error, SystemExit) else "failure")
+            stopped = isinstance(error, (SystemExit, cli.Stopped))
+            log_outcome(loggers, {}, trainer.global_step, "unknown" if stopped else "failure")
         raise
     if trainer.is_global_zero:
         log_outcome(loggers, metrics | selected_at, trainer.global_step, "success")

@@ -7,7 +7,8 @@
   `scancel --signal=USR2`) stops training or testing as SIGTERM does, between steps and with last.ckpt written
   (autoencoders.callbacks.Preemption); only then does submitit requeue the job, which resumes from last.ckpt. Left to
   itself, submitit requeues and exits at whatever line the signal lands on. Outside Lightning's fit and test (loading
-  data, between the two, writing metrics), where submitit would ignore the SIGTERM, the job is requeued at once.
+  data, between the two, writing metrics), where submitit would ignore the SIGTERM, the job is requeued at once, even
+  where the code the signal lands in turns the stop into another error (a pybind11 extension's import: ImportError).
 
 A job of several tasks (DDP: tasks_per_node > 1) runs train.py in each; Lightning reads their ranks from SLURM. As
 under Lightning's own DDP launcher, rank N logs to train_ddp_process_N.log and writes no config into the run dir.
@@ -16,7 +17,6 @@ under Lightning's own DDP launcher, rank N logs to train_ddp_process_N.log and w
 import logging
 import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         """Run one task of a job on its node (see the module's docstring)."""
         import submitit
 
+        from autoencoders import cli
+
         rank = submitit.JobEnvironment().global_rank
         if rank:  # another DDP process of the job, beside rank 0
             sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null", f"hydra.job.name=train_ddp_process_{rank}"]
@@ -86,19 +88,21 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         ignored = signal.getsignal(signal.SIGTERM)  # submitit's, which only logs it
         received: list[int] = []
 
-        def stop(number: int, frame: Any) -> None:
+        def on_preemption(number: int, frame: Any) -> None:
             received.append(number)
             name = signal.Signals(number).name
             if signal.getsignal(signal.SIGTERM) == ignored:  # Lightning handles SIGTERM only while it fits or tests
                 log.warning("SLURM's preemption signal %s outside training and testing: requeueing the job", name)
-                sys.exit(128 + number)  # requeued below
+                cli.stop(number)  # requeued below
             log.warning("SLURM's preemption signal %s: stopping as on SIGTERM", name)
             signal.raise_signal(signal.SIGTERM)
 
-        signal.signal(preemption, stop)
+        signal.signal(preemption, on_preemption)
         try:
             return super().__call__(sweep_overrides, *args)
-        except SystemExit:  # stopped by a signal
+        except (SystemExit, cli.Stopped) as stopped:  # by the signal, in training (Preemption) or outside (cli.stop)
             if received and callable(requeue):
-                requeue(received[0], None)
+                requeue(received[0], None)  # exits, on rank 0
+            if isinstance(stopped, cli.Stopped):  # another DDP rank: an exit code, not submitit's traceback
+                raise SystemExit(128 + stopped.args[0]) from None
             raise

@@ -1,6 +1,7 @@
 import hashlib
 import html
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +37,21 @@ TINY = [
     "trainer.limit_test_batches=1",
     "trainer.accelerator=cpu",
 ]
+
+# where a signal's stop lands inside an import that turns it into an ImportError (tests/stopped_import.py): the
+# overrides and environment that put the import there, and the file it writes in the working dir once it waits
+STOPPED_IMPORTS = {
+    "train.py's imports": ([], {"STOPPED_IMPORT_IN": "autoencoders.training"}),
+    "an import check that swallows the error": (
+        [],
+        {"STOPPED_IMPORT_IN": "autoencoders.training", "STOPPED_IMPORT_SWALLOWED": "1"},
+    ),
+    "setting up training": (["+callbacks.stopped_import._target_=tests.stopped_import.Callback"], {}),
+}
+STOPPED_IMPORT_PATH = {
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+}
+STOPPED_IMPORT_WAITING = "waiting-in-an-import"  # tests/stopped_import.py's WAITING (importing it would wait)
 
 
 def run_script(

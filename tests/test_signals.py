@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from autoencoders.training import train
-from tests.helpers import ROOT, TINY, compose_train
+from tests.helpers import (
+    ROOT,
+    STOPPED_IMPORT_PATH,
+    STOPPED_IMPORT_WAITING,
+    STOPPED_IMPORTS,
+    TINY,
+    compose_train,
+)
 
 SIGNALS = {"INT": (signal.SIGINT, 130, "Ctrl-C (SIGINT)"), "TERM": (signal.SIGTERM, 143, "SIGTERM")}
 HALF_WRITTEN = ("*.tmp", "*.part", "*.old", ".*.tmp", ".*.part", ".*.old")
@@ -101,6 +108,29 @@ def test_train_stopped_before_fit_says_so_in_one_line_and_leaves_no_run_dir(tmp_
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(where, marks=pytest.mark.slow) if where == "setting up training" else where
+        for where in STOPPED_IMPORTS
+    ],
+)
+def test_train_stopped_inside_an_import_that_makes_an_import_error_of_the_stop_still_says_it_was_stopped(
+    tmp_path, where
+):
+    """SIGTERM's stop raised inside an extension module's import comes out of it as an ImportError (in train.py's
+    imports, where an import check may swallow it, or as the job sets up training): still the one `error: stopped by
+    SIGTERM` line, not the ImportError, nor a run that goes on."""
+    overrides, env = STOPPED_IMPORTS[where]
+    run_dir = tmp_path / "run"
+    code, err = stopped(
+        ROOT / "train.py", *TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, sent=signal.SIGTERM,
+        env={**STOPPED_IMPORT_PATH, **env}, when=lambda _: (tmp_path / STOPPED_IMPORT_WAITING).is_file(),
+    )  # fmt: skip
+    assert_stopped_cleanly(code, err, 143, "SIGTERM", tmp_path)
+    assert "ImportError" not in err and not run_dir.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SIGNALS)
 def test_train_stopped_during_fit_says_so_in_one_line(tmp_path, name):
@@ -136,6 +166,20 @@ def test_evaluate_stopped_while_scoring_says_so_in_one_line_and_writes_nothing(t
     )  # fmt: skip
     assert_stopped_cleanly(code, err, expected, named, trained)
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before  # no evaluation folder, not even half
+
+
+def test_evaluate_stopped_inside_an_import_that_makes_an_import_error_of_the_stop_still_says_it_was_stopped(
+    trained, tmp_path
+):
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    code, err = stopped(
+        ROOT / "evaluate.py", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path, sent=signal.SIGTERM,
+        env={**STOPPED_IMPORT_PATH, "STOPPED_IMPORT_IN": "autoencoders.evaluation"},
+        when=lambda _: (tmp_path / STOPPED_IMPORT_WAITING).is_file(),
+    )  # fmt: skip
+    assert_stopped_cleanly(code, err, 143, "SIGTERM", trained)
+    assert "ImportError" not in err
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
 @pytest.mark.parametrize("name", SIGNALS)

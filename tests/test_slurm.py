@@ -14,7 +14,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, TINY, metrics, run_train
+from tests.helpers import (
+    ROOT,
+    STOPPED_IMPORT_PATH,
+    STOPPED_IMPORT_WAITING,
+    STOPPED_IMPORTS,
+    TINY,
+    metrics,
+    run_train,
+)
 
 pytestmark = [
     pytest.mark.slurm,
@@ -86,10 +94,12 @@ def start_requeued(job_id: str) -> None:
     slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now+2")
 
 
-def start_train(*overrides: str, cwd: Path) -> subprocess.Popen:
-    """train.py as a user starts it, in the background."""
+def start_train(*overrides: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """train.py as a user starts it, in the background (`env` added to its environment, which its jobs inherit)."""
     command = [sys.executable, str(ROOT / "train.py"), *overrides]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def ended(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -161,13 +171,23 @@ def test_a_preempted_job_saves_is_requeued_and_ends_as_an_uninterrupted_run(
     assert queue() == []
 
 
-def test_a_job_preempted_outside_fit_and_test_is_requeued_at_once_and_then_runs_to_the_end(cluster, tmp_path):
+@pytest.mark.parametrize("where", ["loading", *STOPPED_IMPORTS])
+def test_a_job_preempted_outside_fit_and_test_is_requeued_at_once_and_then_runs_to_the_end(cluster, tmp_path, where):
     """The signal lands while train.py loads, where Lightning has no SIGTERM handler and submitit's ignores it, as
-    between fit and test or after the test: the job is requeued then, not left to run on."""
-    sweep = start_train("-m", *TINY, "latent_dim=2", *CPU_JOBS, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    between fit and test or after the test: the job is requeued then, not left to run on. Also where the code it
+    lands in turns the stop into an ImportError, as an extension module's import does (in train.py's imports, where an
+    import check may swallow it, or as the job sets up training)."""
+    overrides, env = STOPPED_IMPORTS[where] if where != "loading" else ([], {})
+    sweep = start_train(
+        "-m", *TINY, "latent_dim=2", *overrides, *CPU_JOBS, "hydra.sweep.dir=sweep", cwd=tmp_path,
+        env={**STOPPED_IMPORT_PATH, **env} if where != "loading" else None,
+    )  # fmt: skip
     run_dir = tmp_path / "sweep" / "0"
     log = run_dir / "train.log"  # its first line comes as the job starts, seconds before fit
-    wait_for(lambda: log.is_file() and "torch threads" in log.read_text(), "the job's start")
+    if where == "loading":
+        wait_for(lambda: log.is_file() and "torch threads" in log.read_text(), "the job's start")
+    else:
+        wait_for((tmp_path / STOPPED_IMPORT_WAITING).is_file, "the import that waits for the signal")
     job_id = slurm_job_id(run_dir)
     slurm("scancel", "--signal=USR2", job_id)
     start_requeued(job_id)
