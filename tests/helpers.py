@@ -48,8 +48,8 @@ STOPPED_IMPORTS = {
     ),
     "setting up training": (["+callbacks.stopped_import._target_=tests.stopped_import.Callback"], {}),
 }
-STOPPED_IMPORT_PATH = {
-    "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+STOPPED_IMPORT_PATH = {  # before any PYTHONPATH of the caller's (an empty entry would add the working dir)
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "site"), str(ROOT), os.environ.get("PYTHONPATH")]))
 }
 STOPPED_IMPORT_WAITING = "waiting-in-an-import"  # tests/stopped_import.py's WAITING (importing it would wait)
 

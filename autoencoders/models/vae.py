@@ -18,12 +18,13 @@ from autoencoders.optim import OptimizerFactory
 
 
 class GaussianDraw(NamedTuple):
-    """One code per image drawn from the Gaussian posterior, with its parameters and, per image in nats, the
-    reconstruction NLL at that code and the analytic KL(q(z|x) || N(0, I))."""
+    """One code per image drawn from the Gaussian posterior, with its parameters, the decoder's output at that code
+    and, per image in nats, the reconstruction NLL there and the analytic KL(q(z|x) || N(0, I))."""
 
     z: Tensor
     mu: Tensor
     logvar: Tensor
+    decoded: Tensor
     recon: Tensor
     kl: Tensor
 
@@ -124,7 +125,8 @@ class VAE(AE):
         """z ~ q(z|x) by the reparameterization trick, and what the ELBO's terms need of it."""
         mu, logvar = self.posterior(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        return GaussianDraw(z, mu, logvar, self.likelihood.nll(self.decoder(z), x), kl_divergence(mu, logvar))
+        decoded = self.decoder(z)
+        return GaussianDraw(z, mu, logvar, decoded, self.likelihood.nll(decoded, x), kl_divergence(mu, logvar))
 
     def elbo(self, x: Tensor) -> Tensor:
         """Evidence lower bound per image in nats (always with KL weight 1)."""
@@ -336,10 +338,9 @@ class MSSSIMVAE(VAE):
             )  # fmt: skip
 
     def loss_terms(self, x: Tensor, split: str = "train") -> dict[str, Tensor]:
-        mu, logvar = self.posterior(x)
-        decoded = self.decoder(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
-        recon, kl = self.likelihood.nll(decoded, x).mean(), kl_divergence(mu, logvar).mean()
-        msssim = self.msssim(self.likelihood.mean(decoded), x).mean()
+        draw = self.gaussian_draw(x)
+        recon, kl = draw.recon.mean(), draw.kl.mean()
+        msssim = self.msssim(self.likelihood.mean(draw.decoded), x).mean()
         beta = self.kl_beta() if split == "train" else self.hparams.kl_weight  # val/loss: one weight for every epoch
         loss = self.hparams.recon_weight * (1 - msssim) + beta * kl
         return {"loss": loss, "recon": recon, "kl": kl, "elbo": -(recon + kl), "msssim": msssim}
